@@ -1,0 +1,254 @@
+"""Acceptance rates: the optimum over all lossless rules and each baseline's.
+
+All functions take q = ``target_probs`` and p = ``draft_probs`` of shape
+[B, V] and return [B]; ``num_drafts`` is an int or a LongTensor [B]. The
+acceptance of a rule is ``P(Y ∈ {X_1..X_n})`` averaged over the drafts.
+
+Optimal acceptance (NOTES §1; Thomas & Pal 2025, §3 "subset selection"):
+
+    α*(p, q, n) = 1 + min_{H ⊆ V} [ q(H) − P(all n drafts ∈ H) ]
+
+and a minimising ``H`` is a prefix of the tokens sorted by ``q/p`` ascending,
+so ``α*`` costs one sort and one prefix scan. For i.i.d. drafts
+``P(all ∈ H) = p(H)^n``. Without replacement it is computed from the
+exponential-clock form of sequential sampling (see
+:func:`_all_in_prefix_without_replacement`).
+
+This module is pure tensor math and never imports transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+Scheme = Literal["iid", "without_replacement"]
+
+
+def _as_float64(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    out = []
+    for t in tensors:
+        t = t.double()
+        out.append(t / t.sum(-1, keepdim=True))
+    return out
+
+
+def _drafts_per_row(num_drafts: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    n = torch.as_tensor(num_drafts, device=device).long()
+    if n.dim() == 0:
+        n = n.expand(batch)
+    if n.shape != (batch,):
+        raise ValueError(f"num_drafts must be an int or a [B] = [{batch}] tensor, got shape {tuple(n.shape)}")
+    if bool((n < 0).any()):
+        raise ValueError("num_drafts must be non-negative")
+    return n
+
+
+def single_acceptance(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
+    """[B]: ``Σ_y min(p, q)(y) = 1 − TV(p, q)``, single-draft speculative sampling."""
+    q, p = _as_float64(target_probs, draft_probs)
+    return torch.minimum(p, q).sum(-1)
+
+
+def rrs_acceptance(
+    target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: int | torch.Tensor
+) -> torch.Tensor:
+    """[B]: recursive rejection sampling with i.i.d. drafts.
+
+    ``1 − Π_{j=1..n} (1 − β_j)`` with ``β_j = Σ min(p, r_j)``, ``r_1 = q``,
+    ``r_{j+1} = norm(max(0, r_j − p))``.
+    """
+    q, p = _as_float64(target_probs, draft_probs)
+    n = _drafts_per_row(num_drafts, q.shape[0], q.device)
+    residual, survive = q, torch.ones_like(q[:, 0])
+    for j in range(int(n.max()) if n.numel() else 0):
+        beta = torch.minimum(p, residual).sum(-1)
+        survive = torch.where(j < n, survive * (1 - beta), survive)
+        mass = (residual - p).clamp_min(0)
+        total = mass.sum(-1, keepdim=True)
+        residual = torch.where(total > 0, mass / total.clamp_min(1e-300), residual)
+    return 1 - survive
+
+
+def spectr_beta(target_probs: torch.Tensor, draft_probs: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """[B]: ``β(ρ) = Σ_y min(p(y), q(y)/ρ)``, the per-draft acceptance of K-SEQ."""
+    return torch.minimum(draft_probs, target_probs / rho[:, None]).sum(-1)
+
+
+def spectr_rho(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    num_drafts: int | torch.Tensor,
+    *,
+    tol: float = 1e-14,
+    max_iters: int = 100,
+) -> torch.Tensor:
+    """[B]: SpecTr's ρ*, the root in [1, n] of ``g(ρ) = ρ β(ρ) − 1 + (1 − β(ρ))^n``.
+
+    Sun et al. 2023 (K-SEQ). ``g`` is increasing, ``g(1) ≤ 0 ≤ g(n)``, and any
+    ``ρ`` with ``g(ρ) ≥ 0`` makes the K-SEQ residual non-negative; ρ* is the
+    smallest, which maximises acceptance. Solved by Newton's method kept inside
+    a bisection bracket; ``g' = P_{q>ρp} + n (1 − β)^{n−1} Q_{q<ρp} / ρ²`` where
+    ``P_S = Σ_S p``, ``Q_S = Σ_S q``. Works in the input dtype.
+    """
+    q, p = target_probs, draft_probs
+    n = _drafts_per_row(num_drafts, q.shape[0], q.device).to(q.dtype)
+    lo = torch.ones_like(n)
+    hi = n.clamp_min(1)
+
+    def g_and_slope(rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scaled = rho[:, None] * p
+        under = q < scaled  # tokens where min(p, q/ρ) = q/ρ
+        q_under = torch.where(under, q, 0).sum(-1)
+        p_over = torch.where(under, 0, p).sum(-1)
+        beta = q_under / rho + p_over
+        fail = (1 - beta).clamp(0, 1)
+        g = rho * beta - 1 + fail.pow(n)
+        slope = p_over + n * fail.pow((n - 1).clamp_min(0)) * q_under / rho**2
+        return g, slope
+
+    x = lo.clone()
+    g_x, slope_x = g_and_slope(x)
+    done = g_x >= 0  # ρ* = 1
+    rho = torch.where(done, lo, hi)
+    for _ in range(max_iters):
+        if bool(done.all()):
+            break
+        newton = x - g_x / slope_x.clamp_min(1e-300)
+        inside = (newton > lo) & (newton < hi) & torch.isfinite(newton)
+        x = torch.where(inside, newton, (lo + hi) / 2)
+        g_x, slope_x = g_and_slope(x)
+        lo = torch.where(g_x < 0, x, lo)
+        hi = torch.where(g_x >= 0, x, hi)
+        # At |g| ≤ tol the residual is off by at most ~tol before clamping.
+        at_root = g_x.abs() <= tol
+        closed = hi - lo <= tol * hi
+        rho = torch.where(done, rho, torch.where(at_root, x, hi))
+        done = done | at_root | closed
+    return rho
+
+
+def spectr_acceptance(
+    target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: int | torch.Tensor
+) -> torch.Tensor:
+    """[B]: SpecTr K-SEQ acceptance ``1 − (1 − β(ρ*))^n``."""
+    q, p = _as_float64(target_probs, draft_probs)
+    n = _drafts_per_row(num_drafts, q.shape[0], q.device)
+    beta = spectr_beta(q, p, spectr_rho(q, p, n))
+    return 1 - (1 - beta).clamp(0, 1).pow(n.double())
+
+
+def optimal_subset(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    num_drafts: int | torch.Tensor,
+    scheme: Scheme = "iid",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The optimal acceptance and the largest minimising subset ``H*``.
+
+    Returns ``(alpha [B] float64, in_subset [B, V] bool)``. ``H*`` is the
+    largest prefix (by ``q/p`` ascending; ``p = 0`` tokens last) minimising
+    ``ψ(H) = q(H) − P(all drafts ∈ H)``; ``α* = 1 + ψ(H*)``.
+    """
+    q, p = _as_float64(target_probs, draft_probs)
+    batch, vocab = q.shape
+    n = _drafts_per_row(num_drafts, batch, q.device)
+    if scheme not in ("iid", "without_replacement"):
+        raise ValueError(f"scheme must be 'iid' or 'without_replacement', got {scheme!r}")
+    ratio = torch.where(p > 0, q / p.clamp_min(1e-300), math.inf)
+    order = torch.argsort(ratio, dim=-1, stable=True)
+    q_sorted, p_sorted = q.gather(1, order), p.gather(1, order)
+    zero = q.new_zeros(batch, 1)
+    q_prefix = torch.cat([zero, q_sorted.cumsum(-1)], dim=-1)  # [B, V+1], prefix k = first k tokens
+    if scheme == "iid":
+        all_inside = torch.cat([zero, p_sorted.cumsum(-1)], dim=-1).clamp(0, 1).pow(n.double()[:, None])
+    else:
+        all_inside = _all_in_prefix_without_replacement(p_sorted, n)
+    psi = q_prefix - all_inside
+    best = psi.amin(-1)
+    # Largest minimiser: the last prefix length attaining the minimum.
+    last = (vocab - torch.flip(psi == best[:, None], dims=[-1]).float().argmax(-1)).clamp_max(vocab)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(vocab, device=q.device).expand(batch, vocab))
+    in_subset = rank < last[:, None]
+    return (1 + best).clamp(0, 1), in_subset
+
+
+def optimal_acceptance(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    num_drafts: int | torch.Tensor,
+    scheme: Scheme = "iid",
+) -> torch.Tensor:
+    """[B] float64: the best acceptance of any lossless rule (the transport LP's value)."""
+    return optimal_subset(target_probs, draft_probs, num_drafts, scheme)[0]
+
+
+def _all_in_prefix_without_replacement(p_sorted: torch.Tensor, num_drafts: torch.Tensor) -> torch.Tensor:
+    """[B, V+1]: P(every draft lies in the first k sorted tokens), k = 0..V.
+
+    Drafts are sequential draws without replacement from p; ``m = min(n, |supp p|)``
+    tokens are drawn. In the exponential-clock picture token ``z`` fires at an
+    Exp(p_z) time and the drafts are the first ``m`` to fire, so with
+    ``h = p(H)``, ``c = 1 − h`` and ``N_H(t)`` the tokens of H fired by ``t``:
+
+        P(all ∈ H) = P(N_H(T_c) ≥ m),  T_c ~ Exp(c)
+                   = 1 − c ∫_0^∞ e^{−t} Σ_{j<m} e_j(t) dt,
+
+    where ``e_j(t)`` is the elementary symmetric polynomial of degree ``j`` in
+    ``e^{p_z t} − 1`` over ``z ∈ H`` (``P(N_H(t) = j) = e^{−ht} e_j(t)``). Over
+    prefixes, ``e_j^{(k)} = Σ_{i≤k} (e^{p_i t} − 1) e_{j−1}^{(i−1)}``: a cumulative
+    sum of non-negative terms, done in log space with ``logcumsumexp``. The
+    integral uses the trapezoid rule in ``s = log t`` (error ~ exp(−π²/h)).
+    """
+    p = p_sorted
+    batch, vocab = p.shape
+    support = (p > 0).sum(-1)
+    m = torch.minimum(num_drafts, support)  # [B]
+    max_m = int(m.max()) if m.numel() else 0
+    h_prefix = torch.cat([p.new_zeros(batch, 1), p.cumsum(-1)], dim=-1).clamp(0, 1)
+    outside = (1 - h_prefix).clamp_min(0)  # c_k, [B, V+1]
+    if max_m == 0:
+        return torch.ones_like(h_prefix)
+    # Slowest decay of e^{−t} e_j(t): 1 − (mass of the m−1 largest tokens).
+    top = torch.topk(p, k=min(max(max_m - 1, 1), vocab), dim=-1).values.cumsum(-1)
+    top_mass = top.gather(1, (m - 2).clamp_min(0)[:, None])[:, 0]
+    top_mass = torch.where(m >= 2, top_mass, 0)
+    slowest = (1 - top_mass).clamp_min(1e-300)
+    s_max = float((torch.log(60.0 / slowest)).max()) + 1.0
+    s_min, step = -45.0, 0.2
+    nodes = torch.arange(s_min, s_max + step, step, dtype=p.dtype, device=p.device)
+    integral = p.new_zeros(batch, vocab + 1)
+    for chunk in torch.split(nodes, 32):
+        t = chunk.exp()  # [K]
+        x = p[:, None, :] * t[None, :, None]  # [B, K, V]
+        # log(e^x − 1), stable for small and large x; −inf where p = 0.
+        log_c = torch.where(x > 20, x + torch.log1p(-torch.exp(-x)), torch.log(torch.expm1(x.clamp_max(20))))
+        # Σ_{j<m} e_j over prefixes k = 0..V, starting with e_0 = 1.
+        log_e = p.new_zeros(batch, t.shape[0], vocab + 1)  # log e_0 = 0
+        log_sum = torch.where((m >= 1)[:, None, None], log_e, -math.inf)
+        for j in range(1, max_m):
+            prev = log_e[..., :-1]  # e_{j−1}^{(i−1)} for i = 1..V
+            cumulative = torch.logcumsumexp(log_c + prev, dim=-1)
+            log_e = torch.cat([torch.full_like(cumulative[..., :1], -math.inf), cumulative], dim=-1)
+            log_sum = torch.where((j < m)[:, None, None], torch.logaddexp(log_sum, log_e), log_sum)
+        # trapezoid in s: ∫ f dt = ∫ f t ds; weight 1 (interior), ½ at the ends is negligible.
+        integrand = torch.exp(log_sum - t[None, :, None] + t.log()[None, :, None])
+        integral = integral + step * integrand.sum(1)
+    all_inside = 1 - outside * integral
+    # H containing the whole support of p: every draft is inside.
+    all_inside = torch.where(outside <= 0, 1.0, all_inside)
+    return all_inside.clamp(0, 1)
+
+
+__all__ = [
+    "optimal_acceptance",
+    "optimal_subset",
+    "rrs_acceptance",
+    "single_acceptance",
+    "spectr_acceptance",
+    "spectr_beta",
+    "spectr_rho",
+]

@@ -1,0 +1,118 @@
+"""Reference computations for small vocabularies: exact enumeration and the transport LP.
+
+These enumerate all ``V^n`` draft tuples, so they are for tests and
+benchmarks at ``V^n`` up to a few thousand. ``transport_lp`` needs scipy
+(a ``dev`` extra), imported on call.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from .rates import Scheme
+
+
+def draft_tuples(
+    draft_probs: torch.Tensor, num_drafts: int, scheme: Scheme = "iid"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ordered draft tuple of one row and its probability.
+
+    Args:
+        draft_probs: p, [V] (one row).
+        num_drafts: n.
+        scheme: ``"iid"``: n independent draws; ``"without_replacement"``:
+            sequential draws with earlier tokens removed, ``m = min(n, |supp p|)``
+            of them, the rest of the tuple padded with −1.
+
+    Returns:
+        ``(tuples [T, n] long, probs [T] float64)`` over tuples of positive
+        probability; ``probs`` sums to 1.
+    """
+    p = draft_probs.double().cpu()
+    p = p / p.sum()
+    support = [int(i) for i in torch.nonzero(p > 0).flatten()]
+    rows: list[tuple[int, ...]] = []
+    weights: list[float] = []
+    if scheme == "iid":
+        for combo in itertools.product(support, repeat=num_drafts):
+            rows.append(combo)
+            weights.append(float(torch.prod(p[list(combo)])))
+    elif scheme == "without_replacement":
+        drawn = min(num_drafts, len(support))
+        for combo in itertools.permutations(support, drawn):
+            prob, remaining = 1.0, 1.0
+            for token in combo:
+                prob *= float(p[token]) / remaining
+                remaining -= float(p[token])
+            rows.append(combo + (-1,) * (num_drafts - drawn))
+            weights.append(prob)
+    else:
+        raise ValueError(f"scheme must be 'iid' or 'without_replacement', got {scheme!r}")
+    tuples = torch.tensor(rows, dtype=torch.long).reshape(len(rows), num_drafts)
+    probs = torch.tensor(weights, dtype=torch.float64)
+    return tuples, probs / probs.sum()
+
+
+def enumerate_law(
+    verifier, target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact output law and acceptances of ``verifier`` on one row, by enumeration.
+
+    Returns ``(marginal [V], acceptance, emitted)`` in float64: the law of
+    the output averaged over all draft tuples of the verifier's
+    ``draft_scheme``, ``P(Y ∈ drafts)``, and ``E[Σ_i emit_i]`` (the rule's
+    own acceptance events, which ignore recovered tokens that happen to
+    equal a draft).
+    """
+    q = target_probs.double().reshape(1, -1)
+    p = draft_probs.double().reshape(1, -1)
+    tuples, weights = draft_tuples(p[0], num_drafts, verifier.draft_scheme)
+    count = tuples.shape[0]
+    q_rows, p_rows = q.expand(count, -1), p.expand(count, -1)
+    law = verifier.conditional(q_rows, p_rows, tuples)
+    marginal = (weights[:, None] * law).sum(0)
+    is_draft = torch.zeros_like(law, dtype=torch.bool).scatter(1, tuples.clamp_min(0), tuples >= 0)
+    acceptance = (weights * torch.where(is_draft, law, 0).sum(-1)).sum()
+    _, p_checked, x = verifier.prepare(q_rows, p_rows, tuples)
+    emitted = (weights * verifier.plan(q_rows, p_checked, x).draft_emit.sum(-1)).sum()
+    return marginal, acceptance, emitted
+
+
+def transport_lp(
+    target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: int, scheme: Scheme = "iid"
+) -> float:
+    """Optimal acceptance of one row by the transport LP over draft tuples (scipy HiGHS).
+
+    Variables ``π(t, y) ≥ 0`` for tuple ``t`` and output ``y``;
+    ``Σ_y π(t, y) = P(t)``, ``Σ_t π(t, y) = q(y)``; maximise
+    ``Σ_{t, y ∈ t} π(t, y)``. Size ``T·V``: keep ``V^n`` small.
+    """
+    import numpy as np
+    from scipy.optimize import linprog
+    from scipy.sparse import coo_matrix
+
+    q = target_probs.double().cpu().reshape(-1)
+    q = (q / q.sum()).numpy()
+    tuples, weights = draft_tuples(draft_probs.reshape(-1), num_drafts, scheme)
+    count, vocab = tuples.shape[0], q.shape[0]
+    index = np.arange(count * vocab).reshape(count, vocab)
+    gain = np.zeros((count, vocab))
+    for row, combo in enumerate(tuples.tolist()):
+        gain[row, [token for token in combo if token >= 0]] = 1.0
+    rows = np.concatenate([np.repeat(np.arange(count), vocab), count + np.tile(np.arange(vocab), count)])
+    cols = np.concatenate([index.reshape(-1), index.reshape(-1)])
+    equality = coo_matrix((np.ones_like(rows, dtype=float), (rows, cols)), shape=(count + vocab, count * vocab))
+    rhs = np.concatenate([weights.numpy(), q])
+    result = linprog(
+        -gain.reshape(-1),
+        A_eq=equality.tocsr(),
+        b_eq=rhs,
+        bounds=(0, None),
+        method="highs",
+        options={"presolve": False},
+    )
+    if result.status != 0:
+        raise RuntimeError(f"transport LP failed: {result.message}")
+    return float(-result.fun)

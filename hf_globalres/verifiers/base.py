@@ -1,0 +1,265 @@
+"""The verifier interface shared by every token-level verification rule.
+
+Notation (used across the package): target distribution ``q``, draft
+distribution ``p``, vocabulary size ``V``, ``n`` drafts per row, batch ``B``.
+
+A verifier maps drafts ``x_1..x_n`` (drawn from ``p`` under its
+``draft_scheme``) and its own randomness to one output token ``Y``. It is
+lossless when ``P(Y = y) = q(y)`` for every ``y`` after averaging over the
+drafts. Every rule in this package is described by an :class:`EmissionPlan`:
+
+    P(Y = y | x) = Σ_i emit_i · 1[x_i = y] + (1 − Σ_i emit_i) · residual(y)
+
+``emit_i`` is the probability that the rule outputs draft ``i`` by accepting
+it, and ``residual`` is the law of the recovered token when every draft is
+rejected. ``conditional`` returns that law; ``verify`` samples from it (first
+which branch, then, for the residual branch, the recovered token).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+DraftScheme = Literal["iid", "without_replacement"]
+
+#: Largest tolerated ``|Σ_y probs(y) − 1|`` for an input row.
+ROW_SUM_TOLERANCE = 1e-4
+
+
+@dataclass
+class VerificationResult:
+    """Outcome of one batched verification step.
+
+    Attributes:
+        token: LongTensor [B], the output token of each row.
+        accepted: BoolTensor [B], ``token`` equals one of the row's drafts.
+        draft_index: LongTensor [B], column of the first draft equal to
+            ``token``, or −1 when no draft equals it.
+    """
+
+    token: torch.Tensor
+    accepted: torch.Tensor
+    draft_index: torch.Tensor
+
+
+@dataclass
+class EmissionPlan:
+    """The law of the output given the drafts, in accept/recover form.
+
+    Attributes:
+        draft_emit: [B, n], probability that the output is draft ``i`` by
+            acceptance (0 for absent drafts); rows sum to at most 1.
+        residual: [B, V], law of the recovered token when no draft is
+            accepted; a probability row wherever ``1 − Σ_i draft_emit > 0``.
+    """
+
+    draft_emit: torch.Tensor
+    residual: torch.Tensor
+
+    @property
+    def reject_prob(self) -> torch.Tensor:
+        """[B]: probability that every draft is rejected."""
+        return (1 - self.draft_emit.sum(-1)).clamp_min(0)
+
+
+class Verifier(ABC):
+    """A lossless token-level verification rule.
+
+    Subclasses set ``name`` and ``draft_scheme`` and implement :meth:`plan`.
+    ``max_drafts`` bounds the number of draft columns a rule accepts
+    (``None``: any). With ``validate=False`` the input checks are skipped,
+    which avoids host-device synchronisation in hot loops.
+    """
+
+    name: ClassVar[str]
+    draft_scheme: ClassVar[DraftScheme] = "iid"
+    max_drafts: ClassVar[int | None] = None
+
+    def __init__(self, *, validate: bool = True) -> None:
+        self.validate = validate
+
+    @abstractmethod
+    def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
+        """The emission plan for these drafts.
+
+        Args:
+            target_probs: q, [B, V], rows sum to 1 (already checked).
+            draft_probs: p, [B, V], same dtype and device as q.
+            draft_tokens: [B, n] LongTensor, −1 marks an absent draft.
+        """
+
+    def conditional(
+        self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """Exact law of the output token given the drafts: FloatTensor [B, V].
+
+        The verifier's own randomness is integrated out; averaging this over
+        draft tuples drawn under ``draft_scheme`` gives q for a lossless rule.
+        """
+        q, p, x = self.prepare(target_probs, draft_probs, draft_tokens)
+        plan = self.plan(q, p, x)
+        law = plan.reject_prob[:, None] * plan.residual
+        return law.scatter_add(1, x.clamp_min(0), plan.draft_emit)
+
+    def verify(
+        self,
+        target_probs: torch.Tensor,
+        draft_probs: torch.Tensor,
+        draft_tokens: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> VerificationResult:
+        """Accept one of the drafts or recover a token from the residual.
+
+        Args:
+            target_probs: q, [B, V].
+            draft_probs: p, [B, V].
+            draft_tokens: [B, n] LongTensor, −1 marks an absent draft; a row
+                with no drafts samples q.
+            generator: optional ``torch.Generator`` on the tensors' device.
+        """
+        q, p, x = self.prepare(target_probs, draft_probs, draft_tokens)
+        plan = self.plan(q, p, x)
+        n = x.shape[1]
+        branch_probs = torch.cat([plan.draft_emit, plan.reject_prob[:, None]], dim=1)
+        branch = sample_categorical(branch_probs, generator)
+        recovered = sample_categorical(plan.residual, generator)
+        accepted_draft = x.gather(1, branch.clamp_max(n - 1)[:, None])[:, 0]
+        token = torch.where(branch < n, accepted_draft, recovered)
+        draft_index = first_match(token, x)
+        return VerificationResult(token=token, accepted=draft_index >= 0, draft_index=draft_index)
+
+    def prepare(
+        self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validate (unless disabled), promote to one float dtype, renormalise rows."""
+        if self.validate:
+            check_inputs(target_probs, draft_probs, draft_tokens, max_drafts=self.max_drafts)
+        dtype = torch.promote_types(target_probs.dtype, draft_probs.dtype)
+        if not dtype.is_floating_point or dtype.itemsize < 4:
+            dtype = torch.float32
+        q = target_probs.to(dtype)
+        p = draft_probs.to(dtype)
+        q = q / q.sum(-1, keepdim=True)
+        p = p / p.sum(-1, keepdim=True)
+        return q, p, draft_tokens.long()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, draft_scheme={self.draft_scheme!r})"
+
+
+def check_inputs(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    *,
+    max_drafts: int | None = None,
+) -> None:
+    """Raise ``ValueError`` naming the problem if the inputs are not a valid case."""
+    for label, probs in (("target_probs", target_probs), ("draft_probs", draft_probs)):
+        check_probs(probs, label)
+    if target_probs.shape != draft_probs.shape:
+        raise ValueError(
+            f"target_probs {tuple(target_probs.shape)} and draft_probs "
+            f"{tuple(draft_probs.shape)} differ in shape: target and draft must share "
+            "the batch size and vocabulary"
+        )
+    if target_probs.device != draft_probs.device or draft_tokens.device != target_probs.device:
+        raise ValueError("target_probs, draft_probs and draft_tokens must be on one device")
+    batch, vocab = target_probs.shape
+    if draft_tokens.dim() != 2 or draft_tokens.shape[0] != batch:
+        raise ValueError(f"draft_tokens must have shape [B, n] = [{batch}, n], got {tuple(draft_tokens.shape)}")
+    if draft_tokens.dtype.is_floating_point or draft_tokens.dtype == torch.bool:
+        raise ValueError(f"draft_tokens must be an integer tensor, got {draft_tokens.dtype}")
+    n = draft_tokens.shape[1]
+    if n == 0:
+        raise ValueError("draft_tokens has n = 0 columns: pass at least one column (−1 marks absent drafts)")
+    if max_drafts is not None and n > max_drafts:
+        raise ValueError(f"this verifier takes at most {max_drafts} draft(s) per row, got n = {n}")
+    if draft_tokens.numel():
+        if bool(((draft_tokens < -1) | (draft_tokens >= vocab)).any()):
+            raise ValueError(f"draft_tokens must lie in [0, {vocab}) or be −1 (absent)")
+        present = draft_tokens >= 0
+        draft_mass = draft_probs.gather(1, draft_tokens.long().clamp_min(0))
+        if bool((present & (draft_mass <= 0)).any()):
+            raise ValueError("a draft token has zero draft probability: drafts must be sampled from draft_probs")
+
+
+def check_probs(probs: torch.Tensor, label: str) -> None:
+    """Raise ``ValueError`` unless ``probs`` is a [B, V] batch of probability rows."""
+    if probs.dim() != 2:
+        raise ValueError(f"{label} must have shape [B, V], got {tuple(probs.shape)}")
+    if not probs.dtype.is_floating_point:
+        raise ValueError(f"{label} must be a floating-point tensor, got {probs.dtype}")
+    if probs.shape[1] == 0:
+        raise ValueError(f"{label} has an empty vocabulary")
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError(f"{label} contains NaN or infinite values")
+    if bool((probs < 0).any()):
+        raise ValueError(f"{label} contains negative probabilities")
+    sums = probs.double().sum(-1)
+    bad = (sums - 1).abs() > ROW_SUM_TOLERANCE
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{label} rows must sum to 1 (±{ROW_SUM_TOLERANCE:g}); row {row} sums to {float(sums[row]):.6g}"
+        )
+
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``probs`` [B, K] (rows need not be normalised) → [B].
+
+    Inverse-CDF sampling with a single uniform per row. The first index whose
+    cumulative mass exceeds ``u · total`` is never a zero-probability entry, so
+    impossible tokens are never returned; all-zero rows return 0.
+    """
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, dtype=probs.dtype, device=probs.device, generator=generator)
+    index = torch.searchsorted(cdf, u * total, right=True).squeeze(-1)
+    # u·total can round up to total itself; fall back to the last positive entry.
+    last_positive = (probs > 0).cumsum(-1).argmax(-1)
+    return torch.minimum(index, last_positive)
+
+
+def first_match(token: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
+    """[B]: column of the first draft equal to ``token`` [B], −1 if none."""
+    match = draft_tokens == token[:, None]
+    columns = torch.arange(draft_tokens.shape[1], device=token.device).expand_as(match)
+    sentinel = torch.full_like(columns, draft_tokens.shape[1])
+    index = torch.where(match, columns, sentinel).amin(-1)
+    return torch.where(index == draft_tokens.shape[1], -1, index)
+
+
+def normalize_rows(mass: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """``mass / Σ mass`` row-wise; rows with no mass take ``fallback`` instead.
+
+    Used for residuals: a row with no residual mass is only reached with
+    probability 0, and ``fallback`` keeps it a valid distribution.
+    """
+    total = mass.sum(-1, keepdim=True)
+    return torch.where(total > 0, mass / torch.where(total > 0, total, 1), fallback)
+
+
+def gather_draft_probs(probs: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
+    """[B, n]: ``probs`` at each draft token, 0 for absent drafts."""
+    values = probs.gather(1, draft_tokens.clamp_min(0))
+    return torch.where(draft_tokens >= 0, values, 0)
+
+
+__all__ = [
+    "ROW_SUM_TOLERANCE",
+    "DraftScheme",
+    "EmissionPlan",
+    "VerificationResult",
+    "Verifier",
+    "check_inputs",
+    "check_probs",
+    "first_match",
+    "gather_draft_probs",
+    "normalize_rows",
+    "sample_categorical",
+]
