@@ -60,6 +60,14 @@ def test_single_rejects_several_drafts() -> None:
         verifiers.get("single").verify(q, p, x)
 
 
+def test_without_replacement_rejects_repeated_drafts() -> None:
+    q, p, _ = valid()
+    repeated = torch.tensor([[2, 2], [1, 3]])
+    with pytest.raises(ValueError, match="repeats a draft token"):
+        verifiers.get("rrs_without_replacement").verify(q, p, repeated)
+    assert verifiers.get("rrs").verify(q, p, repeated).token.shape == (2,)
+
+
 def test_registry_errors() -> None:
     with pytest.raises(ValueError, match="unknown verifier 'nope'"):
         verifiers.get("nope")
