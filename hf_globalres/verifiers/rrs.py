@@ -70,13 +70,13 @@ class RecursiveRejectionSampling(Verifier):
     draft_scheme = "iid"
 
     def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
-        return recursive_rejection_plan(target_probs, draft_probs, draft_tokens, without_replacement=False)
+        without_replacement = self.draft_scheme == "without_replacement"
+        return recursive_rejection_plan(
+            target_probs, draft_probs, draft_tokens, without_replacement=without_replacement
+        )
 
 
 @register
-class RecursiveRejectionSamplingWithoutReplacement(Verifier):
+class RecursiveRejectionSamplingWithoutReplacement(RecursiveRejectionSampling):
     name = "rrs_without_replacement"
     draft_scheme = "without_replacement"
-
-    def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
-        return recursive_rejection_plan(target_probs, draft_probs, draft_tokens, without_replacement=True)
