@@ -73,7 +73,8 @@ def enumerate_law(
     q_rows, p_rows = q.expand(count, -1), p.expand(count, -1)
     law = verifier.conditional(q_rows, p_rows, tuples)
     marginal = (weights[:, None] * law).sum(0)
-    is_draft = torch.zeros_like(law, dtype=torch.bool).scatter(1, tuples.clamp_min(0), tuples >= 0)
+    # Count present drafts per token; absent (−1) entries add 0 at token 0 instead of overwriting it.
+    is_draft = torch.zeros_like(law).scatter_add(1, tuples.clamp_min(0), (tuples >= 0).to(law.dtype)) > 0
     acceptance = (weights * torch.where(is_draft, law, 0).sum(-1)).sum()
     _, p_checked, x = verifier.prepare(q_rows, p_rows, tuples)
     emitted = (weights * verifier.plan(q_rows, p_checked, x).draft_emit.sum(-1)).sum()
