@@ -74,6 +74,9 @@ class SolveStats:
         iterations: most solver iterations used by any row.
         mean_support: mean |T| over the rows that were fitted.
         missing_mass: largest ``P(some draft ∉ T)`` over the fitted rows.
+        acceptance: [B] float64, each row's exact acceptance ``Σ_y a_y``
+            averaged over the drafts (0 without drafts; for a fallen-back
+            row the fallback's, NaN where no closed form is known).
     """
 
     rows: int = 0
@@ -82,6 +85,7 @@ class SolveStats:
     iterations: int = 0
     mean_support: float = 0.0
     missing_mass: float = 0.0
+    acceptance: torch.Tensor | None = None
 
     @property
     def failure_rate(self) -> float:
@@ -130,12 +134,17 @@ def tuple_count(support: int, drafts: int, scheme: Scheme) -> int:
     return math.comb(support, drafts) * math.factorial(drafts)
 
 
+Fallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], EmissionPlan]
+FallbackAcceptance = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None
+
+
 def fitted_plan(
     target_probs: torch.Tensor,
     draft_probs: torch.Tensor,
     draft_tokens: torch.Tensor,
     options: FitOptions,
-    fallback: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], EmissionPlan],
+    fallback: Fallback,
+    fallback_acceptance: FallbackAcceptance = None,
 ) -> tuple[EmissionPlan, SolveStats]:
     """The emission plan of the fitted selection rule, rows grouped by their number of drafts.
 
@@ -144,6 +153,7 @@ def fitted_plan(
         draft_tokens: [B, n], −1 marks an absent draft.
         options: see :class:`FitOptions`.
         fallback: the cheap exact plan used for failed rows.
+        fallback_acceptance: (q, p, k) → [B], its acceptance (NaN if None).
 
     Returns:
         ``(plan, stats)``: draft_emit [B, n] and residual [B, V] in q's dtype.
@@ -154,15 +164,20 @@ def fitted_plan(
     k = (x >= 0).sum(-1)
     draft_emit = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     residual = q.clone()
+    acceptance = torch.zeros_like(q[:, 0])
     stats = SolveStats()
     for drafts in torch.unique(k).tolist():
         if drafts == 0:
             continue  # no drafts: emit nothing, recover from q
         rows = (k == drafts).nonzero()[:, 0]
-        plan, group = _plan_fixed_drafts(q[rows], p[rows], x[rows], drafts, options, fallback)
+        plan, group, accepted = _plan_fixed_drafts(
+            q[rows], p[rows], x[rows], drafts, options, fallback, fallback_acceptance
+        )
         draft_emit[rows] = plan.draft_emit.double()
         residual[rows] = plan.residual.double()
+        acceptance[rows] = accepted
         stats = stats.merge(group)
+    stats.acceptance = acceptance
     dtype = target_probs.dtype
     return EmissionPlan(draft_emit=draft_emit.to(dtype), residual=residual.to(dtype)), stats
 
@@ -173,12 +188,14 @@ def _plan_fixed_drafts(
     x: torch.Tensor,
     drafts: int,
     options: FitOptions,
-    fallback: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], EmissionPlan],
-) -> tuple[EmissionPlan, SolveStats]:
-    """Plan for rows that all have ``drafts`` present drafts. q, p [B, V]; x [B, n]."""
+    fallback: Fallback,
+    fallback_acceptance: FallbackAcceptance,
+) -> tuple[EmissionPlan, SolveStats, torch.Tensor]:
+    """Plan, stats and acceptance [B] for rows that all have ``drafts`` drafts. q, p [B, V]; x [B, n]."""
     batch = q.shape[0]
-    order = torch.argsort(p, dim=-1, descending=True, stable=True)
-    p_sorted = p.gather(1, order)
+    # Only drafted tokens matter to the fit: work on supp p, sorted by p descending.
+    width = int((p > 0).sum(-1).max())
+    p_sorted, order = torch.topk(p, width, dim=-1)
     size = truncation_size(p_sorted, drafts, options.tau, options.scheme)
     largest = _largest_enumerable(drafts, options)
     if options.fail_on_truncation:
@@ -190,9 +207,11 @@ def _plan_fixed_drafts(
     fit_rows = (~failed).nonzero()[:, 0]
     draft_emit = torch.zeros(x.shape, dtype=q.dtype, device=q.device)
     residual = q.clone()
+    acceptance = torch.full_like(q[:, 0], math.nan)
     if fit_rows.numel():
-        sub = _fit_rows(q[fit_rows], p[fit_rows], x[fit_rows], order[fit_rows], size[fit_rows], drafts, options)
-        plan, converged, iterations, missing = sub
+        rows = fit_rows
+        sub = _fit_rows(q[rows], p[rows], x[rows], order[rows], p_sorted[rows], size[rows], drafts, options)
+        plan, converged, iterations, missing, accepted = sub
         stats.unconverged = int((~converged).sum())
         stats.iterations = iterations
         stats.mean_support = float(size[fit_rows].double().mean())
@@ -201,13 +220,16 @@ def _plan_fixed_drafts(
             failed[fit_rows[~converged]] = True
         draft_emit[fit_rows] = plan.draft_emit
         residual[fit_rows] = plan.residual
+        acceptance[fit_rows] = accepted
     stats.failures = int(failed.sum())
     if stats.failures:
         rows = failed.nonzero()[:, 0]
         plan = fallback(q[rows], p[rows], x[rows])
         draft_emit[rows] = plan.draft_emit.double()
         residual[rows] = plan.residual.double()
-    return EmissionPlan(draft_emit=draft_emit, residual=residual), stats
+        if fallback_acceptance is not None:
+            acceptance[rows] = fallback_acceptance(q[rows], p[rows], drafts).double()
+    return EmissionPlan(draft_emit=draft_emit, residual=residual), stats, acceptance
 
 
 def truncation_size(p_sorted: torch.Tensor, drafts: int, tau: float, scheme: Scheme) -> torch.Tensor:
@@ -307,11 +329,20 @@ def _fit_rows(
     p: torch.Tensor,
     x: torch.Tensor,
     order: torch.Tensor,
+    p_sorted: torch.Tensor,
     size: torch.Tensor,
     drafts: int,
     options: FitOptions,
-) -> tuple[EmissionPlan, torch.Tensor, int, torch.Tensor]:
-    """Fit α on T and build the exact plan. Returns (plan, converged [B], iterations, missing mass [B])."""
+) -> tuple[EmissionPlan, torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """Fit α on T and build the exact plan.
+
+    Args:
+        q, p: [B, V]; x: [B, n]; order: [B, S] the tokens of supp p by p
+        descending (S = largest support), p_sorted: [B, S] their p; size: [B] |T|.
+
+    Returns:
+        ``(plan, converged [B], iterations, missing mass [B], acceptance [B])``.
+    """
     batch = q.shape[0]
     width = int(size.max())
     valid = torch.arange(width, device=q.device)[None, :] < size[:, None]  # [B, D]
@@ -320,8 +351,14 @@ def _fit_rows(
     p_slots = torch.where(valid, p.gather(1, safe_tokens), 0)
     q_slots = torch.where(valid, q.gather(1, safe_tokens), 0)
     if options.subset_selection:
-        in_subset = optimal_subset(q, p, drafts, options.scheme)[1]
-        outer = valid & ~in_subset.gather(1, safe_tokens)
+        # H* over supp p plus one p = 0 column holding the rest of q (sorted last, never
+        # in a minimising prefix unless its q is 0): same ψ on every prefix, far fewer columns.
+        q_support = q.gather(1, order)
+        q_rest = (1 - q_support.sum(-1, keepdim=True)).clamp_min(0)
+        q_columns = torch.cat([q_support, q_rest], dim=-1)
+        p_columns = torch.cat([p_sorted, torch.zeros_like(q_rest)], dim=-1)
+        in_subset = optimal_subset(q_columns, p_columns, drafts, options.scheme)[1]
+        outer = valid & ~in_subset[:, :width]
     else:
         outer = valid.clone()
     sets = draft_sets(width, drafts, options.scheme, q.device)  # [M, k]
@@ -363,7 +400,8 @@ def _fit_rows(
     choice = _drafted_emission(x, tokens, outer, alpha)
     draft_emit = choice * gather_draft_probs(keep, x)
     residual = normalize_rows(q - accepted, fallback=q)
-    return EmissionPlan(draft_emit=draft_emit, residual=residual), converged, iterations, missing
+    plan = EmissionPlan(draft_emit=draft_emit, residual=residual)
+    return plan, converged, iterations, missing, accepted.sum(-1)
 
 
 def _drafted_emission(x: torch.Tensor, tokens: torch.Tensor, outer: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import torch
 
+from ..rates import spectr_acceptance
 from . import register
 from ._selection import FitOptions, SolveStats, check_options, fitted_plan
 from .base import EmissionPlan, Verifier
@@ -90,5 +91,7 @@ class GlobalResolution(Verifier):
         self._fallback = SpecTr(validate=False)
 
     def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
-        plan, self.last_stats = fitted_plan(target_probs, draft_probs, draft_tokens, self.options, self._fallback.plan)
+        plan, self.last_stats = fitted_plan(
+            target_probs, draft_probs, draft_tokens, self.options, self._fallback.plan, spectr_acceptance
+        )
         return plan
