@@ -51,11 +51,12 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ..rates import Scheme, optimal_subset
-from .base import EmissionPlan, gather_draft_probs, normalize_rows
+from .base import EmissionPlan, Verifier, gather_draft_probs, normalize_rows
 
 #: Box bound on the log-weights α; e^{−2A} ≈ 2e−35 is below float64 resolution.
 ALPHA_BOUND = 40.0
@@ -520,9 +521,65 @@ def projected_lbfgs(
     return alpha, emitted, converged, iterations
 
 
+class FittedVerifier(Verifier):
+    """Base of the verifiers built on the fitted selection rule (not registered itself).
+
+    Subclasses set the class attributes below and may override
+    :meth:`fallback` / :meth:`fallback_acceptance`; the options are those of
+    :class:`FitOptions`. ``last_stats`` (:class:`SolveStats`) describes the
+    last ``plan`` call: failure rate, iterations, |T|, exact acceptance.
+    """
+
+    subset_selection: ClassVar[bool] = True
+    fail_on_truncation: ClassVar[bool] = True
+    fail_on_iterations: ClassVar[bool] = True
+    default_max_support: ClassVar[int] = 1000
+    default_max_tuples: ClassVar[int] = 1_000_000
+
+    def __init__(
+        self,
+        *,
+        tau: float = 1e-3,
+        max_support: int | None = None,
+        max_iters: int = 500,
+        max_tuples: int | None = None,
+        validate: bool = True,
+    ) -> None:
+        super().__init__(validate=validate)
+        max_support = self.default_max_support if max_support is None else max_support
+        max_tuples = self.default_max_tuples if max_tuples is None else max_tuples
+        check_options(tau, max_support, max_iters, max_tuples)
+        self.options = FitOptions(
+            scheme=self.draft_scheme,
+            tau=tau,
+            max_support=max_support,
+            max_iters=max_iters,
+            max_tuples=max_tuples,
+            subset_selection=self.subset_selection,
+            fail_on_truncation=self.fail_on_truncation,
+            fail_on_iterations=self.fail_on_iterations,
+        )
+        self.last_stats = SolveStats()
+
+    def fallback(self, q: torch.Tensor, p: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
+        """The cheap exact plan for rows that fail (float64 q, p [B, V]; drafts [B, n])."""
+        raise RuntimeError(f"{self.name} has no fallback; no row can fail")
+
+    def fallback_acceptance(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, drafts: int) -> torch.Tensor:
+        """[B]: the fallback's acceptance with ``drafts`` drafts; NaN where unknown."""
+        return torch.full_like(target_probs[:, 0], math.nan)
+
+    def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
+        plan, self.last_stats = fitted_plan(
+            target_probs, draft_probs, draft_tokens, self.options, self.fallback, self.fallback_acceptance
+        )
+        return plan
+
+
 __all__ = [
     "ALPHA_BOUND",
     "FitOptions",
+    "FittedVerifier",
     "SolveStats",
     "check_options",
     "draft_sets",

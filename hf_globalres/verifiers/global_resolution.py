@@ -45,53 +45,29 @@ import torch
 
 from ..rates import spectr_acceptance
 from . import register
-from ._selection import FitOptions, SolveStats, check_options, fitted_plan
-from .base import EmissionPlan, Verifier
+from ._selection import FittedVerifier
+from .base import EmissionPlan
 from .spectr import SpecTr
 
 
 @register
-class GlobalResolution(Verifier):
+class GlobalResolution(FittedVerifier):
     """Global Resolution with truncation tolerance ``tau``.
 
     Args:
         tau: largest missing draft mass ``1 − p(T)^k`` of the truncation set,
-            and the solver's tolerance.
-        max_support: largest |T| before a row fails (falls back to SpecTr).
-        max_iters: solver iterations before a row fails.
-        max_tuples: largest number of draft multisets of T before a row fails.
+            and the solver's tolerance (default 1e-3).
+        max_support: largest |T| before a row fails (falls back to SpecTr; default 1000).
+        max_iters: solver iterations before a row fails (default 500).
+        max_tuples: largest number of draft multisets of T before a row fails (default 1e6).
         validate: check inputs (see :class:`~hf_globalres.verifiers.base.Verifier`).
     """
 
     name = "global_resolution"
     draft_scheme = "iid"
 
-    def __init__(
-        self,
-        *,
-        tau: float = 1e-3,
-        max_support: int = 1000,
-        max_iters: int = 500,
-        max_tuples: int = 1_000_000,
-        validate: bool = True,
-    ) -> None:
-        super().__init__(validate=validate)
-        check_options(tau, max_support, max_iters, max_tuples)
-        self.options = FitOptions(
-            scheme="iid",
-            tau=tau,
-            max_support=max_support,
-            max_iters=max_iters,
-            max_tuples=max_tuples,
-            subset_selection=True,
-            fail_on_truncation=True,
-            fail_on_iterations=True,
-        )
-        self.last_stats = SolveStats()
-        self._fallback = SpecTr(validate=False)
+    def fallback(self, q: torch.Tensor, p: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
+        return SpecTr(validate=False).plan(q, p, draft_tokens)
 
-    def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
-        plan, self.last_stats = fitted_plan(
-            target_probs, draft_probs, draft_tokens, self.options, self._fallback.plan, spectr_acceptance
-        )
-        return plan
+    def fallback_acceptance(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, drafts: int) -> torch.Tensor:
+        return spectr_acceptance(target_probs, draft_probs, drafts)

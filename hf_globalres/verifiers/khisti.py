@@ -31,56 +31,27 @@ no fallback: a too-large T is truncated further instead.
 
 from __future__ import annotations
 
-import torch
-
 from . import register
-from ._selection import FitOptions, SolveStats, check_options, fitted_plan
-from .base import EmissionPlan, Verifier
-
-
-def _no_fallback(q: torch.Tensor, p: torch.Tensor, x: torch.Tensor) -> EmissionPlan:
-    raise RuntimeError("khisti truncates its alphabet instead of failing; no row can fall back")
+from ._selection import FittedVerifier
 
 
 @register
-class Khisti(Verifier):
+class Khisti(FittedVerifier):
     """Importance-sampling selection + single-draft verification (canonical decomposition).
 
     Args:
         tau: largest missing draft mass of the truncated alphabet, and the
-            solver's tolerance.
-        max_support: largest truncated alphabet.
-        max_iters: solver iterations.
-        max_tuples: largest number of draft multisets of T (T shrinks to fit).
+            solver's tolerance (default 1e-3).
+        max_support: largest truncated alphabet (default 200).
+        max_iters: solver iterations (default 500).
+        max_tuples: largest number of draft multisets of T; T shrinks to fit (default 2e5).
         validate: check inputs.
     """
 
     name = "khisti"
     draft_scheme = "iid"
-
-    def __init__(
-        self,
-        *,
-        tau: float = 1e-3,
-        max_support: int = 200,
-        max_iters: int = 500,
-        max_tuples: int = 200_000,
-        validate: bool = True,
-    ) -> None:
-        super().__init__(validate=validate)
-        check_options(tau, max_support, max_iters, max_tuples)
-        self.options = FitOptions(
-            scheme="iid",
-            tau=tau,
-            max_support=max_support,
-            max_iters=max_iters,
-            max_tuples=max_tuples,
-            subset_selection=False,
-            fail_on_truncation=False,
-            fail_on_iterations=False,
-        )
-        self.last_stats = SolveStats()
-
-    def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
-        plan, self.last_stats = fitted_plan(target_probs, draft_probs, draft_tokens, self.options, _no_fallback)
-        return plan
+    subset_selection = False
+    fail_on_truncation = False
+    fail_on_iterations = False
+    default_max_support = 200
+    default_max_tuples = 200_000

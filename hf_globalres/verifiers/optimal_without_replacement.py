@@ -32,52 +32,25 @@ from __future__ import annotations
 import torch
 
 from . import register
-from ._selection import FitOptions, SolveStats, check_options, fitted_plan
-from .base import EmissionPlan, Verifier
+from ._selection import FittedVerifier
+from .base import EmissionPlan
 from .rrs import recursive_rejection_plan
 
 
-def _rrs_without_replacement_plan(q: torch.Tensor, p: torch.Tensor, x: torch.Tensor) -> EmissionPlan:
-    return recursive_rejection_plan(q, p, x, without_replacement=True)
-
-
 @register
-class OptimalWithoutReplacement(Verifier):
+class OptimalWithoutReplacement(FittedVerifier):
     """Optimal verification of drafts drawn without replacement.
 
     Args:
-        tau: bound on the missing draft mass of T, and the solver's tolerance.
-        max_support: largest |T| before a row fails.
-        max_iters: solver iterations before a row fails.
-        max_tuples: largest number of ordered draft sets of T before a row fails.
+        tau: bound on the missing draft mass of T, and the solver's tolerance (default 1e-3).
+        max_support: largest |T| before a row fails (default 1000).
+        max_iters: solver iterations before a row fails (default 500).
+        max_tuples: largest number of ordered draft sets of T before a row fails (default 1e6).
         validate: check inputs (also that a row's drafts are distinct).
     """
 
     name = "optimal_without_replacement"
     draft_scheme = "without_replacement"
-
-    def __init__(
-        self,
-        *,
-        tau: float = 1e-3,
-        max_support: int = 1000,
-        max_iters: int = 500,
-        max_tuples: int = 1_000_000,
-        validate: bool = True,
-    ) -> None:
-        super().__init__(validate=validate)
-        check_options(tau, max_support, max_iters, max_tuples)
-        self.options = FitOptions(
-            scheme="without_replacement",
-            tau=tau,
-            max_support=max_support,
-            max_iters=max_iters,
-            max_tuples=max_tuples,
-            subset_selection=True,
-            fail_on_truncation=True,
-            fail_on_iterations=True,
-        )
-        self.last_stats = SolveStats()
 
     def prepare(
         self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor
@@ -89,8 +62,5 @@ class OptimalWithoutReplacement(Verifier):
                 raise ValueError("drafts drawn without replacement must be distinct within a row")
         return q, p, x
 
-    def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
-        plan, self.last_stats = fitted_plan(
-            target_probs, draft_probs, draft_tokens, self.options, _rrs_without_replacement_plan
-        )
-        return plan
+    def fallback(self, q: torch.Tensor, p: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
+        return recursive_rejection_plan(q, p, draft_tokens, without_replacement=True)

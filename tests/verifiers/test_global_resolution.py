@@ -7,17 +7,7 @@ import torch
 
 from hf_globalres import rates, verifiers
 from hf_globalres.verifiers.spectr import SpecTr
-from tests.verifiers.fitted_cases import (
-    LP_TOL,
-    MARGINAL_TOL,
-    check_bad_input,
-    check_exact_and_optimal,
-    check_mixed_draft_counts,
-    check_verify_statistics,
-    degenerate_cases,
-    exact_law,
-    small_cases,
-)
+from tests.verifiers import fitted_cases as cases
 
 NAME = "global_resolution"
 
@@ -28,14 +18,14 @@ def test_registered() -> None:
 
 
 def test_random_small_cases_exact_and_optimal() -> None:
-    gaps = [check_exact_and_optimal(NAME, q, p, n, tau=1e-10) for q, p, n in small_cases(seed=11, count=16)]
-    assert max(gaps) <= LP_TOL
+    gaps = [cases.check_exact_and_optimal(NAME, q, p, n, tau=1e-10) for q, p, n in cases.small_cases(seed=11, count=16)]
+    assert max(gaps) <= cases.LP_TOL
 
 
-@pytest.mark.parametrize(("label", "q", "p"), degenerate_cases(), ids=[c[0] for c in degenerate_cases()])
+@pytest.mark.parametrize(("label", "q", "p"), cases.degenerate_cases(), ids=[c[0] for c in cases.degenerate_cases()])
 @pytest.mark.parametrize("num_drafts", [1, 3])
 def test_degenerate_cases(label: str, q: torch.Tensor, p: torch.Tensor, num_drafts: int) -> None:
-    assert check_exact_and_optimal(NAME, q, p, num_drafts, tau=1e-10) <= LP_TOL
+    assert cases.check_exact_and_optimal(NAME, q, p, num_drafts, tau=1e-10) <= cases.LP_TOL
 
 
 def test_truncation_stays_exact_within_tau_bounds() -> None:
@@ -44,10 +34,10 @@ def test_truncation_stays_exact_within_tau_bounds() -> None:
     q = torch.tensor([0.1, 0.2, 0.25, 0.15, 0.1, 0.2], dtype=torch.float64)
     tau = 0.1
     rule = verifiers.get(NAME, tau=tau)
-    marginal, acceptance = exact_law(rule, q, p, 2)
+    marginal, acceptance = cases.exact_law(rule, q, p, 2)
     stats = rule.last_stats
     assert 0 < stats.missing_mass <= tau and stats.mean_support < 6, stats
-    assert float((marginal - q).abs().max()) <= MARGINAL_TOL  # exact, not only |·|₁ ≤ 15τ
+    assert float((marginal - q).abs().max()) <= cases.MARGINAL_TOL  # exact, not only |·|₁ ≤ 15τ
     optimum = float(rates.optimal_acceptance(q[None], p[None], 2)[0])
     # The paper's bound is 10τ; truncation + solver tolerance cost at most 2τ here.
     assert optimum - 2 * tau <= acceptance <= optimum + 1e-12
@@ -68,26 +58,26 @@ def test_iteration_limit_is_a_counted_failure_and_stays_exact() -> None:
     q = torch.tensor([0.05, 0.15, 0.3, 0.5], dtype=torch.float64)
     p = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
     rule = verifiers.get(NAME, tau=1e-12, max_iters=1)
-    marginal, acceptance = exact_law(rule, q, p, 3)
+    marginal, acceptance = cases.exact_law(rule, q, p, 3)
     assert rule.last_stats.unconverged > 0 and rule.last_stats.failures == rule.last_stats.rows
-    assert float((marginal - q).abs().max()) <= MARGINAL_TOL
+    assert float((marginal - q).abs().max()) <= cases.MARGINAL_TOL
     assert acceptance == pytest.approx(float(rates.spectr_acceptance(q[None], p[None], 3)[0]), abs=1e-12)
 
 
 def test_mixed_numbers_of_drafts_in_one_batch() -> None:
     q = torch.tensor([0.05, 0.15, 0.3, 0.5, 0.0], dtype=torch.float64)
     p = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05], dtype=torch.float64)
-    check_mixed_draft_counts(NAME, q, p, [[0, 1, 2, 3], [-1, 0, -1, 4], [2], [], [1, 1, -1, 0], [3, -1, -1, -1]])
+    cases.check_mixed_draft_counts(NAME, q, p, [[0, 1, 2, 3], [-1, 0, -1, 4], [2], [], [1, 1, -1, 0], [3, -1, -1, -1]])
 
 
 def test_verify_follows_q_and_conditional() -> None:
     q = torch.tensor([0.05, 0.15, 0.3, 0.5, 0.0], dtype=torch.float64)
     p = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05], dtype=torch.float64)
-    check_verify_statistics(NAME, q, p, 3)
+    cases.check_verify_statistics(NAME, q, p, 3)
 
 
 def test_bad_input_raises() -> None:
-    check_bad_input(NAME)
+    cases.check_bad_input(NAME)
 
 
 def test_float32_input_keeps_dtype() -> None:

@@ -6,17 +6,7 @@ import pytest
 import torch
 
 from hf_globalres import rates, verifiers
-from tests.verifiers.fitted_cases import (
-    LP_TOL,
-    MARGINAL_TOL,
-    check_bad_input,
-    check_exact_and_optimal,
-    check_mixed_draft_counts,
-    check_verify_statistics,
-    degenerate_cases,
-    exact_law,
-    small_cases,
-)
+from tests.verifiers import fitted_cases as cases
 
 NAME = "khisti"
 
@@ -27,20 +17,20 @@ def test_registered() -> None:
 
 
 def test_two_identical_drafts_reach_the_lp_optimum() -> None:
-    gaps = [check_exact_and_optimal(NAME, q, p, 2, tau=1e-10) for q, p, _ in small_cases(seed=21, count=14)]
-    assert max(gaps) <= LP_TOL
+    gaps = [cases.check_exact_and_optimal(NAME, q, p, 2, tau=1e-10) for q, p, _ in cases.small_cases(seed=21, count=14)]
+    assert max(gaps) <= cases.LP_TOL
 
 
 def test_random_small_cases_exact_and_optimal() -> None:
     # Beyond two drafts the fitted selection still reaches the optimum on the full alphabet.
-    gaps = [check_exact_and_optimal(NAME, q, p, n, tau=1e-10) for q, p, n in small_cases(seed=22, count=12)]
-    assert max(gaps) <= LP_TOL
+    gaps = [cases.check_exact_and_optimal(NAME, q, p, n, tau=1e-10) for q, p, n in cases.small_cases(seed=22, count=12)]
+    assert max(gaps) <= cases.LP_TOL
 
 
-@pytest.mark.parametrize(("label", "q", "p"), degenerate_cases(), ids=[c[0] for c in degenerate_cases()])
+@pytest.mark.parametrize(("label", "q", "p"), cases.degenerate_cases(), ids=[c[0] for c in cases.degenerate_cases()])
 @pytest.mark.parametrize("num_drafts", [1, 2, 3])
 def test_degenerate_cases(label: str, q: torch.Tensor, p: torch.Tensor, num_drafts: int) -> None:
-    assert check_exact_and_optimal(NAME, q, p, num_drafts, tau=1e-10) <= LP_TOL
+    assert cases.check_exact_and_optimal(NAME, q, p, num_drafts, tau=1e-10) <= cases.LP_TOL
 
 
 @pytest.mark.parametrize("num_drafts", [2, 4])
@@ -48,10 +38,10 @@ def test_truncated_alphabet_stays_exact(num_drafts: int) -> None:
     p = torch.tensor([0.3, 0.25, 0.2, 0.15, 0.1], dtype=torch.float64)
     q = torch.tensor([0.1, 0.1, 0.3, 0.2, 0.3], dtype=torch.float64)
     rule = verifiers.get(NAME, tau=1e-10, max_support=2)
-    marginal, acceptance = exact_law(rule, q, p, num_drafts)
+    marginal, acceptance = cases.exact_law(rule, q, p, num_drafts)
     assert rule.last_stats.mean_support == 2 and rule.last_stats.missing_mass > 0
     assert rule.last_stats.failures == 0  # the alphabet is truncated, never abandoned
-    assert float((marginal - q).abs().max()) <= MARGINAL_TOL
+    assert float((marginal - q).abs().max()) <= cases.MARGINAL_TOL
     single = float(rates.single_acceptance(q[None], p[None])[0])
     optimum = float(rates.optimal_acceptance(q[None], p[None], num_drafts)[0])
     assert single - 1e-12 <= acceptance <= optimum + 1e-12
@@ -61,25 +51,25 @@ def test_unconverged_fit_stays_exact_and_is_counted() -> None:
     q = torch.tensor([0.05, 0.15, 0.3, 0.5], dtype=torch.float64)
     p = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
     rule = verifiers.get(NAME, tau=1e-12, max_iters=1)
-    marginal, _ = exact_law(rule, q, p, 3)
+    marginal, _ = cases.exact_law(rule, q, p, 3)
     assert rule.last_stats.unconverged > 0 and rule.last_stats.failures == 0
-    assert float((marginal - q).abs().max()) <= MARGINAL_TOL
+    assert float((marginal - q).abs().max()) <= cases.MARGINAL_TOL
 
 
 def test_mixed_numbers_of_drafts_in_one_batch() -> None:
     q = torch.tensor([0.05, 0.15, 0.3, 0.5, 0.0], dtype=torch.float64)
     p = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05], dtype=torch.float64)
-    check_mixed_draft_counts(NAME, q, p, [[0, 1, 2, 3], [-1, 0, -1, 4], [2], [], [1, 1, -1, 0]])
+    cases.check_mixed_draft_counts(NAME, q, p, [[0, 1, 2, 3], [-1, 0, -1, 4], [2], [], [1, 1, -1, 0]])
 
 
 def test_verify_follows_q_and_conditional() -> None:
     q = torch.tensor([0.05, 0.15, 0.3, 0.5, 0.0], dtype=torch.float64)
     p = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05], dtype=torch.float64)
-    check_verify_statistics(NAME, q, p, 2)
+    cases.check_verify_statistics(NAME, q, p, 2)
 
 
 def test_bad_input_raises() -> None:
-    check_bad_input(NAME)
+    cases.check_bad_input(NAME)
 
 
 def test_full_vocabulary_truncates() -> None:

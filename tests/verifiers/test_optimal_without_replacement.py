@@ -7,17 +7,7 @@ import torch
 
 from hf_globalres import rates, verifiers
 from hf_globalres.verifiers.rrs import RecursiveRejectionSamplingWithoutReplacement
-from tests.verifiers.fitted_cases import (
-    LP_TOL,
-    MARGINAL_TOL,
-    check_bad_input,
-    check_exact_and_optimal,
-    check_mixed_draft_counts,
-    check_verify_statistics,
-    degenerate_cases,
-    exact_law,
-    small_cases,
-)
+from tests.verifiers import fitted_cases as cases
 
 NAME = "optimal_without_replacement"
 
@@ -28,21 +18,21 @@ def test_registered() -> None:
 
 
 def test_random_small_cases_exact_and_optimal() -> None:
-    gaps = [check_exact_and_optimal(NAME, q, p, n, tau=1e-10) for q, p, n in small_cases(seed=31, count=16)]
-    assert max(gaps) <= LP_TOL
+    gaps = [cases.check_exact_and_optimal(NAME, q, p, n, tau=1e-10) for q, p, n in cases.small_cases(seed=31, count=16)]
+    assert max(gaps) <= cases.LP_TOL
 
 
-@pytest.mark.parametrize(("label", "q", "p"), degenerate_cases(), ids=[c[0] for c in degenerate_cases()])
+@pytest.mark.parametrize(("label", "q", "p"), cases.degenerate_cases(), ids=[c[0] for c in cases.degenerate_cases()])
 @pytest.mark.parametrize("num_drafts", [1, 2, 3])
 def test_degenerate_cases(label: str, q: torch.Tensor, p: torch.Tensor, num_drafts: int) -> None:
-    assert check_exact_and_optimal(NAME, q, p, num_drafts, tau=1e-10) <= LP_TOL
+    assert cases.check_exact_and_optimal(NAME, q, p, num_drafts, tau=1e-10) <= cases.LP_TOL
 
 
 def test_beats_recursive_rejection_without_replacement() -> None:
     q = torch.tensor([0.05, 0.15, 0.3, 0.5, 0.0], dtype=torch.float64)
     p = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05], dtype=torch.float64)
-    _, optimal = exact_law(verifiers.get(NAME, tau=1e-10), q, p, 3)
-    _, baseline = exact_law(RecursiveRejectionSamplingWithoutReplacement(), q, p, 3)
+    _, optimal = cases.exact_law(verifiers.get(NAME, tau=1e-10), q, p, 3)
+    _, baseline = cases.exact_law(RecursiveRejectionSamplingWithoutReplacement(), q, p, 3)
     assert optimal >= baseline - 1e-12
     optimum = float(rates.optimal_acceptance(q[None], p[None], 3, "without_replacement")[0])
     assert optimal == pytest.approx(optimum, abs=1e-7)
@@ -53,9 +43,9 @@ def test_truncation_stays_exact() -> None:
     q = torch.tensor([0.1, 0.2, 0.25, 0.15, 0.1, 0.2], dtype=torch.float64)
     tau = 0.2
     rule = verifiers.get(NAME, tau=tau)
-    marginal, acceptance = exact_law(rule, q, p, 2)
+    marginal, acceptance = cases.exact_law(rule, q, p, 2)
     assert 0 < rule.last_stats.missing_mass <= tau and rule.last_stats.mean_support < 6
-    assert float((marginal - q).abs().max()) <= MARGINAL_TOL
+    assert float((marginal - q).abs().max()) <= cases.MARGINAL_TOL
     optimum = float(rates.optimal_acceptance(q[None], p[None], 2, "without_replacement")[0])
     assert optimum - 2 * tau <= acceptance <= optimum + 1e-12
 
@@ -69,8 +59,8 @@ def test_failure_falls_back_to_rrs_without_replacement() -> None:
     assert rule.last_stats.failures == 1 and bool(rule.last_stats.acceptance.isnan().all())
     expected = RecursiveRejectionSamplingWithoutReplacement().conditional(q, p, x)
     assert torch.allclose(law, expected, atol=1e-14, rtol=0)
-    marginal, _ = exact_law(rule, q[0], p[0], 3)
-    assert float((marginal - q[0]).abs().max()) <= MARGINAL_TOL
+    marginal, _ = cases.exact_law(rule, q[0], p[0], 3)
+    assert float((marginal - q[0]).abs().max()) <= cases.MARGINAL_TOL
 
 
 def test_repeated_drafts_are_rejected() -> None:
@@ -83,14 +73,14 @@ def test_repeated_drafts_are_rejected() -> None:
 def test_mixed_numbers_of_drafts_in_one_batch() -> None:
     q = torch.tensor([0.05, 0.15, 0.3, 0.5, 0.0], dtype=torch.float64)
     p = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05], dtype=torch.float64)
-    check_mixed_draft_counts(NAME, q, p, [[0, 1, 2, 3], [-1, 0, -1, 4], [2], [], [3, -1, 1, -1]])
+    cases.check_mixed_draft_counts(NAME, q, p, [[0, 1, 2, 3], [-1, 0, -1, 4], [2], [], [3, -1, 1, -1]])
 
 
 def test_verify_follows_q_and_conditional() -> None:
     q = torch.tensor([0.05, 0.15, 0.3, 0.5, 0.0], dtype=torch.float64)
     p = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05], dtype=torch.float64)
-    check_verify_statistics(NAME, q, p, 3)
+    cases.check_verify_statistics(NAME, q, p, 3)
 
 
 def test_bad_input_raises() -> None:
-    check_bad_input(NAME)
+    cases.check_bad_input(NAME)
