@@ -2,11 +2,12 @@
 
 These enumerate all ``V^n`` draft tuples, so they are for tests and
 benchmarks at ``V^n`` up to a few thousand. ``transport_lp`` needs scipy
-(a ``dev`` extra), imported on call.
+(a ``dev`` extra), imported on call; ``transport_maxflow`` is plain Python.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 
 import torch
@@ -112,8 +113,97 @@ def transport_lp(
         b_eq=rhs,
         bounds=(0, None),
         method="highs",
-        options={"presolve": False},
+        options={"presolve": False, "primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10},
     )
     if result.status != 0:
         raise RuntimeError(f"transport LP failed: {result.message}")
     return float(-result.fun)
+
+
+def transport_maxflow(
+    target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: int, scheme: Scheme = "iid"
+) -> float:
+    """Optimal acceptance of one row as a maximum flow (Thomas & Pal 2025, §3).
+
+    The transport LP with its equalities relaxed to ``≤`` has the same value
+    and is a flow network: source → token y (capacity q(y)) → draft set S ∋ y
+    (capacity ∞) → sink (capacity P(set of the drafts = S)). Tuples with the
+    same set of distinct tokens are merged, since acceptance depends only on
+    that set. Solved exactly in float64 by Dinic's algorithm (BFS levels,
+    blocking flows); residual capacities below 1e−15 count as saturated.
+    Size: V + (number of distinct draft sets) nodes; keep ``V^n`` small.
+    """
+    q = target_probs.double().cpu().reshape(-1)
+    q = (q / q.sum()).tolist()
+    tuples, weights = draft_tuples(draft_probs.reshape(-1), num_drafts, scheme)
+    set_mass: dict[frozenset[int], float] = collections.defaultdict(float)
+    for combo, weight in zip(tuples.tolist(), weights.tolist(), strict=True):
+        set_mass[frozenset(token for token in combo if token >= 0)] += weight
+    vocab = len(q)
+    sets = list(set_mass)
+    source, sink = vocab + len(sets), vocab + len(sets) + 1
+    graph = _FlowGraph(vocab + len(sets) + 2)
+    for token, mass in enumerate(q):
+        if mass > 0:
+            graph.add_edge(source, token, mass)
+    for index, members in enumerate(sets):
+        for token in members:
+            graph.add_edge(token, vocab + index, float("inf"))
+        graph.add_edge(vocab + index, sink, set_mass[members])
+    return graph.max_flow(source, sink)
+
+
+class _FlowGraph:
+    """A directed graph with float capacities and Dinic's maximum flow."""
+
+    EPS = 1e-15
+
+    def __init__(self, nodes: int) -> None:
+        self.adjacent: list[list[int]] = [[] for _ in range(nodes)]
+        self.head: list[int] = []  # edge e goes to head[e]; e ^ 1 is its reverse
+        self.capacity: list[float] = []
+
+    def add_edge(self, tail: int, head: int, capacity: float) -> None:
+        for start, end, cap in ((tail, head, capacity), (head, tail, 0.0)):
+            self.adjacent[start].append(len(self.head))
+            self.head.append(end)
+            self.capacity.append(cap)
+
+    def max_flow(self, source: int, sink: int) -> float:
+        total = 0.0
+        while True:
+            level = self._levels(source)
+            if level[sink] < 0:
+                return total
+            cursor = [0] * len(self.adjacent)
+            while (pushed := self._push(source, sink, float("inf"), level, cursor)) > self.EPS:
+                total += pushed
+
+    def _levels(self, source: int) -> list[int]:
+        level = [-1] * len(self.adjacent)
+        level[source] = 0
+        queue = collections.deque([source])
+        while queue:
+            node = queue.popleft()
+            for edge in self.adjacent[node]:
+                if self.capacity[edge] > self.EPS and level[self.head[edge]] < 0:
+                    level[self.head[edge]] = level[node] + 1
+                    queue.append(self.head[edge])
+        return level
+
+    def _push(self, node: int, sink: int, limit: float, level: list[int], cursor: list[int]) -> float:
+        # Paths are at most 4 edges long (source, token, set, sink): recursion depth is tiny.
+        if node == sink:
+            return limit
+        edges = self.adjacent[node]
+        while cursor[node] < len(edges):
+            edge = edges[cursor[node]]
+            head = self.head[edge]
+            if self.capacity[edge] > self.EPS and level[head] == level[node] + 1:
+                pushed = self._push(head, sink, min(limit, self.capacity[edge]), level, cursor)
+                if pushed > self.EPS:
+                    self.capacity[edge] -= pushed
+                    self.capacity[edge ^ 1] += pushed
+                    return pushed
+            cursor[node] += 1
+        return 0.0

@@ -1,0 +1,592 @@
+"""Softmax selection rules over a truncation set, fitted by convex minimisation.
+
+Shared by the ``global_resolution``, ``khisti`` and
+``optimal_without_replacement`` verifiers. Notation: q target, p draft, k
+drafts present in a row, T the truncation set (the most probable draft
+tokens, grown until ``P(some draft ∉ T) ≤ τ``), D = |T| slots per row.
+
+**The rule.** Weights ``w = e^α`` on the tokens of T and a split of T into an
+*outer* part (tokens outside the optimal subset H*) and an *inner* part
+(tokens of H*). Given drafts x (Thomas & Pal 2025, §4):
+
+* some draft lies outside T: emit the first such draft;
+* else some draft is outer: emit ``y ∈ set(x) ∩ outer`` with probability
+  ``w_y / Σ_{z ∈ set(x) ∩ outer} w_z`` (no rejection: these tuples are fully
+  transported, complementary slackness);
+* else (every draft inner): emit ``y ∈ set(x)`` with probability
+  ``w_y / (1 + Σ_{z ∈ set(x)} w_z)``, reject with ``1 / (1 + Σ w_z)``.
+
+``set(x)`` counts each distinct token once. The rule's emission law is
+``b_y = Σ_x P(x) e_y(x)``; on T it is computed exactly by enumerating the
+multisets (i.i.d.) or subsets (without replacement) of T, and for a token
+``y ∉ T`` it is ``P(some draft ∉ T) · p_y / p(V∖T)``, because the first
+draft outside T is distributed as p restricted to V∖T.
+
+**Exact by construction.** Whatever α is, the plan accepts the emitted draft
+y with ``γ_y = min(1, q_y / b_y)`` and recovers from ``(q − a) / (1 − Σa)``
+with ``a = min(q, b)``, so ``P(Y = y) = a_y + (q_y − a_y) = q_y`` exactly; a
+poor α only lowers the acceptance ``Σ a``.
+
+**The fit.** ``b(α)`` is the gradient of the convex function
+
+    F(α) = Σ_x P(x) log Z_x(α) − Σ_{y ∈ T} q_y α_y,
+    Z_x = Σ_{z ∈ set(x) ∩ outer} e^{α_z}   (outer tuples)
+    Z_x = 1 + Σ_{z ∈ set(x)} e^{α_z}        (inner tuples),
+
+so ``∇F = b − q``. F is minimised over the box ``−A ≤ α ≤ 0`` (outer slots)
+and ``−A ≤ α ≤ A`` (inner slots), ``A = ALPHA_BOUND``. At the minimum an
+outer slot strictly below 0 has ``b = q`` and one at 0 has ``b ≤ q``; the
+outer tuples' total mass is fixed, so the outer tier then accepts all of it.
+The inner tier gets ``b = q`` wherever α is interior. With H* the *largest*
+minimiser of ``q(H) − P(all drafts ∈ H)`` the outer problem is bounded
+(``q(G) > P(drafts meet G, miss outer∖G)`` for every outer G), and the
+acceptance is ``α*`` up to the solver tolerance and the truncated mass.
+The solver is a batched projected L-BFGS (an L-BFGS-B variant in torch):
+one iteration advances every unconverged row, with a per-row line search.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..rates import Scheme, optimal_subset
+from .base import EmissionPlan, Verifier, gather_draft_probs, normalize_rows
+
+#: Box bound on the log-weights α; e^{−2A} ≈ 2e−35 is below float64 resolution.
+ALPHA_BOUND = 40.0
+
+
+@dataclass
+class SolveStats:
+    """What the last ``plan`` call of a fitted verifier did (rows with ≥ 1 draft).
+
+    Attributes:
+        rows: rows with at least one draft.
+        failures: rows that fell back to the cheap exact rule (truncation set
+            larger than ``max_support`` / ``max_tuples``, or the fit hit
+            ``max_iters`` where that counts as a failure).
+        unconverged: rows whose fit stopped at ``max_iters`` (fallen back or not).
+        iterations: most solver iterations used by any row.
+        mean_support: mean |T| over the rows that were fitted.
+        missing_mass: largest ``P(some draft ∉ T)`` over the fitted rows.
+        acceptance: [B] float64, each row's exact acceptance ``Σ_y a_y``
+            averaged over the drafts (0 without drafts; for a fallen-back
+            row the fallback's, NaN where no closed form is known).
+    """
+
+    rows: int = 0
+    failures: int = 0
+    unconverged: int = 0
+    iterations: int = 0
+    mean_support: float = 0.0
+    missing_mass: float = 0.0
+    acceptance: torch.Tensor | None = None
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failures / self.rows if self.rows else 0.0
+
+    def merge(self, other: SolveStats) -> SolveStats:
+        fitted = self.rows - self.failures, other.rows - other.failures
+        total = max(sum(fitted), 1)
+        return SolveStats(
+            rows=self.rows + other.rows,
+            failures=self.failures + other.failures,
+            unconverged=self.unconverged + other.unconverged,
+            iterations=max(self.iterations, other.iterations),
+            mean_support=(self.mean_support * fitted[0] + other.mean_support * fitted[1]) / total,
+            missing_mass=max(self.missing_mass, other.missing_mass),
+        )
+
+
+@dataclass
+class FitOptions:
+    """Options of a fitted selection rule (see the verifiers' docstrings)."""
+
+    scheme: Scheme
+    tau: float
+    max_support: int
+    max_iters: int
+    max_tuples: int
+    subset_selection: bool  # two tiers (outer/inner) split by H*; else one outer tier
+    fail_on_truncation: bool  # |T| too large: fall back (True) or truncate T further (False)
+    fail_on_iterations: bool  # fit not converged: fall back (True) or keep the exact-but-worse α
+
+
+def check_options(tau: float, max_support: int, max_iters: int, max_tuples: int) -> None:
+    """Raise ``ValueError`` naming the first invalid option."""
+    if not (0 < tau < 1):
+        raise ValueError(f"tau must lie in (0, 1), got {tau}")
+    for label, value in (("max_support", max_support), ("max_iters", max_iters), ("max_tuples", max_tuples)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value}")
+
+
+def tuple_count(support: int, drafts: int, scheme: Scheme) -> int:
+    """Number of enumerated draft sets over ``support`` slots (orderings counted for w/o replacement)."""
+    if scheme == "iid":
+        return math.comb(support + drafts - 1, drafts)
+    return math.comb(support, drafts) * math.factorial(drafts)
+
+
+Fallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], EmissionPlan]
+FallbackAcceptance = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None
+
+
+def fitted_plan(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    options: FitOptions,
+    fallback: Fallback,
+    fallback_acceptance: FallbackAcceptance = None,
+) -> tuple[EmissionPlan, SolveStats]:
+    """The emission plan of the fitted selection rule, rows grouped by their number of drafts.
+
+    Args:
+        target_probs: q, [B, V]; draft_probs: p, [B, V] (validated rows).
+        draft_tokens: [B, n], −1 marks an absent draft.
+        options: see :class:`FitOptions`.
+        fallback: the cheap exact plan used for failed rows.
+        fallback_acceptance: (q, p, k) → [B], its acceptance (NaN if None).
+
+    Returns:
+        ``(plan, stats)``: draft_emit [B, n] and residual [B, V] in q's dtype.
+    """
+    q = target_probs.double()
+    p = draft_probs.double()
+    x = draft_tokens
+    k = (x >= 0).sum(-1)
+    draft_emit = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    residual = q.clone()
+    acceptance = torch.zeros_like(q[:, 0])
+    stats = SolveStats()
+    for drafts in torch.unique(k).tolist():
+        if drafts == 0:
+            continue  # no drafts: emit nothing, recover from q
+        rows = (k == drafts).nonzero()[:, 0]
+        plan, group, accepted = _plan_fixed_drafts(
+            q[rows], p[rows], x[rows], drafts, options, fallback, fallback_acceptance
+        )
+        draft_emit[rows] = plan.draft_emit.double()
+        residual[rows] = plan.residual.double()
+        acceptance[rows] = accepted
+        stats = stats.merge(group)
+    stats.acceptance = acceptance
+    dtype = target_probs.dtype
+    return EmissionPlan(draft_emit=draft_emit.to(dtype), residual=residual.to(dtype)), stats
+
+
+def _plan_fixed_drafts(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    x: torch.Tensor,
+    drafts: int,
+    options: FitOptions,
+    fallback: Fallback,
+    fallback_acceptance: FallbackAcceptance,
+) -> tuple[EmissionPlan, SolveStats, torch.Tensor]:
+    """Plan, stats and acceptance [B] for rows that all have ``drafts`` drafts. q, p [B, V]; x [B, n]."""
+    batch = q.shape[0]
+    # Only drafted tokens matter to the fit: work on supp p, sorted by p descending.
+    width = int((p > 0).sum(-1).max())
+    p_sorted, order = torch.topk(p, width, dim=-1)
+    size = truncation_size(p_sorted, drafts, options.tau, options.scheme)
+    largest = _largest_enumerable(drafts, options)
+    if options.fail_on_truncation:
+        failed = size > largest
+    else:
+        size = size.clamp_max(largest)
+        failed = torch.zeros_like(size, dtype=torch.bool)
+    stats = SolveStats(rows=batch)
+    fit_rows = (~failed).nonzero()[:, 0]
+    draft_emit = torch.zeros(x.shape, dtype=q.dtype, device=q.device)
+    residual = q.clone()
+    acceptance = torch.full_like(q[:, 0], math.nan)
+    if fit_rows.numel():
+        rows = fit_rows
+        sub = _fit_rows(q[rows], p[rows], x[rows], order[rows], p_sorted[rows], size[rows], drafts, options)
+        plan, converged, iterations, missing, accepted = sub
+        stats.unconverged = int((~converged).sum())
+        stats.iterations = iterations
+        stats.mean_support = float(size[fit_rows].double().mean())
+        stats.missing_mass = float(missing.max())
+        if options.fail_on_iterations:
+            failed[fit_rows[~converged]] = True
+        draft_emit[fit_rows] = plan.draft_emit
+        residual[fit_rows] = plan.residual
+        acceptance[fit_rows] = accepted
+    stats.failures = int(failed.sum())
+    if stats.failures:
+        rows = failed.nonzero()[:, 0]
+        plan = fallback(q[rows], p[rows], x[rows])
+        draft_emit[rows] = plan.draft_emit.double()
+        residual[rows] = plan.residual.double()
+        if fallback_acceptance is not None:
+            acceptance[rows] = fallback_acceptance(q[rows], p[rows], drafts).double()
+    return EmissionPlan(draft_emit=draft_emit, residual=residual), stats, acceptance
+
+
+def truncation_size(p_sorted: torch.Tensor, drafts: int, tau: float, scheme: Scheme) -> torch.Tensor:
+    """[B]: the smallest |T| (a prefix of p sorted descending) with ``P(some draft ∉ T) ≤ τ``.
+
+    i.i.d.: ``P = 1 − (1 − p(V∖T))^k``. Without replacement each draw lands
+    outside T with probability at most ``p(V∖T) / (1 − m_{k−1})``, with
+    ``m_{k−1}`` the mass of the k − 1 largest tokens, so the union bound
+    ``k · p(V∖T) / (1 − m_{k−1})`` is used. Never larger than ``|supp p|``.
+    """
+    support = (p_sorted > 0).sum(-1)
+    # Mass left outside the first j + 1 tokens, summed from the tail for precision.
+    outside = torch.cat([p_sorted.flip(-1).cumsum(-1).flip(-1)[:, 1:], p_sorted[:, :1] * 0], dim=-1).clamp(0, 1)
+    if scheme == "iid":
+        missing = -torch.expm1(drafts * torch.log1p(-outside.clamp_max(1 - 1e-16)))
+    else:
+        top = p_sorted[:, : max(drafts - 1, 0)].sum(-1, keepdim=True)
+        missing = drafts * outside / (1 - top).clamp_min(1e-300)
+    size = (missing > tau).sum(-1) + 1
+    return torch.minimum(size, support)
+
+
+def _largest_enumerable(drafts: int, options: FitOptions) -> int:
+    """Largest |T| ≤ max_support whose enumeration has at most ``max_tuples`` sets."""
+    lo, hi = 1, options.max_support
+    if tuple_count(hi, drafts, options.scheme) <= options.max_tuples:
+        return hi
+    if tuple_count(lo, drafts, options.scheme) > options.max_tuples:
+        return 0
+    while hi - lo > 1:  # the count grows with |T|: bisect
+        mid = (lo + hi) // 2
+        if tuple_count(mid, drafts, options.scheme) <= options.max_tuples:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def draft_sets(support: int, drafts: int, scheme: Scheme, device: torch.device) -> torch.Tensor:
+    """[M, k] slot indices of every multiset (i.i.d.) or subset (w/o replacement) of ``support`` slots."""
+    slots = torch.arange(support, device=device)
+    sets = torch.combinations(slots, r=drafts, with_replacement=scheme == "iid")
+    return sets.reshape(-1, drafts)
+
+
+def set_probs(p_slots: torch.Tensor, sets: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """[B, M]: probability that the drafts form each set.
+
+    i.i.d. multiset with counts c: ``k! / Π c! · Π p^c``. Without replacement,
+    the sum over the k! drawing orders σ of ``Π_j p_{σ_j} / (1 − Σ_{l<j} p_{σ_l})``.
+
+    Args:
+        p_slots: [B, D] draft probabilities of the slots (0 for padding).
+        sets: [M, k] from :func:`draft_sets`.
+    """
+    drafts = sets.shape[1]
+    probs = p_slots[:, sets]  # [B, M, k]
+    if scheme == "iid":
+        first = _first_occurrence(sets)
+        counts = (sets[:, :, None] == sets[:, None, :]).sum(-1).double()  # [M, k]
+        log_coef = math.lgamma(drafts + 1) - torch.where(first, torch.lgamma(counts + 1), 0).sum(-1)
+        return torch.exp(log_coef + torch.log(probs).sum(-1))
+    orders = torch.tensor(list(itertools.permutations(range(drafts))), device=sets.device)  # [k!, k]
+    ordered = probs[:, :, orders]  # [B, M, k!, k]
+    before = ordered.cumsum(-1) - ordered
+    step = torch.where(ordered > 0, ordered / (1 - before).clamp_min(1e-300), 0)
+    return step.prod(-1).sum(-1)
+
+
+def _first_occurrence(tokens: torch.Tensor) -> torch.Tensor:
+    """[..., k] bool: entry j is the first of its value along the last dim (−1 entries never are)."""
+    k = tokens.shape[-1]
+    earlier = torch.ones(k, k, dtype=torch.bool, device=tokens.device).tril(-1)  # [j, j'] with j' < j
+    repeat = ((tokens[..., :, None] == tokens[..., None, :]) & earlier).any(-1)
+    return (tokens >= 0) & ~repeat
+
+
+def set_softmax(logits: torch.Tensor, active: torch.Tensor, reject: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the active entries, with an extra zero logit (rejection) where ``reject``.
+
+    Args:
+        logits: [..., k]; active: [..., k] bool; reject: [...] bool.
+
+    Returns:
+        ``(σ [..., k], log Z [...])`` with ``σ_j = e^{α_j} / Z`` on active
+        entries (0 elsewhere) and ``Z = [reject] + Σ_active e^{α_j}``.
+    """
+    masked = torch.where(active, logits, -math.inf)
+    extra = torch.where(reject, 0.0, -math.inf).to(logits.dtype)[..., None]
+    log_z = torch.logsumexp(torch.cat([masked, extra], dim=-1), dim=-1)
+    safe = torch.where(torch.isfinite(log_z), log_z, 0)
+    return torch.exp(masked - safe[..., None]), log_z
+
+
+def _fit_rows(
+    q: torch.Tensor,
+    p: torch.Tensor,
+    x: torch.Tensor,
+    order: torch.Tensor,
+    p_sorted: torch.Tensor,
+    size: torch.Tensor,
+    drafts: int,
+    options: FitOptions,
+) -> tuple[EmissionPlan, torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """Fit α on T and build the exact plan.
+
+    Args:
+        q, p: [B, V]; x: [B, n]; order: [B, S] the tokens of supp p by p
+        descending (S = largest support), p_sorted: [B, S] their p; size: [B] |T|.
+
+    Returns:
+        ``(plan, converged [B], iterations, missing mass [B], acceptance [B])``.
+    """
+    batch = q.shape[0]
+    width = int(size.max())
+    valid = torch.arange(width, device=q.device)[None, :] < size[:, None]  # [B, D]
+    tokens = torch.where(valid, order[:, :width], -1)  # T as token ids, −1 padding
+    safe_tokens = tokens.clamp_min(0)
+    p_slots = torch.where(valid, p.gather(1, safe_tokens), 0)
+    q_slots = torch.where(valid, q.gather(1, safe_tokens), 0)
+    if options.subset_selection:
+        # H* over supp p plus one p = 0 column holding the rest of q (sorted last, never
+        # in a minimising prefix unless its q is 0): same ψ on every prefix, far fewer columns.
+        q_support = q.gather(1, order)
+        q_rest = (1 - q_support.sum(-1, keepdim=True)).clamp_min(0)
+        q_columns = torch.cat([q_support, q_rest], dim=-1)
+        p_columns = torch.cat([p_sorted, torch.zeros_like(q_rest)], dim=-1)
+        in_subset = optimal_subset(q_columns, p_columns, drafts, options.scheme)[1]
+        outer = valid & ~in_subset[:, :width]
+    else:
+        outer = valid.clone()
+    sets = draft_sets(width, drafts, options.scheme, q.device)  # [M, k]
+    weights = set_probs(p_slots, sets, options.scheme)  # [B, M]
+    first = _first_occurrence(sets)[None].expand(batch, -1, -1)
+    set_outer = outer[:, sets]  # [B, M, k]
+    outer_set = set_outer.any(-1)
+    active = first & torch.where(outer_set[..., None], set_outer, ~set_outer)
+    reject = ~outer_set
+    flat_sets = sets.reshape(1, -1).expand(batch, -1)
+
+    def evaluate(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """F(α) [B] and b(α) [B, D] (module docstring)."""
+        sigma, log_z = set_softmax(alpha[:, sets], active, reject)
+        log_z = torch.where(weights > 0, log_z, 0)
+        value = (weights * log_z).sum(-1) - (q_slots * alpha).sum(-1)
+        mass = (weights[..., None] * sigma).reshape(batch, -1)
+        return value, torch.zeros_like(alpha).scatter_add_(1, flat_sets, mass)
+
+    lower = torch.where(valid, -ALPHA_BOUND, 0.0).double()
+    upper = torch.where(outer | ~valid, 0.0, ALPHA_BOUND).double()
+    alpha, emitted, converged, iterations = projected_lbfgs(
+        evaluate, q_slots, lower, upper, tol=options.tau, max_iters=options.max_iters
+    )
+
+    # P(some draft ∉ T): closed form for i.i.d. (precise when tiny), else the enumerated remainder.
+    outside_mass = (p - torch.zeros_like(p).scatter_add_(1, safe_tokens, p_slots)).clamp_min(0)
+    p_out = outside_mass.sum(-1)
+    if options.scheme == "iid":
+        missing = -torch.expm1(drafts * torch.log1p(-p_out.clamp_max(1)))
+    else:
+        missing = (1 - weights.sum(-1)).clamp(0, 1)
+    missing = torch.where(p_out > 0, missing, 0)
+    emission = outside_mass * (missing / p_out.clamp_min(1e-300))[:, None]
+    emission = emission.scatter_add_(1, safe_tokens, torch.where(valid, emitted, 0))
+    accepted = torch.minimum(q, emission)  # a = min(q, b)
+    keep = torch.where(emission > 0, accepted / emission.clamp_min(1e-300), 0)  # γ = a / b
+
+    choice = _drafted_emission(x, tokens, outer, alpha)
+    draft_emit = choice * gather_draft_probs(keep, x)
+    residual = normalize_rows(q - accepted, fallback=q)
+    plan = EmissionPlan(draft_emit=draft_emit, residual=residual)
+    return plan, converged, iterations, missing, accepted.sum(-1)
+
+
+def _drafted_emission(x: torch.Tensor, tokens: torch.Tensor, outer: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """[B, n]: the rule's emission probability for each draft column of the drafted tuple only.
+
+    Args:
+        x: [B, n] drafts (−1 absent); tokens: [B, D] T (−1 padding);
+        outer: [B, D] bool; alpha: [B, D].
+    """
+    present = x >= 0
+    match = (x[:, :, None] == tokens[:, None, :]) & present[:, :, None]  # [B, n, D]
+    in_set = match.any(-1)
+    slot = match.double().argmax(-1)
+    beyond = present & ~in_set
+    first_beyond = beyond & (beyond.long().cumsum(-1) == 1)
+    column_outer = in_set & outer.gather(1, slot)
+    outer_tuple = column_outer.any(-1)
+    active = _first_occurrence(x) & in_set & torch.where(outer_tuple[:, None], column_outer, ~column_outer)
+    sigma, _ = set_softmax(alpha.gather(1, slot), active, ~outer_tuple)
+    return torch.where(beyond.any(-1, keepdim=True), first_beyond.double(), sigma)
+
+
+def projected_lbfgs(
+    evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    target: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    *,
+    tol: float,
+    max_iters: int,
+    memory: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Minimise ``F`` row-wise over a box, where ``∇F(α) = b(α) − target``.
+
+    Batched projected L-BFGS: the quasi-Newton direction is taken on the free
+    variables (not at a bound with the gradient pushing outward), the step is
+    projected onto the box, and each row backtracks on its own Armijo test.
+    The Armijo test allows a 1e−13 relative slack because F is a sum of many
+    terms and stops resolving progress long before its gradient does.
+    Convergence: the projected gradient's L1 norm ``≤ tol`` (it bounds the
+    acceptance lost to the fit).
+
+    Args:
+        evaluate: α [B, D] → (F [B], b [B, D]).
+        target, lower, upper: [B, D].
+
+    Returns:
+        ``(α, b(α), converged [B], iterations)`` with b recomputed at the α returned.
+    """
+    batch, width = target.shape
+    alpha = torch.zeros_like(target).clamp(lower, upper)
+    value, emitted = evaluate(alpha)
+    grad = emitted - target
+    steps = target.new_zeros(batch, memory, width)
+    changes = target.new_zeros(batch, memory, width)
+    curvature = target.new_zeros(batch, memory)  # 1 / (s·y); 0 marks an empty slot
+
+    def projected(alpha: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        pinned = ((alpha <= lower) & (grad > 0)) | ((alpha >= upper) & (grad < 0))
+        return torch.where(pinned, 0, grad)
+
+    done = projected(alpha, grad).abs().sum(-1) <= tol
+    iterations = 0
+    for _ in range(max_iters):
+        if bool(done.all()):
+            break
+        iterations += 1
+        free_grad = projected(alpha, grad)
+        free = free_grad != 0
+        # Two-loop recursion with the newest pair last.
+        work, coefs = free_grad.clone(), []
+        for i in reversed(range(memory)):
+            coef = curvature[:, i] * (steps[:, i] * work).sum(-1)
+            work = work - coef[:, None] * changes[:, i]
+            coefs.append(coef)
+        sy = (steps[:, -1] * changes[:, -1]).sum(-1)
+        yy = (changes[:, -1] ** 2).sum(-1)
+        first_scale = 1 / free_grad.abs().amax(-1).clamp_min(1e-300)  # first step moves α by at most 1
+        scale = torch.where(curvature[:, -1] > 0, sy / yy.clamp_min(1e-300), first_scale)
+        work = scale[:, None] * work
+        for i, coef in zip(range(memory), reversed(coefs), strict=True):
+            beta = curvature[:, i] * (changes[:, i] * work).sum(-1)
+            work = work + steps[:, i] * (coef - beta)[:, None]
+        direction = torch.where(free, -work, 0)
+        uphill = (direction * grad).sum(-1) >= 0
+        direction = torch.where(uphill[:, None], -first_scale[:, None] * free_grad, direction)
+
+        step_size = torch.ones_like(value)
+        pending = ~done
+        for _ in range(40):
+            trial = (alpha + step_size[:, None] * direction).clamp(lower, upper)
+            trial_value, trial_emitted = evaluate(trial)
+            slack = 1e-13 * (1 + value.abs())
+            decrease = 1e-4 * (grad * (trial - alpha)).sum(-1)
+            ok = pending & (trial_value <= value + decrease + slack)
+            if bool(ok.any()):
+                trial_grad = trial_emitted - target
+                s, y = trial - alpha, trial_grad - grad
+                sy_new = (s * y).sum(-1)
+                store = (ok & (sy_new > 1e-30))[:, None, None]
+                steps = torch.where(store, torch.cat([steps[:, 1:], s[:, None]], 1), steps)
+                changes = torch.where(store, torch.cat([changes[:, 1:], y[:, None]], 1), changes)
+                new_curv = torch.cat([curvature[:, 1:], (1 / sy_new.clamp_min(1e-300))[:, None]], 1)
+                curvature = torch.where(store[:, :, 0], new_curv, curvature)
+                alpha = torch.where(ok[:, None], trial, alpha)
+                value = torch.where(ok, trial_value, value)
+                emitted = torch.where(ok[:, None], trial_emitted, emitted)
+                grad = torch.where(ok[:, None], trial_grad, grad)
+                pending = pending & ~ok
+            if not bool(pending.any()):
+                break
+            step_size = torch.where(pending, step_size / 2, step_size)
+        # A row whose line search found no decrease has stalled; it stops (unconverged).
+        done = done | pending | (projected(alpha, grad).abs().sum(-1) <= tol)
+    converged = projected(alpha, grad).abs().sum(-1) <= tol
+    return alpha, emitted, converged, iterations
+
+
+class FittedVerifier(Verifier):
+    """Base of the verifiers built on the fitted selection rule (not registered itself).
+
+    Subclasses set the class attributes below and may override
+    :meth:`fallback` / :meth:`fallback_acceptance`; the options are those of
+    :class:`FitOptions`. ``last_stats`` (:class:`SolveStats`) describes the
+    last ``plan`` call: failure rate, iterations, |T|, exact acceptance.
+    """
+
+    subset_selection: ClassVar[bool] = True
+    fail_on_truncation: ClassVar[bool] = True
+    fail_on_iterations: ClassVar[bool] = True
+    default_max_support: ClassVar[int] = 1000
+    default_max_tuples: ClassVar[int] = 1_000_000
+
+    def __init__(
+        self,
+        *,
+        tau: float = 1e-3,
+        max_support: int | None = None,
+        max_iters: int = 500,
+        max_tuples: int | None = None,
+        validate: bool = True,
+    ) -> None:
+        super().__init__(validate=validate)
+        max_support = self.default_max_support if max_support is None else max_support
+        max_tuples = self.default_max_tuples if max_tuples is None else max_tuples
+        check_options(tau, max_support, max_iters, max_tuples)
+        self.options = FitOptions(
+            scheme=self.draft_scheme,
+            tau=tau,
+            max_support=max_support,
+            max_iters=max_iters,
+            max_tuples=max_tuples,
+            subset_selection=self.subset_selection,
+            fail_on_truncation=self.fail_on_truncation,
+            fail_on_iterations=self.fail_on_iterations,
+        )
+        self.last_stats = SolveStats()
+
+    def fallback(self, q: torch.Tensor, p: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
+        """The cheap exact plan for rows that fail (float64 q, p [B, V]; drafts [B, n])."""
+        raise RuntimeError(f"{self.name} has no fallback; no row can fail")
+
+    def fallback_acceptance(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, drafts: int) -> torch.Tensor:
+        """[B]: the fallback's acceptance with ``drafts`` drafts; NaN where unknown."""
+        return torch.full_like(target_probs[:, 0], math.nan)
+
+    def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
+        plan, self.last_stats = fitted_plan(
+            target_probs, draft_probs, draft_tokens, self.options, self.fallback, self.fallback_acceptance
+        )
+        return plan
+
+
+__all__ = [
+    "ALPHA_BOUND",
+    "FitOptions",
+    "FittedVerifier",
+    "SolveStats",
+    "check_options",
+    "draft_sets",
+    "fitted_plan",
+    "projected_lbfgs",
+    "set_probs",
+    "set_softmax",
+    "truncation_size",
+    "tuple_count",
+]
