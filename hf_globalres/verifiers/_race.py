@@ -1,0 +1,224 @@
+"""The weighted race between i.i.d. drafts: its law, and the weights that realise a target law.
+
+One *race problem* (a row of a batch of ``P`` problems) has tokens ``y`` with
+draft mass ``p_y > 0`` on a tier ``S`` and a background mass ``r = 1 − p(S)``
+of draws that never win. ``n`` draws are i.i.d.; each draw ``i`` that lands on
+``y ∈ S`` starts an exponential clock of rate ``w_y = e^{α_y}`` and the first
+clock to ring wins: draw ``i`` wins with probability ``w_{x_i} / Σ_{j: x_j ∈ S}
+w_{x_j}``. The law of the winning token is (NOTES §3)
+
+    b_y(α) = n p_y w_y ∫_0^∞ e^{−t w_y} M(t)^{n−1} dt,   M(t) = r + Σ_{z∈S} p_z e^{−t w_z},
+
+and ``Σ_y b_y = 1 − r^n``. ``b`` is the gradient of the convex function
+
+    Φ(α) = E[log Σ_{i: x_i ∈ S} e^{α_{x_i}}] = ∫_0^∞ ((1 − r^n) e^{−t} − M(t)^n + r^n) / t dt,
+
+so the weights whose race has a prescribed law ``c`` minimise ``Φ(α) − c·α``
+(an equality problem), and the weights with ``b ≥ c`` and ``b = c`` wherever
+``α > 0`` minimise it over the box ``α ≥ 0`` (a box problem).
+
+Integrals are trapezoid sums in ``s = log t`` (the integrand is analytic in a
+strip of half-width π/2 around the real axis, so the error is ~ exp(−π²/h) for
+step ``h``): ``∫ f(t) dt = ∫ f(e^s) e^s ds``. The Hessian of ``Φ`` is
+
+    ∇²Φ = diag(b − e) − U C Uᵀ,   U_yk = p_y w_y e^{−t_k w_y},
+    C_k = n (n − 1) h t_k² M_k^{n−2},   e_y = n p_y w_y² ∫ t e^{−t w_y} M^{n−1} dt,
+
+a diagonal minus rank ``K`` (nodes), so a Newton step costs O(|S| K²) through
+the Woodbury identity. This module is pure tensor math.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: Integration window in s = log t, relative to the weights: e^{−38} is the
+#: relative size of the integrand at the lower end; at the upper end the
+#: fastest clock still running has rung with probability 1 − exp(−e^4).
+LOWER_MARGIN = 38.0
+UPPER_MARGIN = 4.0
+
+
+@dataclass
+class RaceProblems:
+    """A batch of ``P`` race problems over padded token slots ``S``.
+
+    Attributes:
+        draft_mass: p_y, [P, S], 0 on slots outside the tier (padding).
+        target: c_y, [P, S], the law the race should have on the tier.
+        background: r, [P], draft mass of draws that never win.
+        num_draws: n, [P] float.
+        boxed: [P] bool, box problem (``α ≥ 0``, ``b ≥ c``) instead of an
+            equality problem (``b = c``, α up to a shift).
+    """
+
+    draft_mass: torch.Tensor
+    target: torch.Tensor
+    background: torch.Tensor
+    num_draws: torch.Tensor
+    boxed: torch.Tensor
+
+    @property
+    def tier(self) -> torch.Tensor:
+        """[P, S] bool: the slot holds a tier token."""
+        return self.draft_mass > 0
+
+
+@dataclass
+class RaceTerms:
+    """Law of the race at some α, and optionally the pieces of its Hessian.
+
+    Attributes:
+        law: b, [P, S].
+        diagonal: ``b − e``, [P, S] (None unless asked for).
+        low_rank: ``W = U C^{1/2}``, [P, S, K] (None unless asked for), so
+            that ∇²Φ = diag(b − e) − W Wᵀ.
+    """
+
+    law: torch.Tensor
+    diagonal: torch.Tensor | None = None
+    low_rank: torch.Tensor | None = None
+
+
+def race_terms(problems: RaceProblems, alpha: torch.Tensor, step: float, hessian: bool = False) -> RaceTerms:
+    """The race law b(α) [P, S] by trapezoid quadrature in ``s = log t`` with step ≤ ``step``.
+
+    Each problem integrates over ``s ∈ [−max α − 38, −min α + 4]`` with one
+    common number of nodes ``K`` (its own step ≤ ``step``), so the batch
+    shares one [P, S, K] tensor of ``x = t w`` values.
+    """
+    tier = problems.tier
+    alpha = torch.where(tier, alpha, 0)
+    empty = ~tier.any(-1)
+    top = torch.where(tier, alpha, -math.inf).amax(-1).masked_fill(empty, 0)
+    bottom = torch.where(tier, alpha, math.inf).amin(-1).masked_fill(empty, 0)
+    start = -top - LOWER_MARGIN
+    span = (-bottom + UPPER_MARGIN) - start  # [P]
+    nodes = math.ceil(float(span.max()) / step) + 1
+    grid = torch.linspace(0, 1, nodes, dtype=alpha.dtype, device=alpha.device)
+    s = start[:, None] + span[:, None] * grid  # [P, K]
+    h = span / (nodes - 1)  # [P]
+    x = torch.exp(s[:, None, :] + alpha[:, :, None])  # t_k w_y, [P, S, K]
+    clock = torch.exp(-x)  # e^{−t w_y}
+    p = problems.draft_mass
+    n = problems.num_draws
+    survive = problems.background[:, None] + torch.bmm(p[:, None, :], clock)[:, 0]  # M_k, [P, K]
+    x_clock = x * clock
+    weight = (n * h)[:, None] * survive.pow((n - 1)[:, None])  # n h M^{n−1}, [P, K]
+    law = p * torch.bmm(x_clock, weight[:, :, None])[..., 0]
+    if not hessian:
+        return RaceTerms(law=law)
+    second = p * torch.bmm(x * x_clock, weight[:, :, None])[..., 0]
+    # C_k = n (n − 1) h t_k² M_k^{n−2}; the t_k w_y factors already sit in x_clock.
+    scale = ((n * (n - 1) * h)[:, None] * survive.pow((n - 2).clamp_min(0)[:, None])).sqrt()
+    low_rank = (p[:, :, None] * x_clock) * scale[:, None, :]
+    return RaceTerms(law=law, diagonal=law - second, low_rank=low_rank)
+
+
+def kkt_residual(problems: RaceProblems, alpha: torch.Tensor, law: torch.Tensor) -> torch.Tensor:
+    """[P]: ``Σ_y |projected gradient|`` of ``Φ − c·α``; 0 exactly at the solution.
+
+    The gradient is ``b − c``; for box problems a slot at ``α = 0`` pushed
+    outwards (``b > c``) is at its bound, and ``|α − max(0, α − g)|`` is used.
+    """
+    grad = law - problems.target
+    boxed = problems.boxed[:, None]
+    projected = torch.where(boxed, alpha - (alpha - grad).clamp_min(0), grad)
+    return torch.where(problems.tier, projected.abs(), 0).sum(-1)
+
+
+def newton_direction(problems: RaceProblems, terms: RaceTerms, alpha: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+    """[P, S]: the Newton direction ``d = H⁻¹ g`` on the free slots (0 elsewhere).
+
+    ``H = diag(D) − W Wᵀ`` restricted to the free slots, plus ``τ v vᵀ`` with
+    ``v = D`` where ``H`` is singular along ``1`` (equality problems, and box
+    problems with no slot at its bound: the race is invariant under a common
+    shift of α). Since ``vᵀ1 ≠ 0`` that makes it invertible, and when
+    ``1ᵀg = 0`` the solution still satisfies ``H d = g``. Woodbury:
+
+        (D − W' Σ W'ᵀ)⁻¹ = D⁻¹ + D⁻¹ W' (Σ⁻¹ − W'ᵀ D⁻¹ W')⁻¹ W'ᵀ D⁻¹,
+
+    with ``W' = [W, v]``, ``Σ = diag(1, …, 1, −τ)``.
+    """
+    assert terms.diagonal is not None and terms.low_rank is not None
+    grad = torch.where(free, terms.law - problems.target, 0)
+    diagonal = torch.where(free & (terms.diagonal > 0), terms.diagonal, 1)
+    low_rank = torch.where(free[:, :, None], terms.low_rank, 0)
+    at_bound = problems.tier & ~free
+    gauge = ~(problems.boxed & at_bound.any(-1)) & free.any(-1)  # [P]
+    v = torch.where(free & gauge[:, None], diagonal, 0)
+    tau = 1 / v.sum(-1).clamp_min(1e-300)  # makes τ (vᵀ1)² = vᵀ1, the scale of D
+    if low_rank.shape[1] <= low_rank.shape[2]:
+        # Fewer slots than nodes: the dense |S| × |S| system is the cheaper one.
+        hessian = torch.diag_embed(diagonal) - torch.bmm(low_rank, low_rank.transpose(1, 2))
+        hessian = hessian + tau[:, None, None] * v[:, :, None] * v[:, None, :]
+        return torch.where(free, torch.linalg.solve(hessian, grad[:, :, None])[..., 0], 0)
+    extended = torch.cat([low_rank, v[:, :, None]], dim=-1)  # [P, S, K+1]
+    scaled = extended / diagonal[:, :, None]
+    inner = -torch.bmm(extended.transpose(1, 2), scaled)  # −W'ᵀ D⁻¹ W', [P, K+1, K+1]
+    sigma_inv = torch.ones(inner.shape[:2], dtype=inner.dtype, device=inner.device)
+    sigma_inv[:, -1] = torch.where(gauge, -1 / tau, -1)
+    inner = inner + torch.diag_embed(sigma_inv)
+    rhs = torch.bmm(scaled.transpose(1, 2), grad[:, :, None])  # W'ᵀ D⁻¹ g
+    solution = torch.linalg.solve(inner, rhs)
+    direction = grad / diagonal + torch.bmm(scaled, solution)[..., 0]
+    return torch.where(free, direction, 0)
+
+
+def solve_race(
+    problems: RaceProblems,
+    alpha: torch.Tensor,
+    *,
+    tol: float,
+    max_iters: int,
+    step: float,
+    max_halvings: int = 30,
+) -> torch.Tensor:
+    """Weights α [P, S] whose race law meets the target, by damped projected Newton.
+
+    Starts from ``alpha`` (box problems are projected onto α ≥ 0 and shifted
+    down until one slot touches 0, which lowers ``Φ − c·α`` since
+    ``Σ c ≤ 1``). A step ``α − s d`` (projected for box problems) is accepted
+    when it lowers the KKT residual: Φ itself is only known to ~1e-13 from
+    quadrature, too coarse to compare near the solution. Problems stop at
+    residual ≤ ``tol`` or when no step size helps.
+    """
+    tier, boxed = problems.tier, problems.boxed[:, None]
+
+    def normalise(a: torch.Tensor) -> torch.Tensor:
+        a = torch.where(tier, a, 0)
+        low = torch.where(tier, a, math.inf).amin(-1, keepdim=True)
+        high = torch.where(tier, a, -math.inf).amax(-1, keepdim=True)
+        shifted = torch.where(boxed, (a - low).clamp_min(0), a - high)  # box: touch 0; else max α = 0
+        return torch.where(tier & torch.isfinite(low), shifted, 0)
+
+    alpha = normalise(torch.where(boxed, alpha.clamp_min(0), alpha))
+    law = race_terms(problems, alpha, step).law
+    residual = kkt_residual(problems, alpha, law)
+    solvable = (problems.num_draws >= 2) & tier.any(-1)
+    active = solvable & (residual > tol)
+    for _ in range(max_iters):
+        if not bool(active.any()):
+            break
+        terms = race_terms(problems, alpha, step, hessian=True)
+        free = tier & ~(boxed & (alpha <= 0) & (terms.law > problems.target))
+        direction = newton_direction(problems, terms, alpha, free & active[:, None])
+        size = torch.ones_like(residual)
+        searching = active.clone()
+        for _ in range(max_halvings):
+            trial = alpha - size[:, None] * direction
+            trial = normalise(torch.where(boxed, trial.clamp_min(0), trial))
+            trial_residual = kkt_residual(problems, trial, race_terms(problems, trial, step).law)
+            better = searching & (trial_residual < residual)
+            alpha = torch.where(better[:, None], trial, alpha)
+            residual = torch.where(better, trial_residual, residual)
+            searching = searching & ~better
+            if not bool(searching.any()):
+                break
+            size = torch.where(searching, size / 2, size)
+        # A problem no step size improves has reached the quadrature's noise floor.
+        active = active & ~searching & (residual > tol)
+    return alpha
