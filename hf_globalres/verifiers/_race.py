@@ -17,12 +17,12 @@ so the weights whose race has a prescribed law ``c`` minimise ``Φ(α) − c·α
 (an equality problem), and the weights with ``b ≥ c`` and ``b = c`` wherever
 ``α > 0`` minimise it over the box ``α ≥ 0`` (a box problem).
 
-Integrals are trapezoid sums in ``s = log t`` (the integrand is analytic in a
-strip of half-width π/2 around the real axis, so the error is ~ exp(−π²/h) for
-step ``h``): ``∫ f(t) dt = ∫ f(e^s) e^s ds``. The Hessian of ``Φ`` is
+Integrals are trapezoid sums over nodes ``t_k`` with weights ``ω_k`` (for
+``∫ · d log t``, see :func:`race_terms`; error ~ exp(−π²/h) for step ``h``).
+The Hessian of ``Φ`` is
 
     ∇²Φ = diag(b − e) − U C Uᵀ,   U_yk = p_y w_y e^{−t_k w_y},
-    C_k = n (n − 1) h t_k² M_k^{n−2},   e_y = n p_y w_y² ∫ t e^{−t w_y} M^{n−1} dt,
+    C_k = n (n − 1) ω_k t_k² M_k^{n−2},   e_y = n p_y w_y² ∫ t e^{−t w_y} M^{n−1} dt,
 
 a diagonal minus rank ``K`` (nodes), so a Newton step costs O(|S| K²) through
 the Woodbury identity. This module is pure tensor math.
@@ -35,10 +35,13 @@ from dataclasses import dataclass
 
 import torch
 
-#: Integration window in s = log t, relative to the weights: e^{−38} is the
-#: relative size of the integrand at the lower end; at the upper end the
-#: fastest clock still running has rung with probability 1 − exp(−e^4).
-LOWER_MARGIN = 38.0
+#: Quadrature window. Nodes are uniform in u, with s = log t = c + u − e^{−u}
+#: and c = −max α − SHIFT: for u ≫ 0 that is the plain log grid, and below it
+#: the map compresses t → 0 double-exponentially, where the integrand only
+#: decays like t w. From u = −3.5 (t w_max ≤ e^{−38}) to s = −min α + 4, past
+#: which the slowest clock has rung with probability 1 − exp(−e^4).
+SHIFT = 2.0
+U_START = -3.5
 UPPER_MARGIN = 4.0
 
 
@@ -84,36 +87,40 @@ class RaceTerms:
 
 
 def race_terms(problems: RaceProblems, alpha: torch.Tensor, step: float, hessian: bool = False) -> RaceTerms:
-    """The race law b(α) [P, S] by trapezoid quadrature in ``s = log t`` with step ≤ ``step``.
+    """The race law b(α) [P, S] by the trapezoid rule with step ≤ ``step`` in u.
 
-    Each problem integrates over ``s ∈ [−max α − 38, −min α + 4]`` with one
-    common number of nodes ``K`` (its own step ≤ ``step``), so the batch
-    shares one [P, S, K] tensor of ``x = t w`` values.
+    ``∫_0^∞ f(t) dt = ∫ f(t) t (1 + e^{−u}) du`` with ``log t = c + u − e^{−u}``
+    (see ``U_START``): the integrand is analytic in a strip of half-width
+    about π/2 and decays double-exponentially at both ends, so the error is
+    ~ exp(−π²/h). Each problem has its own window and step; the batch shares
+    one number of nodes ``K`` and one [P, S, K] tensor of ``x = t w`` values.
     """
     tier = problems.tier
     alpha = torch.where(tier, alpha, 0)
     empty = ~tier.any(-1)
     top = torch.where(tier, alpha, -math.inf).amax(-1).masked_fill(empty, 0)
     bottom = torch.where(tier, alpha, math.inf).amin(-1).masked_fill(empty, 0)
-    start = -top - LOWER_MARGIN
-    span = (-bottom + UPPER_MARGIN) - start  # [P]
+    offset = -top - SHIFT
+    span = (top - bottom + SHIFT + UPPER_MARGIN) - U_START  # u window length, [P]
     nodes = math.ceil(float(span.max()) / step) + 1
     grid = torch.linspace(0, 1, nodes, dtype=alpha.dtype, device=alpha.device)
-    s = start[:, None] + span[:, None] * grid  # [P, K]
-    h = span / (nodes - 1)  # [P]
-    x = torch.exp(s[:, None, :] + alpha[:, :, None])  # t_k w_y, [P, S, K]
+    u = U_START + span[:, None] * grid  # [P, K]
+    compress = torch.exp(-u)
+    t = torch.exp(offset[:, None] + u - compress)
+    quad = (span / (nodes - 1))[:, None] * (1 + compress)  # trapezoid weight of each node for ∫ · ds
+    x = t[:, None, :] * torch.exp(alpha)[:, :, None]  # t_k w_y, [P, S, K]
     clock = torch.exp(-x)  # e^{−t w_y}
     p = problems.draft_mass
-    n = problems.num_draws
+    n = problems.num_draws[:, None]
     survive = problems.background[:, None] + torch.bmm(p[:, None, :], clock)[:, 0]  # M_k, [P, K]
     x_clock = x * clock
-    weight = (n * h)[:, None] * survive.pow((n - 1)[:, None])  # n h M^{n−1}, [P, K]
+    weight = n * quad * survive.pow(n - 1)  # n ω M^{n−1}, [P, K]
     law = p * torch.bmm(x_clock, weight[:, :, None])[..., 0]
     if not hessian:
         return RaceTerms(law=law)
     second = p * torch.bmm(x * x_clock, weight[:, :, None])[..., 0]
-    # C_k = n (n − 1) h t_k² M_k^{n−2}; the t_k w_y factors already sit in x_clock.
-    scale = ((n * (n - 1) * h)[:, None] * survive.pow((n - 2).clamp_min(0)[:, None])).sqrt()
+    # C_k = n (n − 1) ω_k t_k² M_k^{n−2}; the t_k w_y factors already sit in x_clock.
+    scale = (n * (n - 1) * quad * survive.pow((n - 2).clamp_min(0))).sqrt()
     low_rank = (p[:, :, None] * x_clock) * scale[:, None, :]
     return RaceTerms(law=law, diagonal=law - second, low_rank=low_rank)
 

@@ -101,24 +101,28 @@ class Optimal(Verifier):
         self.tol, self.max_iters, self.step = tol, max_iters, step
 
     def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
-        dtype = target_probs.dtype
-        q = target_probs.double()
-        p = draft_probs.double()
-        q, p = q / q.sum(-1, keepdim=True), p / p.sum(-1, keepdim=True)
-        batch = q.shape[0]
+        batch, vocab = target_probs.shape
         present = draft_tokens >= 0
         k = present.sum(-1)
         n = k.double()
 
-        # Work on supp p only: slots [B, S], sorted by p (padding slots: p = 0).
-        width = max(int((p > 0).sum(-1).max()), 1)
-        p_s, index = torch.topk(p, width, dim=-1)
-        on = p_s > 0
-        q_s = torch.where(on, q.gather(1, index), 0)
+        # Work on supp p only: slots [B, S] in token order; padding slots hold the token id V.
+        supported = draft_probs > 0
+        rank = supported.cumsum(-1)  # slot + 1 of each token of supp p
+        width = max(int(rank[:, -1].max()), 1)
+        tokens = torch.arange(vocab, device=rank.device).expand(batch, -1)
+        index = torch.full((batch, width + 1), vocab, dtype=torch.long, device=rank.device)
+        index = index.scatter(1, torch.where(supported, rank - 1, width), tokens)[:, :width]
+        on = index < vocab
+        gather_at = index.clamp_max(vocab - 1)
+        p_s = torch.where(on, draft_probs.gather(1, gather_at).double(), 0)
+        q_s = torch.where(on, target_probs.gather(1, gather_at).double(), 0)
+        p_s = p_s / p_s.sum(-1, keepdim=True)
+        q_total = target_probs.sum(-1, keepdim=True, dtype=torch.float64)
+        q_s = q_s / q_total
         # One extra column holds q outside supp p: p = 0 there, so it never joins H*.
         outside = (1 - q_s.sum(-1, keepdim=True)).clamp_min(0)
-        zero = torch.zeros_like(outside)
-        _, in_subset = optimal_subset(torch.cat([q_s, outside], -1), torch.cat([p_s, zero], -1), k)
+        _, in_subset = optimal_subset(torch.cat([q_s, outside], -1), torch.cat([p_s, torch.zeros_like(outside)], -1), k)
         in_h = in_subset[:, :width] & on
         in_l = on & ~in_h
 
@@ -156,22 +160,21 @@ class Optimal(Verifier):
         mass = torch.where(in_l, kept_l, kept_h * all_h[:, None])
         mass = torch.where((k > 0)[:, None] & on, mass, 0)
 
-        # Which slot each draft occupies (absent drafts and tokens off supp p: none).
-        slots = torch.arange(width, device=q.device).expand(batch, -1)
-        slot_of = torch.full_like(q, -1, dtype=torch.long).scatter(1, index, slots)
-        slot = torch.where(present, slot_of.gather(1, draft_tokens.clamp_min(0)), -1)
-        occupied = slot >= 0
-        slot = slot.clamp_min(0)
-        draft_on = occupied & on.gather(1, slot)
+        # The slot of each draft; absent drafts and tokens off supp p take no part.
+        clamped = draft_tokens.clamp_min(0)
+        draft_on = present & supported.gather(1, clamped)
+        slot = torch.where(draft_on, rank.gather(1, clamped) - 1, 0)
         draft_l = draft_on & in_l.gather(1, slot)
-        any_draft_l = draft_l.any(-1, keepdim=True)
-        racing = torch.where(any_draft_l, draft_l, draft_on)
+        racing = torch.where(draft_l.any(-1, keepdim=True), draft_l, draft_on)
         draft_alpha = torch.where(racing, slot_alpha.gather(1, slot), -math.inf)
-        top = draft_alpha.amax(-1, keepdim=True)
-        weight = torch.where(racing, torch.exp(draft_alpha - torch.where(racing.any(-1, keepdim=True), top, 0)), 0)
+        top = torch.where(racing.any(-1, keepdim=True), draft_alpha.amax(-1, keepdim=True), 0)
+        weight = torch.where(racing, torch.exp(draft_alpha - top), 0)
         share = weight / weight.sum(-1, keepdim=True).clamp_min(1e-300)
         draft_emit = share * slot_accept.gather(1, slot)
 
-        accepted_mass = torch.zeros_like(q).scatter(1, index, mass)
-        residual = normalize_rows((q - accepted_mass).clamp_min(0), fallback=q)
-        return EmissionPlan(draft_emit=draft_emit.to(dtype), residual=residual.to(dtype))
+        # Residual q − ā: only supp p changes; padding slots write to a spare column.
+        left = (q_s - mass).clamp_min(0) * q_total
+        residual = torch.cat([target_probs, target_probs.new_zeros(batch, 1)], -1)
+        residual = residual.scatter(1, index, left.to(residual.dtype))[:, :vocab]
+        residual = normalize_rows(residual, fallback=target_probs)
+        return EmissionPlan(draft_emit=draft_emit.to(target_probs.dtype), residual=residual)
