@@ -183,8 +183,10 @@ def solve_race(
     max_iters: int,
     step: float,
     max_halvings: int = 30,
-) -> torch.Tensor:
-    """Weights α [P, S] whose race law meets the target, by damped projected Newton.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights α [P, S] whose race law meets the target, and their KKT residual [P].
+
+    Damped projected Newton.
 
     Starts from ``alpha`` (box problems are projected onto α ≥ 0 and shifted
     down until one slot touches 0, which lowers ``Φ − c·α`` since
@@ -228,4 +230,4 @@ def solve_race(
             size = torch.where(searching, size / 2, size)
         # A problem no step size improves has reached the quadrature's noise floor.
         active = active & ~searching & (residual > tol)
-    return alpha
+    return alpha, torch.where(solvable, residual, 0)

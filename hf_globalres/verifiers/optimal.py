@@ -34,6 +34,7 @@ scales with ``|supp p|``, not ``V``), in float64.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -74,6 +75,33 @@ def water_fill(
     return torch.where(tier, torch.minimum(q, level * p), 0)
 
 
+@dataclass
+class RaceRule:
+    """The solved rule for a batch, on the slots of ``supp p`` ([B, S]).
+
+    Attributes:
+        index: token id of each slot, V on padding slots.
+        rank: [B, V], slot + 1 of each token of ``supp p`` (``p`` cumulative count).
+        in_l: the slot's token lies in ``L`` (the first tier).
+        alpha: log race weight of the slot in its tier.
+        accept: γ, probability of accepting the slot's token when it wins.
+        mass: ā, ``P(Y = y, y accepted)``, summing to the rule's acceptance.
+        q_total: [B, 1], ``Σ q`` of the input rows (float64).
+        optimum: α* [B], the best acceptance of any lossless rule.
+        residual: [B], KKT residual of the solves (L tier plus p(H*)^n times H tier).
+    """
+
+    index: torch.Tensor
+    rank: torch.Tensor
+    in_l: torch.Tensor
+    alpha: torch.Tensor
+    accept: torch.Tensor
+    mass: torch.Tensor
+    q_total: torch.Tensor
+    optimum: torch.Tensor
+    residual: torch.Tensor
+
+
 @register
 class Optimal(Verifier):
     """The optimal lossless rule for i.i.d. drafts (see the module docstring).
@@ -100,10 +128,13 @@ class Optimal(Verifier):
             raise ValueError(f"step must lie in (0, 1], got {step}")
         self.tol, self.max_iters, self.step = tol, max_iters, step
 
-    def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
+    def solve(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: int | torch.Tensor) -> RaceRule:
+        """The rule for rows with ``num_drafts`` drafts (int or [B]): weights, γ and masses.
+
+        ``q``, ``p`` [B, V] must be valid probability rows (see :meth:`prepare`).
+        """
         batch, vocab = target_probs.shape
-        present = draft_tokens >= 0
-        k = present.sum(-1)
+        k = torch.as_tensor(num_drafts, device=target_probs.device).long().expand(batch)
         n = k.double()
 
         # Work on supp p only: slots [B, S] in token order; padding slots hold the token id V.
@@ -122,7 +153,9 @@ class Optimal(Verifier):
         q_s = q_s / q_total
         # One extra column holds q outside supp p: p = 0 there, so it never joins H*.
         outside = (1 - q_s.sum(-1, keepdim=True)).clamp_min(0)
-        _, in_subset = optimal_subset(torch.cat([q_s, outside], -1), torch.cat([p_s, torch.zeros_like(outside)], -1), k)
+        optimum, in_subset = optimal_subset(
+            torch.cat([q_s, outside], -1), torch.cat([p_s, torch.zeros_like(outside)], -1), k
+        )
         in_h = in_subset[:, :width] & on
         in_l = on & ~in_h
 
@@ -146,7 +179,7 @@ class Optimal(Verifier):
         # Start from w ∝ a/p: exact when the race is far from saturated.
         tier = problems.tier
         start = torch.where(tier, torch.log(problems.target / torch.where(tier, problems.draft_mass, 1)), 0)
-        alpha = solve_race(problems, start, tol=self.tol, max_iters=self.max_iters, step=self.step)
+        alpha, residual = solve_race(problems, start, tol=self.tol, max_iters=self.max_iters, step=self.step)
         law = race_terms(problems, alpha, self.step).law  # the true law at the returned weights
 
         # Accepted mass per tier and its acceptance probability γ = min(a, b) / b.
@@ -155,26 +188,54 @@ class Optimal(Verifier):
         alpha_l, alpha_h = alpha.split(batch)
         accept_l, accept_h = accept.split(batch)
         kept_l, kept_h = kept.split(batch)
-        slot_alpha = torch.where(in_l, alpha_l, alpha_h)
-        slot_accept = torch.where(in_l, accept_l, accept_h)
+        residual_l, residual_h = residual.split(batch)
         mass = torch.where(in_l, kept_l, kept_h * all_h[:, None])
-        mass = torch.where((k > 0)[:, None] & on, mass, 0)
+        return RaceRule(
+            index=index,
+            rank=rank,
+            in_l=in_l,
+            alpha=torch.where(in_l, alpha_l, alpha_h),
+            accept=torch.where(in_l, accept_l, accept_h),
+            mass=torch.where((k > 0)[:, None] & on, mass, 0),
+            q_total=q_total,
+            optimum=torch.where(k > 0, optimum, 0),
+            residual=residual_l + all_h * residual_h,
+        )
+
+    def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
+        batch, vocab = target_probs.shape
+        present = draft_tokens >= 0
+        rule = self.solve(target_probs, draft_probs, present.sum(-1))
 
         # The slot of each draft; absent drafts and tokens off supp p take no part.
         clamped = draft_tokens.clamp_min(0)
-        draft_on = present & supported.gather(1, clamped)
-        slot = torch.where(draft_on, rank.gather(1, clamped) - 1, 0)
-        draft_l = draft_on & in_l.gather(1, slot)
+        draft_on = present & (draft_probs.gather(1, clamped) > 0)
+        slot = torch.where(draft_on, rule.rank.gather(1, clamped) - 1, 0)
+        draft_l = draft_on & rule.in_l.gather(1, slot)
         racing = torch.where(draft_l.any(-1, keepdim=True), draft_l, draft_on)
-        draft_alpha = torch.where(racing, slot_alpha.gather(1, slot), -math.inf)
+        draft_alpha = torch.where(racing, rule.alpha.gather(1, slot), -math.inf)
         top = torch.where(racing.any(-1, keepdim=True), draft_alpha.amax(-1, keepdim=True), 0)
         weight = torch.where(racing, torch.exp(draft_alpha - top), 0)
         share = weight / weight.sum(-1, keepdim=True).clamp_min(1e-300)
-        draft_emit = share * slot_accept.gather(1, slot)
+        draft_emit = share * rule.accept.gather(1, slot)
 
         # Residual q − ā: only supp p changes; padding slots write to a spare column.
-        left = (q_s - mass).clamp_min(0) * q_total
+        on = rule.index < vocab
+        left = torch.where(on, target_probs.gather(1, rule.index.clamp_max(vocab - 1)).double(), 0)
+        left = (left - rule.mass * rule.q_total).clamp_min(0)
         residual = torch.cat([target_probs, target_probs.new_zeros(batch, 1)], -1)
-        residual = residual.scatter(1, index, left.to(residual.dtype))[:, :vocab]
+        residual = residual.scatter(1, rule.index, left.to(residual.dtype))[:, :vocab]
         residual = normalize_rows(residual, fallback=target_probs)
         return EmissionPlan(draft_emit=draft_emit.to(target_probs.dtype), residual=residual)
+
+    def acceptance(
+        self, target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(acceptance, optimum)`` [B] float64: ``P(Y ∈ drafts)`` of this rule and ``α*``.
+
+        The rule's acceptance is ``Σ ā`` (its accepted mass; its residual has
+        no mass on drafts); the gap to ``α*`` is what an unconverged solve costs.
+        """
+        q, p, _ = self.prepare(target_probs, draft_probs, torch.full((target_probs.shape[0], 1), -1))
+        rule = self.solve(q, p, num_drafts)
+        return rule.mass.sum(-1), rule.optimum
