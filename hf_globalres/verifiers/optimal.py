@@ -34,7 +34,7 @@ scales with ``|supp p|``, not ``V``), in float64.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -73,6 +73,33 @@ def water_fill(
     level = (total[:, None] - q_before.gather(1, piece)) / p_from.gather(1, piece).clamp_min(1e-300)
     level = torch.where(all_capped[:, None], math.inf, level)
     return torch.where(tier, torch.minimum(q, level * p), 0)
+
+
+def distinct_rows(
+    target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(first [U], inverse [B])`` when rows repeat exactly (same q, p, k), else None.
+
+    Rows are grouped by a cheap signature (two dot products) and each group
+    is then checked entry by entry against its first row, so equal-looking
+    rows that differ are never merged (then no rows are merged at all).
+    """
+    batch, vocab = target_probs.shape
+    if batch < 2:
+        return None
+    probe = torch.linspace(1, 2, vocab, dtype=target_probs.dtype, device=target_probs.device)
+    signature = torch.stack([target_probs @ probe, draft_probs @ probe, num_drafts.to(probe.dtype)], -1)
+    _, inverse = torch.unique(signature, dim=0, return_inverse=True)
+    groups = int(inverse.max()) + 1
+    if groups == batch:
+        return None
+    rows = torch.arange(batch, device=inverse.device)
+    first = torch.full((groups,), batch, device=inverse.device).scatter_reduce(0, inverse, rows, "amin")
+    head = first[inverse]
+    same = (target_probs == target_probs[head]).all(-1) & (draft_probs == draft_probs[head]).all(-1)
+    if not bool((same & (num_drafts == num_drafts[head])).all()):
+        return None
+    return first, inverse
 
 
 @dataclass
@@ -133,8 +160,17 @@ class Optimal(Verifier):
 
         ``q``, ``p`` [B, V] must be valid probability rows (see :meth:`prepare`).
         """
-        batch, vocab = target_probs.shape
+        batch = target_probs.shape[0]
         k = torch.as_tensor(num_drafts, device=target_probs.device).long().expand(batch)
+        repeats = distinct_rows(target_probs, draft_probs, k)
+        if repeats is None:
+            return self._solve_rows(target_probs, draft_probs, k)
+        first, inverse = repeats
+        rule = self._solve_rows(target_probs[first], draft_probs[first], k[first])
+        return RaceRule(**{field.name: getattr(rule, field.name)[inverse] for field in fields(RaceRule)})
+
+    def _solve_rows(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, k: torch.Tensor) -> RaceRule:
+        batch, vocab = target_probs.shape
         n = k.double()
 
         # Work on supp p only: slots [B, S] in token order; padding slots hold the token id V.
