@@ -108,20 +108,21 @@ def race_terms(problems: RaceProblems, alpha: torch.Tensor, step: float, hessian
     compress = torch.exp(-u)
     t = torch.exp(offset[:, None] + u - compress)
     quad = (span / (nodes - 1))[:, None] * (1 + compress)  # trapezoid weight of each node for ∫ · ds
-    x = t[:, None, :] * torch.exp(alpha)[:, :, None]  # t_k w_y, [P, S, K]
-    clock = torch.exp(-x)  # e^{−t w_y}
+    # The [P, S, K] tensors are the bulk of the work: two are allocated, the rest is in place.
+    x = t[:, None, :] * torch.exp(alpha)[:, :, None]  # t_k w_y
+    clock = x.neg().exp_()  # e^{−t w_y}
     p = problems.draft_mass
     n = problems.num_draws[:, None]
     survive = problems.background[:, None] + torch.bmm(p[:, None, :], clock)[:, 0]  # M_k, [P, K]
-    x_clock = x * clock
+    x_clock = clock.mul_(x)
     weight = n * quad * survive.pow(n - 1)  # n ω M^{n−1}, [P, K]
     law = p * torch.bmm(x_clock, weight[:, :, None])[..., 0]
     if not hessian:
         return RaceTerms(law=law)
-    second = p * torch.bmm(x * x_clock, weight[:, :, None])[..., 0]
+    second = p * torch.bmm(x.mul_(x_clock), weight[:, :, None])[..., 0]
     # C_k = n (n − 1) ω_k t_k² M_k^{n−2}; the t_k w_y factors already sit in x_clock.
     scale = (n * (n - 1) * quad * survive.pow((n - 2).clamp_min(0))).sqrt()
-    low_rank = (p[:, :, None] * x_clock) * scale[:, None, :]
+    low_rank = x_clock.mul_(p[:, :, None]).mul_(scale[:, None, :])
     return RaceTerms(law=law, diagonal=law - second, low_rank=low_rank)
 
 
@@ -148,7 +149,7 @@ def newton_direction(problems: RaceProblems, terms: RaceTerms, alpha: torch.Tens
 
         (D − W' Σ W'ᵀ)⁻¹ = D⁻¹ + D⁻¹ W' (Σ⁻¹ − W'ᵀ D⁻¹ W')⁻¹ W'ᵀ D⁻¹,
 
-    with ``W' = [W, v]``, ``Σ = diag(1, …, 1, −τ)``.
+    with ``W' = [W, v]``, ``Σ = diag(1, …, 1, −τ)``. Overwrites ``terms.low_rank``.
     """
     assert terms.diagonal is not None and terms.low_rank is not None
     grad = torch.where(free, terms.law - problems.target, 0)
@@ -163,16 +164,28 @@ def newton_direction(problems: RaceProblems, terms: RaceTerms, alpha: torch.Tens
         hessian = torch.diag_embed(diagonal) - torch.bmm(low_rank, low_rank.transpose(1, 2))
         hessian = hessian + tau[:, None, None] * v[:, :, None] * v[:, None, :]
         return torch.where(free, torch.linalg.solve(hessian, grad[:, :, None])[..., 0], 0)
-    extended = torch.cat([low_rank, v[:, :, None]], dim=-1)  # [P, S, K+1]
-    scaled = extended / diagonal[:, :, None]
-    inner = -torch.bmm(extended.transpose(1, 2), scaled)  # −W'ᵀ D⁻¹ W', [P, K+1, K+1]
+    # Whitened: H' = D^{1/2} (I − E Σ Eᵀ) D^{1/2} with E = D^{−1/2} [W, v] (W in place).
+    root = diagonal.sqrt()
+    whitened = low_rank.div_(root[:, :, None])
+    gauge_column = torch.where(free & gauge[:, None], root, 0)  # D^{−1/2} v
+    grad_w = grad / root
+    cross = torch.bmm(whitened.transpose(1, 2), gauge_column[:, :, None])  # Wᵀ D⁻¹ v, [P, K, 1]
+    inner = torch.cat(
+        [
+            torch.cat([-torch.bmm(whitened.transpose(1, 2), whitened), -cross], -1),
+            torch.cat([-cross.transpose(1, 2), -(gauge_column**2).sum(-1)[:, None, None]], -1),
+        ],
+        1,
+    )  # Σ⁻¹ − EᵀE without Σ⁻¹, [P, K+1, K+1]
     sigma_inv = torch.ones(inner.shape[:2], dtype=inner.dtype, device=inner.device)
     sigma_inv[:, -1] = torch.where(gauge, -1 / tau, -1)
     inner = inner + torch.diag_embed(sigma_inv)
-    rhs = torch.bmm(scaled.transpose(1, 2), grad[:, :, None])  # W'ᵀ D⁻¹ g
+    rhs = torch.cat(
+        [torch.bmm(whitened.transpose(1, 2), grad_w[:, :, None]), (gauge_column * grad_w).sum(-1)[:, None, None]], 1
+    )
     solution = torch.linalg.solve(inner, rhs)
-    direction = grad / diagonal + torch.bmm(scaled, solution)[..., 0]
-    return torch.where(free, direction, 0)
+    lifted = torch.bmm(whitened, solution[:, :-1])[..., 0] + gauge_column * solution[:, -1]
+    return torch.where(free, (grad_w + lifted) / root, 0)
 
 
 def solve_race(
@@ -182,6 +195,7 @@ def solve_race(
     tol: float,
     max_iters: int,
     step: float,
+    bins: int = 0,
     max_halvings: int = 30,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights α [P, S] whose race law meets the target, and their KKT residual [P].
@@ -193,9 +207,12 @@ def solve_race(
     ``Σ c ≤ 1``). A step ``α − s d`` (projected for box problems) is accepted
     when it lowers the KKT residual: Φ itself is only known to ~1e-13 from
     quadrature, too coarse to compare near the solution. Problems stop at
-    residual ≤ ``tol`` or when no step size helps.
+    residual ≤ ``tol`` or when no step size helps. With ``bins > 0``, problems
+    wider than ``2 · bins`` slots first take the start of :func:`binned_start`.
     """
     tier, boxed = problems.tier, problems.boxed[:, None]
+    if max_iters > 0 and bins > 0 and int(tier.sum(-1).max()) > 2 * bins:
+        alpha = binned_start(problems, bins, tol=tol, max_iters=max_iters, step=step)
 
     def normalise(a: torch.Tensor) -> torch.Tensor:
         a = torch.where(tier, a, 0)
@@ -231,3 +248,51 @@ def solve_race(
         # A problem no step size improves has reached the quadrature's noise floor.
         active = active & ~searching & (residual > tol)
     return alpha, torch.where(solvable, residual, 0)
+
+
+def binned_start(problems: RaceProblems, bins: int, *, tol: float, max_iters: int, step: float) -> torch.Tensor:
+    """A start α [P, S] for wide problems from a reduced problem of ``bins`` super-tokens.
+
+    At the solution ``b_y = p_y G(α_y)`` with one increasing function ``G`` per
+    problem, so ``α_y`` depends on the slot only through ``τ_y = c_y / p_y``.
+    Slots are binned uniformly in ``log(τ / (n − τ))`` (slots with ``c = 0``
+    share one more bin); each bin becomes one token with the bin's total ``p`` and
+    ``c``, which is exact for slots sharing one α. The reduced problem is
+    solved, and each slot's α follows from its bin's by one Newton step on
+    ``log G(α) = log τ_y``: ``d log G / dα = G'/G = (b − e)/b`` (the diagonal of
+    the Hessian over the law). The error is second order in the bin width.
+    """
+    tier = problems.tier
+    p, c = problems.draft_mass, problems.target
+    positive = tier & (c > 0)
+    ratio = torch.where(positive, c / torch.where(tier, p, 1), 1)
+    log_ratio = torch.log(ratio)
+    # G rises from 0 to n, and α → ∞ as τ → n: bin in log(τ / (n − τ)), which grows like α.
+    key = log_ratio - torch.log((problems.num_draws[:, None] - ratio).clamp_min(1e-300))
+    low = torch.where(positive, key, math.inf).amin(-1, keepdim=True)
+    high = torch.where(positive, key, -math.inf).amax(-1, keepdim=True)
+    low = torch.where(torch.isfinite(low), low, 0)
+    span = (high - low).clamp_min(1e-12)
+    which = ((key - low) / span * bins).floor().clamp(0, bins - 1).long()
+    which = torch.where(positive, which, bins)
+    zeros = p.new_zeros(p.shape[0], bins + 1)
+    reduced = RaceProblems(
+        draft_mass=zeros.scatter_add(1, which, torch.where(tier, p, 0)),
+        target=zeros.scatter_add(1, which, torch.where(tier, c, 0)),
+        background=problems.background,
+        num_draws=problems.num_draws,
+        boxed=problems.boxed,
+    )
+    reduced_tier = reduced.tier
+    mass = torch.where(reduced_tier, reduced.draft_mass, 1)
+    start = torch.where(reduced_tier, torch.log(reduced.target / mass), 0)
+    # The reduced problem is itself wide enough to start from a coarser one.
+    coarser = bins // 8 if bins >= 512 else 0
+    coarse, _ = solve_race(reduced, start, tol=tol, max_iters=max_iters, step=step, bins=coarser)
+    terms = race_terms(reduced, coarse, step, hessian=True)
+    assert terms.diagonal is not None
+    log_level = torch.log((terms.law / mass).clamp_min(1e-300))  # log G(α) of each bin
+    slope = torch.where(reduced_tier & (terms.diagonal > 0), terms.law / terms.diagonal, 0)
+    alpha = coarse.gather(1, which)
+    step_to_slot = (log_ratio - log_level.gather(1, which)) * slope.gather(1, which)
+    return torch.where(positive, alpha + step_to_slot, torch.where(tier, alpha, 0))

@@ -140,12 +140,23 @@ class Optimal(Verifier):
         step: quadrature step in ``log t``; the quadrature error of the race
             law, and so the deviation of the output law from q, is
             ~ exp(−π²/step) (1e-13 at the default 0.3).
+        bins: a tier wider than ``2 · bins`` tokens is first solved with its
+            tokens merged into ``bins`` groups of nearly equal ``q/p``, which
+            gives a close start (0: never).
     """
 
     name = "optimal"
     draft_scheme = "iid"
 
-    def __init__(self, *, tol: float = 1e-10, max_iters: int = 50, step: float = 0.3, validate: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        tol: float = 1e-10,
+        max_iters: int = 50,
+        step: float = 0.3,
+        bins: int = 2048,
+        validate: bool = True,
+    ) -> None:
         super().__init__(validate=validate)
         if not tol > 0:
             raise ValueError(f"tol must be positive, got {tol}")
@@ -153,7 +164,9 @@ class Optimal(Verifier):
             raise ValueError(f"max_iters must be non-negative, got {max_iters}")
         if not 0 < step <= 1:
             raise ValueError(f"step must lie in (0, 1], got {step}")
-        self.tol, self.max_iters, self.step = tol, max_iters, step
+        if bins < 0:
+            raise ValueError(f"bins must be non-negative, got {bins}")
+        self.tol, self.max_iters, self.step, self.bins = tol, max_iters, step, bins
 
     def solve(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: int | torch.Tensor) -> RaceRule:
         """The rule for rows with ``num_drafts`` drafts (int or [B]): weights, γ and masses.
@@ -215,7 +228,9 @@ class Optimal(Verifier):
         # Start from w ∝ a/p: exact when the race is far from saturated.
         tier = problems.tier
         start = torch.where(tier, torch.log(problems.target / torch.where(tier, problems.draft_mass, 1)), 0)
-        alpha, residual = solve_race(problems, start, tol=self.tol, max_iters=self.max_iters, step=self.step)
+        alpha, residual = solve_race(
+            problems, start, tol=self.tol, max_iters=self.max_iters, step=self.step, bins=self.bins
+        )
         law = race_terms(problems, alpha, self.step).law  # the true law at the returned weights
 
         # Accepted mass per tier and its acceptance probability γ = min(a, b) / b.
