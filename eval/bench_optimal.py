@@ -10,9 +10,10 @@ and is renormalised, q keeps full support. For each (V, n, top-k):
 - `optimal`: its exact acceptance Σā per row against ``rates.optimal_acceptance``
   α*, the relative gap (α* − Σā)/α*, the share of rows with gap ≤ 1e-4, and
   failures (exceptions; `optimal` has no fallback).
-- every registered verifier: acceptance P(Y ∈ drafts), estimated over the
-  rows with one draft tuple each (mean ± standard error of the exact
-  conditional probability), next to the mean α* of its draft scheme.
+- every registered verifier: acceptance P(Y ∈ drafts), estimated from
+  ``--tuples`` draft tuples spread over the rows (mean ± standard error over
+  rows of the exact conditional probability), next to the mean α* of its
+  draft scheme.
 - milliseconds per verified token: median `verify` time at B = 1, and per
   row at B = 64 (skipped for top-k = V on CPU).
 
@@ -73,17 +74,28 @@ def scheme_optimum(target_probs: torch.Tensor, draft_probs: torch.Tensor, n: int
     )
 
 
-def acceptance_estimate(rule, q: torch.Tensor, p: torch.Tensor, drafts: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error over rows of ``P(Y ∈ drafts | drafts)`` from the exact conditional law."""
-    law = rule.conditional(q, p, drafts)
-    hit = torch.zeros_like(law, dtype=torch.bool)
-    hit.scatter_(1, drafts.clamp_min(0), True)
-    # −1 columns clamp to token 0: keep it only where a real draft is 0.
-    hit[:, 0] = (drafts == 0).any(-1)
-    per_row = torch.where(hit, law, 0).sum(-1).double()
-    mean = float(per_row.mean())
-    stderr = float(per_row.std() / math.sqrt(len(per_row))) if len(per_row) > 1 else float("nan")
-    return mean, stderr
+def acceptance_estimate(
+    rule, q: torch.Tensor, p: torch.Tensor, n: int, tuples: int, generator: torch.Generator, chunk: int = 64
+) -> tuple[float, float]:
+    """Mean over rows, and its standard error, of ``P(Y ∈ drafts)``: ``tuples`` draft tuples per row.
+
+    Each tuple contributes the exact conditional probability that the output is
+    one of its drafts; rows are evaluated ``chunk`` tuples at a time.
+    """
+    rows = q.shape[0]
+    hits = []
+    for start in range(0, rows * tuples, chunk):
+        which = torch.arange(start, min(start + chunk, rows * tuples), device=q.device) // tuples
+        q_rows, p_rows = q[which], p[which]
+        drafts = draw(p_rows, n, rule.draft_scheme, generator)
+        law = rule.conditional(q_rows, p_rows, drafts)
+        is_draft = torch.zeros_like(law, dtype=torch.bool).scatter_(1, drafts.clamp_min(0), True)
+        # −1 columns clamp to token 0: keep it only where a real draft is 0.
+        is_draft[:, 0] = (drafts == 0).any(-1)
+        hits.append(torch.where(is_draft, law, 0).sum(-1).double())
+    per_row = torch.cat(hits).reshape(rows, tuples).mean(-1)
+    stderr = float(per_row.std() / math.sqrt(rows)) if rows > 1 else float("nan")
+    return float(per_row.mean()), stderr
 
 
 def optimal_gaps(q: torch.Tensor, p: torch.Tensor, n: int, chunk: int) -> dict:
@@ -145,10 +157,11 @@ def run(args: argparse.Namespace) -> dict:
                         result: dict = {"n": drafts_n, "scheme": rule.draft_scheme}
                         try:
                             t0 = time.perf_counter()
-                            mean, stderr = acceptance_estimate(rule, q, p, drafts)
+                            tuples = max(1, args.tuples // n_rows)
+                            mean, stderr = acceptance_estimate(rule, q, p, drafts_n, tuples, g)
                             result.update(acceptance=mean, stderr=stderr)
                             result["optimum"] = float(scheme_optimum(q, p, drafts_n, rule.draft_scheme).mean())
-                            slow = time.perf_counter() - t0 > args.budget * 4
+                            slow = (time.perf_counter() - t0) / tuples > args.budget * 4
                             one = (q[:1], p[:1], drafts[:1])
                             result["ms_b1"], result["calls_b1"] = median_ms(
                                 lambda one=one, rule=rule, g=g: rule.verify(*one, generator=g),
@@ -225,6 +238,7 @@ def main() -> None:
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 64], help="1 and/or 64")
     parser.add_argument("--rows", type=int, default=64, help="random (q, p) rows per configuration")
     parser.add_argument("--full-rows", type=int, default=2, help="rows at full support (top-k = V)")
+    parser.add_argument("--tuples", type=int, default=256, help="draft tuples per configuration, spread over the rows")
     parser.add_argument("--verifiers", nargs="+", default=None, help="default: every registered verifier")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per configuration")

@@ -190,9 +190,9 @@ class Optimal(Verifier):
         supported = draft_probs > 0
         rank = supported.cumsum(-1)  # slot + 1 of each token of supp p
         width = max(int(rank[:, -1].max()), 1)
-        tokens = torch.arange(vocab, device=rank.device).expand(batch, -1)
-        index = torch.full((batch, width + 1), vocab, dtype=torch.long, device=rank.device)
-        index = index.scatter(1, torch.where(supported, rank - 1, width), tokens)[:, :width]
+        rows, tokens = supported.nonzero(as_tuple=True)
+        index = torch.full((batch, width), vocab, dtype=torch.long, device=rank.device)
+        index[rows, rank[rows, tokens] - 1] = tokens
         on = index < vocab
         gather_at = index.clamp_max(vocab - 1)
         p_s = torch.where(on, draft_probs.gather(1, gather_at).double(), 0)
