@@ -1,0 +1,292 @@
+"""Optimal multi-draft verification for i.i.d. drafts, exact by construction.
+
+Reaches the transport-LP optimum (Thomas & Pal 2025, "Global Resolution")
+
+    α*(p, q, n) = 1 + min_{H ⊆ V} [q(H) − p(H)^n]
+
+with no truncation of the vocabulary (NOTES §3):
+
+1. **Acceptance masses.** ``H*`` is the largest minimiser
+   (:func:`hf_globalres.rates.optimal_subset`), ``L = supp p \\ H*``. The mass
+   ``a_y = P(Y = y, y accepted)`` is ``a_y = q_y`` on ``H*`` and
+   ``a_y = min(q_y, λ p_y)`` on ``L`` with ``Σ_L a = 1 − p(H*)^n``
+   (water-filling: ``λ`` from one sort of ``L`` by ``q/p``). ``Σ a = α*``.
+2. **A race in two strict tiers.** If some draft lies in ``L``, the drafts in
+   ``L`` race (draw ``i`` wins with probability ``w^L_{x_i} / Σ_{x_j ∈ L}
+   w^L_{x_j}``) and the winner is accepted with ``γ^L``; otherwise all drafts
+   race with weights ``w^H`` and the winner ``y`` is accepted with
+   ``γ^H_y``. The law ``b`` of each race is the gradient of a convex function
+   of ``α = log w`` (:mod:`._race`): the ``L`` weights solve ``b^L = a_L``,
+   the ``H`` weights (drafts conditioned on ``H*``) solve ``b^H ≥ a_H /
+   p(H*)^n`` over ``α ≥ 0``, both by damped projected Newton.
+3. **Exact by construction.** Whatever weights the solver returns, the race
+   law ``b`` is recomputed at them and the rule accepts the mass
+   ``ā = min(a, b)`` (``γ = ā / b``) per tier, recovering from
+   ``(q − ā) / (1 − Σ ā)`` on rejection. The output law is q for any weights;
+   an unconverged solve only lowers the acceptance.
+
+The law of the race depends on the number ``k`` of drafts present in a row,
+so every row is its own pair of problems; a batch of rows with different
+supports and ``k`` is solved in one padded call, on ``supp p`` only (the cost
+scales with ``|supp p|``, not ``V``), in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..rates import optimal_subset
+from . import register
+from ._race import RaceProblems, race_terms, solve_race
+from .base import EmissionPlan, Verifier, normalize_rows
+
+#: Below this ``p(H*)^n`` the drafts essentially never all fall in ``H*``; its
+#: tier is not solved and accepts nothing (its mass ≤ p(H*)^n goes to the residual).
+NEGLIGIBLE_TIER = 1e-250
+
+
+def water_fill(
+    target_probs: torch.Tensor, draft_probs: torch.Tensor, tier: torch.Tensor, total: torch.Tensor
+) -> torch.Tensor:
+    """``a_y = min(q_y, λ p_y)`` on ``tier`` with ``Σ_tier a = total`` (0 off the tier).
+
+    Shapes: q, p, tier [B, S]; total [B]. Sorting the tier by ``ρ = q/p``,
+    ``F(λ) = Σ_{ρ ≤ λ} q + λ Σ_{ρ > λ} p`` is piecewise linear and increasing;
+    ``λ`` lies on the first piece whose right end ``F(ρ_j)`` reaches ``total``.
+    If even ``F(∞) = q(tier)`` does not, every token is capped (``a = q``).
+    """
+    q, p = target_probs, draft_probs
+    ratio = torch.where(tier, q / torch.where(tier, p, 1), math.inf)
+    ratio, order = ratio.sort(-1)
+    q_sorted = torch.where(tier, q, 0).gather(1, order)
+    p_sorted = torch.where(tier, p, 0).gather(1, order)
+    valid = torch.isfinite(ratio)
+    q_before = q_sorted.cumsum(-1) - q_sorted  # capped mass below piece j
+    p_from = p_sorted.flip(-1).cumsum(-1).flip(-1)  # uncapped draft mass from piece j on
+    reach = torch.where(valid, q_before + torch.where(valid, ratio, 0) * p_from, math.inf)
+    piece = (reach < total[:, None]).sum(-1, keepdim=True)
+    all_capped = piece[:, 0] >= valid.sum(-1)
+    piece = piece.clamp_max(q.shape[1] - 1)
+    level = (total[:, None] - q_before.gather(1, piece)) / p_from.gather(1, piece).clamp_min(1e-300)
+    level = torch.where(all_capped[:, None], math.inf, level)
+    return torch.where(tier, torch.minimum(q, level * p), 0)
+
+
+def distinct_rows(
+    target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(first [U], inverse [B])`` when rows repeat exactly (same q, p, k), else None.
+
+    Rows are grouped by a cheap signature (two dot products) and each group
+    is then checked entry by entry against its first row, so equal-looking
+    rows that differ are never merged (then no rows are merged at all).
+    """
+    batch, vocab = target_probs.shape
+    if batch < 2:
+        return None
+    probe = torch.linspace(1, 2, vocab, dtype=target_probs.dtype, device=target_probs.device)
+    signature = torch.stack([target_probs @ probe, draft_probs @ probe, num_drafts.to(probe.dtype)], -1)
+    _, inverse = torch.unique(signature, dim=0, return_inverse=True)
+    groups = int(inverse.max()) + 1
+    if groups == batch:
+        return None
+    rows = torch.arange(batch, device=inverse.device)
+    first = torch.full((groups,), batch, device=inverse.device).scatter_reduce(0, inverse, rows, "amin")
+    head = first[inverse]
+    same = (target_probs == target_probs[head]).all(-1) & (draft_probs == draft_probs[head]).all(-1)
+    if not bool((same & (num_drafts == num_drafts[head])).all()):
+        return None
+    return first, inverse
+
+
+@dataclass
+class RaceRule:
+    """The solved rule for a batch, on the slots of ``supp p`` ([B, S]).
+
+    Attributes:
+        index: token id of each slot, V on padding slots.
+        rank: [B, V], slot + 1 of each token of ``supp p`` (``p`` cumulative count).
+        in_l: the slot's token lies in ``L`` (the first tier).
+        alpha: log race weight of the slot in its tier.
+        accept: γ, probability of accepting the slot's token when it wins.
+        mass: ā, ``P(Y = y, y accepted)``, summing to the rule's acceptance.
+        q_total: [B, 1], ``Σ q`` of the input rows (float64).
+        optimum: α* [B], the best acceptance of any lossless rule.
+        residual: [B], KKT residual of the solves (L tier plus p(H*)^n times H tier).
+    """
+
+    index: torch.Tensor
+    rank: torch.Tensor
+    in_l: torch.Tensor
+    alpha: torch.Tensor
+    accept: torch.Tensor
+    mass: torch.Tensor
+    q_total: torch.Tensor
+    optimum: torch.Tensor
+    residual: torch.Tensor
+
+
+@register
+class Optimal(Verifier):
+    """The optimal lossless rule for i.i.d. drafts (see the module docstring).
+
+    Options:
+        tol: stop a Newton solve when ``Σ |projected gradient| ≤ tol``; the
+            acceptance then misses the optimum by at most about ``tol``.
+        max_iters: Newton iterations per solve (0: the closed-form start).
+        step: quadrature step in ``log t``; the quadrature error of the race
+            law, and so the deviation of the output law from q, is
+            ~ exp(−π²/step) (1e-13 at the default 0.3).
+        bins: a tier wider than ``2 · bins`` tokens is first solved with its
+            tokens merged into ``bins`` groups of nearly equal ``q/p``, which
+            gives a close start (0: never).
+    """
+
+    name = "optimal"
+    draft_scheme = "iid"
+
+    def __init__(
+        self,
+        *,
+        tol: float = 1e-10,
+        max_iters: int = 50,
+        step: float = 0.3,
+        bins: int = 2048,
+        validate: bool = True,
+    ) -> None:
+        super().__init__(validate=validate)
+        if not tol > 0:
+            raise ValueError(f"tol must be positive, got {tol}")
+        if max_iters < 0:
+            raise ValueError(f"max_iters must be non-negative, got {max_iters}")
+        if not 0 < step <= 1:
+            raise ValueError(f"step must lie in (0, 1], got {step}")
+        if bins < 0:
+            raise ValueError(f"bins must be non-negative, got {bins}")
+        self.tol, self.max_iters, self.step, self.bins = tol, max_iters, step, bins
+
+    def solve(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: int | torch.Tensor) -> RaceRule:
+        """The rule for rows with ``num_drafts`` drafts (int or [B]): weights, γ and masses.
+
+        ``q``, ``p`` [B, V] must be valid probability rows (see :meth:`prepare`).
+        """
+        batch = target_probs.shape[0]
+        k = torch.as_tensor(num_drafts, device=target_probs.device).long().expand(batch)
+        repeats = distinct_rows(target_probs, draft_probs, k)
+        if repeats is None:
+            return self._solve_rows(target_probs, draft_probs, k)
+        first, inverse = repeats
+        rule = self._solve_rows(target_probs[first], draft_probs[first], k[first])
+        return RaceRule(**{field.name: getattr(rule, field.name)[inverse] for field in fields(RaceRule)})
+
+    def _solve_rows(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, k: torch.Tensor) -> RaceRule:
+        batch, vocab = target_probs.shape
+        n = k.double()
+
+        # Work on supp p only: slots [B, S] in token order; padding slots hold the token id V.
+        supported = draft_probs > 0
+        rank = supported.cumsum(-1)  # slot + 1 of each token of supp p
+        width = max(int(rank[:, -1].max()), 1)
+        rows, tokens = supported.nonzero(as_tuple=True)
+        index = torch.full((batch, width), vocab, dtype=torch.long, device=rank.device)
+        index[rows, rank[rows, tokens] - 1] = tokens
+        on = index < vocab
+        gather_at = index.clamp_max(vocab - 1)
+        p_s = torch.where(on, draft_probs.gather(1, gather_at).double(), 0)
+        q_s = torch.where(on, target_probs.gather(1, gather_at).double(), 0)
+        p_s = p_s / p_s.sum(-1, keepdim=True)
+        q_total = target_probs.sum(-1, keepdim=True, dtype=torch.float64)
+        q_s = q_s / q_total
+        # One extra column holds q outside supp p: p = 0 there, so it never joins H*.
+        outside = (1 - q_s.sum(-1, keepdim=True)).clamp_min(0)
+        optimum, in_subset = optimal_subset(
+            torch.cat([q_s, outside], -1), torch.cat([p_s, torch.zeros_like(outside)], -1), k
+        )
+        in_h = in_subset[:, :width] & on
+        in_l = on & ~in_h
+
+        p_h = torch.where(in_h, p_s, 0).sum(-1)
+        p_l = torch.where(in_l, p_s, 0).sum(-1)
+        all_h = p_h.pow(n)  # P(every draft in H*)
+        any_l = torch.where(k > 0, -torch.expm1(n * torch.log1p(-p_l.clamp_max(1))), 0)  # 1 − p(H*)^n
+        a_l = water_fill(q_s, p_s, in_l, any_l)
+        solve_h = (all_h > NEGLIGIBLE_TIER) & (k > 0)
+        # H tier conditioned on all drafts in H*: draft law p/p(H*), target q/p(H*)^n.
+        h_mass = torch.where(in_h & solve_h[:, None], p_s / p_h.clamp_min(1e-300)[:, None], 0)
+        h_target = torch.where(h_mass > 0, q_s / all_h.clamp_min(1e-300)[:, None], 0)
+        l_mass = torch.where(in_l, p_s, 0)
+        problems = RaceProblems(
+            draft_mass=torch.cat([l_mass, h_mass]),
+            target=torch.cat([a_l, h_target]),
+            background=torch.cat([p_h, torch.zeros_like(p_h)]),
+            num_draws=torch.cat([n, n]),
+            boxed=torch.cat([torch.zeros_like(on[:, 0]), torch.ones_like(on[:, 0])]),
+        )
+        # Start from w ∝ a/p: exact when the race is far from saturated.
+        tier = problems.tier
+        start = torch.where(tier, torch.log(problems.target / torch.where(tier, problems.draft_mass, 1)), 0)
+        alpha, residual = solve_race(
+            problems, start, tol=self.tol, max_iters=self.max_iters, step=self.step, bins=self.bins
+        )
+        law = race_terms(problems, alpha, self.step).law  # the true law at the returned weights
+
+        # Accepted mass per tier and its acceptance probability γ = min(a, b) / b.
+        kept = torch.minimum(problems.target, law)
+        accept = torch.where(law > 0, kept / torch.where(law > 0, law, 1), 0)
+        alpha_l, alpha_h = alpha.split(batch)
+        accept_l, accept_h = accept.split(batch)
+        kept_l, kept_h = kept.split(batch)
+        residual_l, residual_h = residual.split(batch)
+        mass = torch.where(in_l, kept_l, kept_h * all_h[:, None])
+        return RaceRule(
+            index=index,
+            rank=rank,
+            in_l=in_l,
+            alpha=torch.where(in_l, alpha_l, alpha_h),
+            accept=torch.where(in_l, accept_l, accept_h),
+            mass=torch.where((k > 0)[:, None] & on, mass, 0),
+            q_total=q_total,
+            optimum=torch.where(k > 0, optimum, 0),
+            residual=residual_l + all_h * residual_h,
+        )
+
+    def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
+        batch, vocab = target_probs.shape
+        present = draft_tokens >= 0
+        rule = self.solve(target_probs, draft_probs, present.sum(-1))
+
+        # The slot of each draft; absent drafts and tokens off supp p take no part.
+        clamped = draft_tokens.clamp_min(0)
+        draft_on = present & (draft_probs.gather(1, clamped) > 0)
+        slot = torch.where(draft_on, rule.rank.gather(1, clamped) - 1, 0)
+        draft_l = draft_on & rule.in_l.gather(1, slot)
+        racing = torch.where(draft_l.any(-1, keepdim=True), draft_l, draft_on)
+        draft_alpha = torch.where(racing, rule.alpha.gather(1, slot), -math.inf)
+        top = torch.where(racing.any(-1, keepdim=True), draft_alpha.amax(-1, keepdim=True), 0)
+        weight = torch.where(racing, torch.exp(draft_alpha - top), 0)
+        share = weight / weight.sum(-1, keepdim=True).clamp_min(1e-300)
+        draft_emit = share * rule.accept.gather(1, slot)
+
+        # Residual q − ā: only supp p changes; padding slots write to a spare column.
+        on = rule.index < vocab
+        left = torch.where(on, target_probs.gather(1, rule.index.clamp_max(vocab - 1)).double(), 0)
+        left = (left - rule.mass * rule.q_total).clamp_min(0)
+        residual = torch.cat([target_probs, target_probs.new_zeros(batch, 1)], -1)
+        residual = residual.scatter(1, rule.index, left.to(residual.dtype))[:, :vocab]
+        residual = normalize_rows(residual, fallback=target_probs)
+        return EmissionPlan(draft_emit=draft_emit.to(target_probs.dtype), residual=residual)
+
+    def acceptance(
+        self, target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(acceptance, optimum)`` [B] float64: ``P(Y ∈ drafts)`` of this rule and ``α*``.
+
+        The rule's acceptance is ``Σ ā`` (its accepted mass; its residual has
+        no mass on drafts); the gap to ``α*`` is what an unconverged solve costs.
+        """
+        q, p, _ = self.prepare(target_probs, draft_probs, torch.full((target_probs.shape[0], 1), -1))
+        rule = self.solve(q, p, num_drafts)
+        return rule.mass.sum(-1), rule.optimum

@@ -1,0 +1,309 @@
+"""The `optimal` verifier: output law exactly q, acceptance the transport-LP optimum.
+
+Exactness is checked by enumerating every draft tuple in float64 (1e-10);
+optimality against scipy's HiGHS LP (1e-7) and the closed form
+``rates.optimal_acceptance`` (1e-9); sampling by chi-square at level 1e-4 with
+fixed seeds. The race quadrature is checked against the race enumerated exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_globalres import rates, verifiers
+from hf_globalres.reference import draft_tuples, enumerate_law, transport_lp
+from hf_globalres.verifiers._race import RaceProblems, race_terms
+from hf_globalres.verifiers.optimal import Optimal, water_fill
+
+from .cases import CASE_KINDS, make_case
+from .test_sampling import chi_square_pvalue
+
+EXACT = 1e-10
+LP_MATCH = 1e-7
+CLOSED_FORM_MATCH = 1e-9
+LEVEL = 1e-4
+SAMPLES = 100_000
+
+
+def optimum(q: torch.Tensor, p: torch.Tensor, n: int) -> float:
+    return float(rates.optimal_acceptance(q[None], p[None], n)[0])
+
+
+def random_case(vocab: int, seed: int, zero_fraction: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, p) [V] float64 with random zeros (each row keeps some mass)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(vocab, generator=g, dtype=torch.float64) ** 2
+    p = torch.rand(vocab, generator=g, dtype=torch.float64) ** 2
+    q[torch.rand(vocab, generator=g) < zero_fraction] = 0
+    p[torch.rand(vocab, generator=g) < zero_fraction] = 0
+    q[int(torch.randint(vocab, (1,), generator=g))] += 0.3
+    p[int(torch.randint(vocab, (1,), generator=g))] += 0.3
+    return q / q.sum(), p / p.sum()
+
+
+@pytest.mark.parametrize("kind", CASE_KINDS)
+def test_enumerated_law_is_q_and_acceptance_is_lp_optimum(kind: str) -> None:
+    rule = verifiers.get("optimal")
+    for vocab, seed in ((3, 10), (4, 11), (6, 12)):
+        q, p = make_case(kind, vocab, seed)
+        for n in (1, 2, 3, 4):
+            if vocab**n > 1300:
+                continue
+            marginal, acceptance, emitted = enumerate_law(rule, q, p, n)
+            assert float((marginal - q).abs().max()) <= EXACT, (kind, vocab, n)
+            # The residual never lands on a draft: every accepted token is an emission.
+            assert float(acceptance) == pytest.approx(float(emitted), abs=EXACT)
+            assert float(acceptance) == pytest.approx(optimum(q, p, n), abs=CLOSED_FORM_MATCH), (kind, vocab, n)
+            if vocab**n <= 256:
+                assert float(acceptance) == pytest.approx(transport_lp(q, p, n), abs=LP_MATCH), (kind, vocab, n)
+
+
+def test_random_cases_with_zeros_reach_the_lp_optimum() -> None:
+    rule = verifiers.get("optimal")
+    g = torch.Generator().manual_seed(0)
+    for case in range(30):
+        vocab = int(torch.randint(2, 7, (1,), generator=g))
+        n = int(torch.randint(1, 5, (1,), generator=g))
+        while vocab**n > 1300:
+            n -= 1
+        q, p = random_case(vocab, 1000 + case)
+        marginal, acceptance, _ = enumerate_law(rule, q, p, n)
+        assert float((marginal - q).abs().max()) <= EXACT, (case, vocab, n)
+        lp = transport_lp(q, p, n) if vocab**n <= 400 else optimum(q, p, n)
+        assert float(acceptance) == pytest.approx(lp, abs=LP_MATCH), (case, vocab, n)
+
+
+def test_rows_with_different_numbers_of_drafts_in_one_batch() -> None:
+    """One call holds rows with k = 0..4 drafts (−1 anywhere) and different q, p."""
+    rule = verifiers.get("optimal")
+    width = 4
+    cases = [random_case(5, 50 + k) for k in range(width + 1)]
+    blocks, groups = [], []
+    g = torch.Generator().manual_seed(1)
+    for k, (q, p) in enumerate(cases):
+        if k == 0:
+            tuples, weights = torch.empty(1, 0, dtype=torch.long), torch.ones(1, dtype=torch.float64)
+        else:
+            tuples, weights = draft_tuples(p, k)
+        padded = torch.full((len(tuples), width), -1, dtype=torch.long)
+        for row in range(len(tuples)):
+            padded[row, torch.randperm(width, generator=g)[:k].sort().values] = tuples[row]
+        blocks.append((q.expand(len(padded), -1), p.expand(len(padded), -1), padded))
+        groups.append((k, q, p, weights))
+    q_all, p_all, x_all = (torch.cat(parts) for parts in zip(*blocks, strict=True))
+    law = rule.conditional(q_all, p_all, x_all)
+    start = 0
+    for k, q, p, weights in groups:
+        rows = slice(start, start + len(weights))
+        start += len(weights)
+        marginal = (weights[:, None] * law[rows]).sum(0)
+        assert float((marginal - q).abs().max()) <= EXACT, k
+        drafts = x_all[rows]
+        is_draft = ((drafts[:, :, None] == torch.arange(q.shape[0])) & (drafts[:, :, None] >= 0)).any(1)
+        acceptance = float((weights * torch.where(is_draft, law[rows], 0).sum(-1)).sum())
+        assert acceptance == pytest.approx(optimum(q, p, k) if k else 0.0, abs=CLOSED_FORM_MATCH), k
+
+
+def test_batch_of_different_rows_matches_each_row_alone() -> None:
+    rule = verifiers.get("optimal")
+    g = torch.Generator().manual_seed(2)
+    cases = [random_case(7, 70 + i) for i in range(6)] + [make_case(kind, 7, 3) for kind in CASE_KINDS]
+    q = torch.stack([c[0] for c in cases])
+    p = torch.stack([c[1] for c in cases])
+    drafts = torch.multinomial(p, 4, replacement=True, generator=g)
+    drafts[::3, 1] = -1  # rows with 3 drafts among rows with 4
+    batched = rule.conditional(q, p, drafts)
+    for row in range(len(cases)):
+        alone = rule.conditional(q[row : row + 1], p[row : row + 1], drafts[row : row + 1])[0]
+        assert float((batched[row] - alone).abs().max()) <= 1e-12, row
+
+
+def test_acceptance_reaches_the_optimum_on_larger_vocabularies() -> None:
+    """Correlated logits, V = 3000, top-k supports up to V: Σ ā = α* (solver converged)."""
+    rule = Optimal()
+    g = torch.Generator().manual_seed(3)
+    base = 2 * torch.randn(6, 3000, generator=g, dtype=torch.float64)
+    q = torch.softmax(base + 0.7 * torch.randn(base.shape, generator=g, dtype=torch.float64), -1)
+    p = torch.softmax(base + 0.7 * torch.randn(base.shape, generator=g, dtype=torch.float64), -1)
+    for row, top in enumerate((10, 100, 1000, 3000, 3000, 300)):
+        kept = p[row].topk(top).indices
+        p[row] = torch.zeros_like(p[row]).scatter(0, kept, p[row, kept]) / p[row, kept].sum()
+    for n in (2, 4, 8):
+        accepted, best = rule.acceptance(q, p, n)
+        assert torch.allclose(best, rates.optimal_acceptance(q, p, n), rtol=0, atol=1e-12)
+        assert float((best - accepted).abs().max()) <= 1e-8, n
+
+
+def test_enumerated_exactness_on_a_wider_vocabulary() -> None:
+    """V = 30, n = 2 (900 tuples) and V = 11, n = 3: law q, acceptance α*."""
+    rule = verifiers.get("optimal")
+    for vocab, n, seed in ((30, 2, 5), (11, 3, 6)):
+        q, p = random_case(vocab, seed, zero_fraction=0.2)
+        marginal, acceptance, _ = enumerate_law(rule, q, p, n)
+        assert float((marginal - q).abs().max()) <= EXACT
+        assert float(acceptance) == pytest.approx(optimum(q, p, n), abs=CLOSED_FORM_MATCH)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    vocab=st.integers(2, 5),
+    num_drafts=st.integers(1, 4),
+    q_zeros=st.lists(st.booleans(), min_size=5, max_size=5),
+    p_zeros=st.lists(st.booleans(), min_size=5, max_size=5),
+    same=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_exact_and_optimal(
+    vocab: int, num_drafts: int, q_zeros: list[bool], p_zeros: list[bool], same: bool, seed: int
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.rand(vocab, generator=g, dtype=torch.float64)
+    p = q.clone() if same else torch.rand(vocab, generator=g, dtype=torch.float64)
+    q[torch.tensor(q_zeros[:vocab])] = 0
+    p[torch.tensor(p_zeros[:vocab])] = 0
+    q[seed % vocab] += 0.2
+    p[(seed // 5) % vocab] += 0.2
+    q, p = q / q.sum(), p / p.sum()
+    marginal, acceptance, _ = enumerate_law(verifiers.get("optimal"), q, p, num_drafts)
+    assert float((marginal - q).abs().max()) <= EXACT
+    assert float(acceptance) == pytest.approx(optimum(q, p, num_drafts), abs=CLOSED_FORM_MATCH)
+
+
+def test_unconverged_solves_stay_exact_and_lose_acceptance() -> None:
+    q, p = random_case(6, 21, zero_fraction=0.0)
+    n = 4
+    best = optimum(q, p, n)
+    converged = enumerate_law(Optimal(), q, p, n)[1]
+    assert float(converged) == pytest.approx(best, abs=CLOSED_FORM_MATCH)
+    for iters in (0, 1):
+        marginal, acceptance, _ = enumerate_law(Optimal(max_iters=iters), q, p, n)
+        assert float((marginal - q).abs().max()) <= EXACT, iters
+        assert float(acceptance) <= best + EXACT
+    # The closed-form start alone is measurably short of the optimum on this case.
+    assert float(enumerate_law(Optimal(max_iters=0), q, p, n)[1]) < best - 1e-4
+
+
+def test_verify_samples_the_conditional_law() -> None:
+    """V = 40 with zeros, 4 drafts incl. repeats: verify's tokens follow conditional (χ², level 1e-4)."""
+    rule = verifiers.get("optimal")
+    q, p = random_case(40, 8, zero_fraction=0.25)
+    g = torch.Generator().manual_seed(7)
+    for drafts in (torch.multinomial(p, 4, replacement=True, generator=g), torch.tensor([0, 0, 0, 0])):
+        drafts = drafts if float(p[drafts].min()) > 0 else p.argmax().expand(4)
+        rows = drafts.expand(SAMPLES, -1)
+        result = rule.verify(q.expand(SAMPLES, -1), p.expand(SAMPLES, -1), rows, generator=g)
+        law = rule.conditional(q[None], p[None], drafts[None])[0]
+        assert chi_square_pvalue(result.token, law) > LEVEL, drafts.tolist()
+
+
+def test_verify_end_to_end_marginal_is_target() -> None:
+    rule = verifiers.get("optimal")
+    q, p = random_case(40, 9, zero_fraction=0.25)
+    g = torch.Generator().manual_seed(11)
+    qs, ps = q.expand(SAMPLES, -1), p.expand(SAMPLES, -1)
+    drafts = torch.multinomial(ps, 3, replacement=True, generator=g)
+    result = rule.verify(qs, ps, drafts, generator=g)
+    assert chi_square_pvalue(result.token, q) > LEVEL
+    accepted_rate = float(result.accepted.double().mean())
+    # Acceptance is α* up to sampling noise (6 standard errors).
+    assert accepted_rate == pytest.approx(optimum(q, p, 3), abs=6 * math.sqrt(0.25 / SAMPLES))
+
+
+def enumerated_race_law(p: torch.Tensor, background: float, alpha: torch.Tensor, n: int) -> torch.Tensor:
+    """Exact law of the race winner: tokens 0..S−1 with masses p, plus a background that never wins."""
+    outcomes = [*range(len(p)), -1]
+    mass = torch.cat([p, torch.tensor([background], dtype=torch.float64)])
+    law = torch.zeros_like(p)
+    for combo in itertools.product(range(len(outcomes)), repeat=n):
+        prob = float(torch.prod(mass[list(combo)]))
+        racing = [outcomes[c] for c in combo if outcomes[c] >= 0]
+        if not racing:
+            continue
+        weights = torch.exp(alpha[racing] - alpha[racing].max())
+        law.index_add_(0, torch.tensor(racing), prob * weights / weights.sum())
+    return law
+
+
+@pytest.mark.parametrize(("n", "spread", "background"), [(2, 0.0, 0.3), (3, 12.0, 0.0), (4, 40.0, 0.2), (4, 3.0, 0.0)])
+def test_race_quadrature_matches_the_enumerated_race(n: int, spread: float, background: float) -> None:
+    g = torch.Generator().manual_seed(int(spread) + n)
+    size = 5
+    p = torch.rand(size, generator=g, dtype=torch.float64) + 0.05
+    p = (1 - background) * p / p.sum()
+    alpha = spread * (torch.rand(size, generator=g, dtype=torch.float64) - 0.5)
+    problems = RaceProblems(
+        draft_mass=p[None],
+        target=torch.zeros(1, size, dtype=torch.float64),
+        background=torch.tensor([background], dtype=torch.float64),
+        num_draws=torch.tensor([float(n)], dtype=torch.float64),
+        boxed=torch.tensor([False]),
+    )
+    law = race_terms(problems, alpha[None], step=0.3).law[0]
+    exact = enumerated_race_law(p, background, alpha, n)
+    assert float((law - exact).abs().max()) <= 1e-13
+    assert float(law.sum()) == pytest.approx(1 - background**n, abs=1e-13)
+
+
+def test_water_fill_caps_at_q_and_meets_the_total() -> None:
+    q = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0]], dtype=torch.float64)
+    p = torch.tensor([[0.4, 0.1, 0.1, 0.2, 0.2]], dtype=torch.float64)
+    tier = torch.tensor([[False, True, True, True, False]])
+    for total in (0.05, 0.3, 0.85, 0.9):
+        a = water_fill(q, p, tier, torch.tensor([total], dtype=torch.float64))
+        assert float(a.sum()) == pytest.approx(min(total, 0.9), abs=1e-15)
+        assert bool((a <= q + 1e-15).all()) and bool((a[~tier] == 0).all())
+        # Below the cap, a is proportional to p (one common level λ).
+        uncapped = tier & (a < q)
+        if bool(uncapped.any()):
+            levels = a[uncapped] / p[uncapped]
+            assert float(levels.max() - levels.min()) <= 1e-15
+
+
+def test_float32_inputs_give_a_float32_law_close_to_q() -> None:
+    rule = verifiers.get("optimal")
+    q, p = random_case(5, 31)
+    tuples, weights = draft_tuples(p, 3)
+    law = rule.conditional(q.float().expand(len(tuples), -1), p.float().expand(len(tuples), -1), tuples)
+    assert law.dtype == torch.float32
+    assert float(((weights[:, None] * law.double()).sum(0) - q).abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda q, p, x: (q.clone().fill_(math.nan), p, x), "NaN or infinite"),
+        (lambda q, p, x: (q, p.clone().index_fill_(1, torch.tensor([0]), math.inf), x), "NaN or infinite"),
+        (lambda q, p, x: (q * 1.5, p, x), "sum to 1"),
+        (lambda q, p, x: (q, p[:, :-1] / p[:, :-1].sum(-1, keepdim=True), x), "differ in shape"),
+        (lambda q, p, x: (q - 0.5, p, x), "NaN or infinite|negative"),
+        (lambda q, p, x: (q, p, x + 100), "draft_tokens must lie"),
+    ],
+)
+def test_bad_input_raises_value_error(change, message: str) -> None:
+    q, p = random_case(6, 40, zero_fraction=0.0)
+    x = torch.tensor([[0, 1, 2]])
+    bad = change(q[None], p[None], x)
+    with pytest.raises(ValueError, match=message):
+        verifiers.get("optimal").verify(*bad)
+
+
+@pytest.mark.parametrize("options", [{"tol": 0.0}, {"max_iters": -1}, {"step": 0.0}, {"step": 2.0}])
+def test_bad_options_raise_value_error(options: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(options))):
+        verifiers.get("optimal", **options)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    rule = verifiers.get("optimal")
+    q, p = random_case(50, 60, zero_fraction=0.2)
+    x = torch.multinomial(p.expand(8, -1), 4, replacement=True, generator=torch.Generator().manual_seed(0))
+    cpu = rule.conditional(q.expand(8, -1), p.expand(8, -1), x)
+    cuda = rule.conditional(q.cuda().expand(8, -1), p.cuda().expand(8, -1), x.cuda())
+    assert float((cuda.cpu() - cpu).abs().max()) <= 1e-12
