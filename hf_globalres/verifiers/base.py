@@ -101,7 +101,7 @@ class Verifier(ABC):
         draft tuples drawn under ``draft_scheme`` gives q for a lossless rule.
         """
         q, p, x = self.prepare(target_probs, draft_probs, draft_tokens)
-        plan = self.plan(q, p, x)
+        plan = self.shared_plan(q, p, x)
         law = plan.reject_prob[:, None] * plan.residual
         return law.scatter_add(1, x.clamp_min(0), plan.draft_emit)
 
@@ -122,7 +122,7 @@ class Verifier(ABC):
             generator: optional ``torch.Generator`` on the tensors' device.
         """
         q, p, x = self.prepare(target_probs, draft_probs, draft_tokens)
-        plan = self.plan(q, p, x)
+        plan = self.shared_plan(q, p, x)
         n = x.shape[1]
         branch_probs = torch.cat([plan.draft_emit, plan.reject_prob[:, None]], dim=1)
         branch = sample_categorical(branch_probs, generator)
@@ -131,6 +131,17 @@ class Verifier(ABC):
         token = torch.where(branch < n, accepted_draft, recovered)
         draft_index = first_match(token, x)
         return VerificationResult(token=token, accepted=draft_index >= 0, draft_index=draft_index)
+
+    def shared_plan(
+        self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor
+    ) -> EmissionPlan:
+        """:meth:`plan`, computed once per distinct row when rows repeat exactly (same q, p and drafts)."""
+        repeats = distinct_rows(target_probs, draft_probs, draft_tokens)
+        if repeats is None:
+            return self.plan(target_probs, draft_probs, draft_tokens)
+        first, inverse = repeats
+        plan = self.plan(target_probs[first], draft_probs[first], draft_tokens[first])
+        return EmissionPlan(draft_emit=plan.draft_emit[inverse], residual=plan.residual[inverse])
 
     def prepare(
         self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor
@@ -228,6 +239,33 @@ def check_probs(probs: torch.Tensor, label: str) -> None:
         raise ValueError(f"{label} rows must sum to 1 (±{tolerance:g}); row {row} sums to {float(sums[row]):.6g}")
 
 
+def distinct_rows(
+    target_probs: torch.Tensor, draft_probs: torch.Tensor, keys: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(first [U], inverse [B])`` when rows repeat exactly (same q, p and integer ``keys`` [B, m]), else None.
+
+    Rows are grouped by a cheap signature (two dot products and the keys) and
+    each group is then checked entry by entry against its first row, so
+    equal-looking rows that differ are never merged (then no rows are merged).
+    """
+    batch, vocab = target_probs.shape
+    if batch < 2:
+        return None
+    probe = torch.linspace(1, 2, vocab, dtype=target_probs.dtype, device=target_probs.device)
+    signature = torch.cat([(target_probs @ probe)[:, None], (draft_probs @ probe)[:, None], keys.to(probe.dtype)], -1)
+    _, inverse = torch.unique(signature, dim=0, return_inverse=True)
+    groups = int(inverse.max()) + 1
+    if groups == batch:
+        return None
+    rows = torch.arange(batch, device=inverse.device)
+    first = torch.full((groups,), batch, device=inverse.device).scatter_reduce(0, inverse, rows, "amin")
+    head = first[inverse]
+    same = (target_probs == target_probs[head]).all(-1) & (draft_probs == draft_probs[head]).all(-1)
+    if not bool((same & (keys == keys[head]).all(-1)).all()):
+        return None
+    return first, inverse
+
+
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One index per row of ``probs`` [B, K] (rows need not be normalised) → [B].
 
@@ -278,6 +316,7 @@ __all__ = [
     "Verifier",
     "check_inputs",
     "check_probs",
+    "distinct_rows",
     "first_match",
     "gather_draft_probs",
     "normalize_rows",

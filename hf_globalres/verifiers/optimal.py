@@ -41,7 +41,7 @@ import torch
 from ..rates import optimal_subset
 from . import register
 from ._race import RaceProblems, race_terms, solve_race
-from .base import EmissionPlan, Verifier, normalize_rows
+from .base import EmissionPlan, Verifier, distinct_rows, normalize_rows
 
 #: Below this ``p(H*)^n`` the drafts essentially never all fall in ``H*``; its
 #: tier is not solved and accepts nothing (its mass ≤ p(H*)^n goes to the residual).
@@ -73,33 +73,6 @@ def water_fill(
     level = (total[:, None] - q_before.gather(1, piece)) / p_from.gather(1, piece).clamp_min(1e-300)
     level = torch.where(all_capped[:, None], math.inf, level)
     return torch.where(tier, torch.minimum(q, level * p), 0)
-
-
-def distinct_rows(
-    target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(first [U], inverse [B])`` when rows repeat exactly (same q, p, k), else None.
-
-    Rows are grouped by a cheap signature (two dot products) and each group
-    is then checked entry by entry against its first row, so equal-looking
-    rows that differ are never merged (then no rows are merged at all).
-    """
-    batch, vocab = target_probs.shape
-    if batch < 2:
-        return None
-    probe = torch.linspace(1, 2, vocab, dtype=target_probs.dtype, device=target_probs.device)
-    signature = torch.stack([target_probs @ probe, draft_probs @ probe, num_drafts.to(probe.dtype)], -1)
-    _, inverse = torch.unique(signature, dim=0, return_inverse=True)
-    groups = int(inverse.max()) + 1
-    if groups == batch:
-        return None
-    rows = torch.arange(batch, device=inverse.device)
-    first = torch.full((groups,), batch, device=inverse.device).scatter_reduce(0, inverse, rows, "amin")
-    head = first[inverse]
-    same = (target_probs == target_probs[head]).all(-1) & (draft_probs == draft_probs[head]).all(-1)
-    if not bool((same & (num_drafts == num_drafts[head])).all()):
-        return None
-    return first, inverse
 
 
 @dataclass
@@ -175,7 +148,7 @@ class Optimal(Verifier):
         """
         batch = target_probs.shape[0]
         k = torch.as_tensor(num_drafts, device=target_probs.device).long().expand(batch)
-        repeats = distinct_rows(target_probs, draft_probs, k)
+        repeats = distinct_rows(target_probs, draft_probs, k[:, None])
         if repeats is None:
             return self._solve_rows(target_probs, draft_probs, k)
         first, inverse = repeats

@@ -46,21 +46,11 @@ class OptimalWithoutReplacement(FittedVerifier):
         max_support: largest |T| before a row fails (default 1000).
         max_iters: solver iterations before a row fails (default 500).
         max_tuples: largest number of ordered draft sets of T before a row fails (default 1e6).
-        validate: check inputs (also that a row's drafts are distinct).
+        validate: check inputs (the base checks also refuse repeated drafts in a row).
     """
 
     name = "optimal_without_replacement"
     draft_scheme = "without_replacement"
-
-    def prepare(
-        self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, p, x = super().prepare(target_probs, draft_probs, draft_tokens)
-        if self.validate:
-            same = (x[:, :, None] == x[:, None, :]) & (x[:, :, None] >= 0)
-            if bool((same.sum(-1) > 1).any()):
-                raise ValueError("drafts drawn without replacement must be distinct within a row")
-        return q, p, x
 
     def fallback(self, q: torch.Tensor, p: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
         return recursive_rejection_plan(q, p, draft_tokens, without_replacement=True)

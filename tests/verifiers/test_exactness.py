@@ -135,3 +135,17 @@ def test_property_every_verifier_is_lossless(vocab: int, num_drafts: int, zeros:
         assert torch.allclose(marginal, q, rtol=0, atol=EXACT), name
         optimum = rates.optimal_acceptance(q[None], p[None], n, scheme=verifier.draft_scheme)[0]
         assert float(acceptance) <= float(optimum) + EXACT, name
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_repeated_rows_share_one_plan_and_keep_their_law(name: str) -> None:
+    verifier = verifiers.get(name)
+    q, p = make_case("random", 6, 21)
+    n = min(verifier.max_drafts or 2, 2)
+    tuples, _ = draft_tuples(p, n, verifier.draft_scheme)
+    drafts = tuples[:3].repeat_interleave(4, dim=0)  # 3 distinct tuples, each 4 times
+    rows = drafts.shape[0]
+    law = verifier.conditional(q.expand(rows, -1), p.expand(rows, -1), drafts)
+    for row in range(rows):
+        alone = verifier.conditional(q[None], p[None], drafts[row : row + 1])[0]
+        assert torch.allclose(law[row], alone, rtol=0, atol=1e-12)

@@ -66,7 +66,7 @@ def test_failure_falls_back_to_rrs_without_replacement() -> None:
 def test_repeated_drafts_are_rejected() -> None:
     q = torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)
     p = torch.tensor([[0.2, 0.2, 0.6]], dtype=torch.float64)
-    with pytest.raises(ValueError, match="distinct"):
+    with pytest.raises(ValueError, match="repeats a draft token"):
         verifiers.get(NAME).verify(q, p, torch.tensor([[2, 0, 2]]))
 
 
