@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from transformers import GenerationMixin
-from transformers.generation.stopping_criteria import StopStringCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 from transformers.utils import ModelOutput
 
 from .. import verifiers
@@ -82,7 +82,9 @@ def _check_models(model: torch.nn.Module, assistant_model: torch.nn.Module | Non
         raise ValueError("multi-draft generation needs an assistant_model (the draft model)")
     for label, m in (("model", model), ("assistant_model", assistant_model)):
         if getattr(m.config, "is_encoder_decoder", False):
-            raise ValueError(f"{label} is an encoder-decoder model; multi-draft generation supports decoder-only models")
+            raise ValueError(
+                f"{label} is an encoder-decoder model; multi-draft generation supports decoder-only models"
+            )
         implementation = getattr(m.config, "_attn_implementation", None) or "eager"
         if implementation not in SUPPORTED_ATTENTION:
             raise ValueError(

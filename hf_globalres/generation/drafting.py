@@ -104,6 +104,8 @@ def draft_block(
     next_position: torch.Tensor,
     contexts: torch.Tensor,
     lengths: torch.Tensor,
+    batch_rows: torch.Tensor,
+    background: torch.Tensor,
     num_drafts: int,
     depth: int,
     scheme: DraftScheme,
@@ -119,6 +121,8 @@ def draft_block(
         contexts: [B, T] committed token ids (left-aligned), for the processors.
         next_position: [B] position id of the first draft token.
         lengths: [B] committed lengths.
+        batch_rows, background: each row's index in the caller's batch and that
+            batch's committed tokens, for the processors (see ``call_as_batch``).
     """
     batch, n = pending.shape[0], num_drafts
     device = pending.device
@@ -135,7 +139,7 @@ def draft_block(
         )[:, -1]
     state = KVState(cache=state.cache, valid=torch.cat([state.valid, pending_valid], dim=1))
     committed = state.valid
-    _, root_probs = processor.ragged_distribution(contexts, lengths, logits)
+    _, root_probs = processor.ragged_distribution(contexts, lengths, logits, batch_rows, background)
     probs = root_probs[:, None].expand(-1, n, -1)
     parent = torch.zeros(batch, n, dtype=torch.long, device=device)
     alive = torch.ones(batch, n, dtype=torch.bool, device=device)
@@ -166,7 +170,9 @@ def draft_block(
         node_contexts = contexts[node_b].clone()
         offsets = lengths[node_b, None] + torch.arange(d - 1, device=device)
         node_contexts.scatter_(1, offsets, fed[node_b, node_i])
-        _, node_probs = processor.ragged_distribution(node_contexts, lengths[node_b] + d - 1, logits[node_b, node_i])
+        _, node_probs = processor.ragged_distribution(
+            node_contexts, lengths[node_b] + d - 1, logits[node_b, node_i], batch_rows[node_b], background
+        )
         slot = torch.zeros(batch, n, dtype=torch.long, device=device)
         slot[node_b, node_i] = torch.arange(node_b.shape[0], device=device)
         probs = node_probs[slot[rows[:, None], parent]]  # [B, n, V]

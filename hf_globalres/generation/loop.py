@@ -36,7 +36,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from ..verifiers.base import VerificationResult, Verifier, sample_categorical
 from .drafting import DraftBlock, draft_block
-from .processors import SpeculativeLogitsProcessor, length_groups
+from .processors import SpeculativeLogitsProcessor, call_as_batch
 from .timing import PhaseTimer
 from .tree import KVState, Tree, forward_tokens, new_state, pack_tree, select_positions
 
@@ -167,6 +167,8 @@ def multi_draft_decode(
                 next_position=next_position,
                 contexts=work,
                 lengths=length,
+                batch_rows=active,
+                background=buf,
                 num_drafts=n,
                 depth=depth,
                 scheme=verifier.draft_scheme,
@@ -190,11 +192,13 @@ def multi_draft_decode(
             target,
             processor,
             verifier,
-            work,
-            length,
-            timer,
-            verification_callback,
-            generator,
+            work=work,
+            length=length,
+            batch_rows=active,
+            background=buf,
+            timer=timer,
+            callback=verification_callback,
+            generator=generator,
         )
 
         # 4. Stop after any emitted token, exactly as plain generate would.
@@ -203,9 +207,11 @@ def multi_draft_decode(
         stop_at = torch.zeros_like(count)
         for s in range(1, int(count.max()) + 1):
             rows = ((count >= s) & (stop_at == 0)).nonzero()[:, 0]
-            for total, group in length_groups(length[rows] + s):
-                members = rows[group]
-                done = stopping_criteria(work[members, :total], step_scores[members, s - 1])
+            checks = call_as_batch(
+                stopping_criteria, work[rows], length[rows] + s, step_scores[rows, s - 1], active[rows], buf
+            )
+            for entries, done in checks:
+                members = rows[entries]
                 stop_at[members[done.to(device)]] = s
         finished |= stop_at > 0
         count = torch.where(stop_at > 0, stop_at, count)
@@ -367,8 +373,11 @@ def _walk(
     target: TargetBlock,
     processor: SpeculativeLogitsProcessor,
     verifier: Verifier,
+    *,
     work: torch.Tensor,
     length: torch.Tensor,
+    batch_rows: torch.Tensor,
+    background: torch.Tensor,
     timer: PhaseTimer,
     callback: VerificationCallback | None,
     generator: torch.Generator | None,
@@ -395,7 +404,7 @@ def _walk(
         if rows.numel() == 0:
             break
         step_scores, q = processor.ragged_distribution(
-            work[rows], length[rows] + d - 1, target.logits_at(rows, cur, d - 1)
+            work[rows], length[rows] + d - 1, target.logits_at(rows, cur, d - 1), batch_rows[rows], background
         )
         p = drafts.probs[d - 1][rows, cur[rows]]
         present = surviving[rows]
@@ -419,7 +428,7 @@ def _walk(
     rows = all_rows[~stopped]
     if rows.numel() > 0:
         step_scores, q = processor.ragged_distribution(
-            work[rows], length[rows] + depth, target.logits_at(rows, cur, depth)
+            work[rows], length[rows] + depth, target.logits_at(rows, cur, depth), batch_rows[rows], background
         )
         token = sample_categorical(q, generator)
         work[rows, length[rows] + depth] = token

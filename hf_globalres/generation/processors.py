@@ -24,7 +24,7 @@ the ``input_ids`` that plain ``generate`` would have shown them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
@@ -34,6 +34,47 @@ def length_groups(lengths: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(length, rows)`` for each distinct value of ``lengths`` [N]; rows is a LongTensor [N_g]."""
     for length in torch.unique(lengths).tolist():
         yield int(length), (lengths == length).nonzero()[:, 0]
+
+
+def call_as_batch(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    contexts: torch.Tensor,
+    lengths: torch.Tensor,
+    values: torch.Tensor,
+    batch_rows: torch.Tensor,
+    background: torch.Tensor,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Call ``fn(input_ids, values)`` the way plain ``generate`` does: on the whole batch, one length at a time.
+
+    Processors and stopping criteria may hold per-row state sized to the
+    batch (e.g. the prompt padding lengths of the repetition penalty), so each
+    call gets all B rows in their original order: the entries being evaluated
+    in their batch row, every other row its ``background`` context.
+
+    Args:
+        contexts: [N, T] entry ``i``'s prefix is ``contexts[i, :lengths[i]]``.
+        lengths: [N]; values: [N, ...] second argument per entry (scores).
+        batch_rows: [N] batch row of each entry (several entries may share a row:
+            they go to separate calls).
+        background: [B, T'] committed tokens of every batch row, T' ≥ max(lengths).
+
+    Yields:
+        (entries [N_g], fn's output rows for those entries).
+    """
+    count = batch_rows.shape[0]
+    order = torch.sort(batch_rows, stable=True)
+    first = torch.searchsorted(order.values, order.values, side="left")
+    slot = torch.empty_like(batch_rows)
+    slot[order.indices] = torch.arange(count, device=batch_rows.device) - first
+    key = lengths * (count + 1) + slot
+    for _, entries in length_groups(key):
+        length = int(lengths[entries[0]])
+        rows = batch_rows[entries]
+        input_ids = background[:, :length].clone()
+        input_ids[rows] = contexts[entries, :length]
+        full = values.new_zeros((background.shape[0], *values.shape[1:]))
+        full[rows] = values[entries]
+        yield entries, fn(input_ids, full)[rows]
 
 
 class SpeculativeLogitsProcessor(LogitsProcessor):
@@ -89,23 +130,35 @@ class SpeculativeLogitsProcessor(LogitsProcessor):
         return scores, self.probabilities(scores)
 
     def ragged_distribution(
-        self, contexts: torch.LongTensor, lengths: torch.Tensor, logits: torch.Tensor
+        self,
+        contexts: torch.LongTensor,
+        lengths: torch.Tensor,
+        logits: torch.Tensor,
+        batch_rows: torch.Tensor | None = None,
+        background: torch.LongTensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`distribution` for rows of different lengths.
+        """:meth:`distribution` for prefixes of different lengths.
 
         Args:
-            contexts: [N, T_max], row ``i``'s prefix is ``contexts[i, :lengths[i]]``.
+            contexts: [N, T_max], entry ``i``'s prefix is ``contexts[i, :lengths[i]]``.
             lengths: [N] prefix lengths.
             logits: [N, V'] raw next-token logits after each prefix.
+            batch_rows, background: batch row of each entry [N] and the committed
+                tokens of the whole batch [B, T]; with them every processor call
+                sees the full batch in order (see :func:`call_as_batch`).
+                Without them the entries are processed as a batch of their own.
 
         Returns:
             scores, probs: [N, V] each.
         """
+        if batch_rows is None:
+            batch_rows = torch.arange(contexts.shape[0], device=contexts.device)
+            background = contexts
         width = self.vocab_size or logits.shape[-1]
         scores = logits.new_empty((logits.shape[0], width), dtype=self.dtype)
-        for length, rows in length_groups(lengths):
-            scores[rows] = self(contexts[rows, :length], logits[rows])
+        for entries, processed in call_as_batch(self, contexts, lengths, logits, batch_rows, background):
+            scores[entries] = processed
         return scores, self.probabilities(scores)
 
 
-__all__ = ["SpeculativeLogitsProcessor", "length_groups"]
+__all__ = ["SpeculativeLogitsProcessor", "call_as_batch", "length_groups"]
