@@ -29,7 +29,8 @@ def main() -> None:
     api.create_repo(args.repo_id, private=args.private, exist_ok=True)
     api.upload_file(path_or_fileobj=str(folder / "README.md"), path_in_repo="README.md", repo_id=args.repo_id)
     for name in ("generate.py", "requirements.txt"):
-        api.upload_file(path_or_fileobj=str(folder / name), path_in_repo=f"custom_generate/{name}", repo_id=args.repo_id)
+        target = f"custom_generate/{name}"
+        api.upload_file(path_or_fileobj=str(folder / name), path_in_repo=target, repo_id=args.repo_id)
     print(f"pushed: model.generate(..., custom_generate={args.repo_id!r}, trust_remote_code=True)")
 
 

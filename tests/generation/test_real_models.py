@@ -62,15 +62,24 @@ def first_token_law(model, inputs, sampling: dict) -> torch.Tensor:
     return torch.softmax(processors(inputs["input_ids"], logits), -1)[0].double()
 
 
-def first_token_pvalue(law: torch.Tensor, tokens: torch.Tensor) -> float:
+def assert_first_tokens_match(target, draft, inputs, sampling: dict, rows: int, **options) -> None:
+    """Sample ``rows`` continuations of one prompt in one batch; their first tokens must follow the target's law."""
+    law = first_token_law(target, inputs, sampling)
+    torch.manual_seed(0)
+    out = hf_globalres.generate(
+        target, inputs["input_ids"].repeat(rows, 1), attention_mask=inputs["attention_mask"].repeat(rows, 1),
+        assistant_model=draft, do_sample=True, **sampling, **options,
+    )  # fmt: skip
+    tokens = out[:, inputs["input_ids"].shape[1]]
     observed = np.bincount(tokens.numpy(), minlength=law.shape[0]).astype(float)
-    expected = law.numpy() * len(tokens)
+    expected = law.numpy() * rows
     assert observed[expected == 0].sum() == 0, "a token with zero target probability was emitted"
     big = expected >= 5
     obs = np.append(observed[big], observed[~big].sum())
     exp = np.append(expected[big], expected[~big].sum())
     keep = exp > 0
-    return float(stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue)
+    p = stats.chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue
+    assert p > LEVEL, f"first-token frequencies differ from the target's law (chi-square p = {p:.2e})"
 
 
 @pytest.mark.parametrize("tree", [True, False])
@@ -88,15 +97,8 @@ def test_smollm2_greedy_equals_plain_generate(smollm2, tree):
 def test_smollm2_first_token_frequencies(smollm2):
     target, draft, tokenizer = smollm2
     inputs = tokenizer(["The sea at night is"], return_tensors="pt")
-    sampling = {"temperature": 1.0, "top_k": 8}
-    law = first_token_law(target, inputs, sampling)
-    rows = 240
-    torch.manual_seed(0)
-    out = hf_globalres.generate(
-        target, inputs["input_ids"].repeat(rows, 1), attention_mask=inputs["attention_mask"].repeat(rows, 1),
-        assistant_model=draft, num_drafts=4, num_assistant_tokens=2, max_new_tokens=3, **sampling, do_sample=True,
-    )  # fmt: skip
-    assert first_token_pvalue(law, out[:, inputs["input_ids"].shape[1]]) > LEVEL
+    options = {"num_drafts": 4, "num_assistant_tokens": 2, "max_new_tokens": 3}
+    assert_first_tokens_match(target, draft, inputs, {"temperature": 1.0, "top_k": 8}, rows=240, **options)
 
 
 def test_qwen_coder_greedy_equals_plain_generate(qwen_coder):
@@ -113,12 +115,5 @@ def test_qwen_coder_greedy_equals_plain_generate(qwen_coder):
 def test_qwen_coder_first_token_frequencies(qwen_coder):
     target, draft, tokenizer = qwen_coder
     inputs = tokenizer(["def fibonacci(n):"], return_tensors="pt")
-    sampling = {"temperature": 1.0, "top_k": 4}
-    law = first_token_law(target, inputs, sampling)
-    rows = 64
-    torch.manual_seed(0)
-    out = hf_globalres.generate(
-        target, inputs["input_ids"].repeat(rows, 1), attention_mask=inputs["attention_mask"].repeat(rows, 1),
-        assistant_model=draft, num_drafts=4, num_assistant_tokens=1, max_new_tokens=2, **sampling, do_sample=True,
-    )  # fmt: skip
-    assert first_token_pvalue(law, out[:, inputs["input_ids"].shape[1]]) > LEVEL
+    options = {"num_drafts": 4, "num_assistant_tokens": 1, "max_new_tokens": 2}
+    assert_first_tokens_match(target, draft, inputs, {"temperature": 1.0, "top_k": 4}, rows=64, **options)
