@@ -82,16 +82,18 @@ def assert_first_tokens_match(target, draft, inputs, sampling: dict, rows: int, 
     assert p > LEVEL, f"first-token frequencies differ from the target's law (chi-square p = {p:.2e})"
 
 
+def assert_greedy_matches(target, draft, inputs, **options) -> None:
+    """16 greedy tokens equal plain greedy ``generate``'s."""
+    expected = target.generate(**inputs, do_sample=False, max_new_tokens=16)
+    out = hf_globalres.generate(target, **inputs, assistant_model=draft, do_sample=False, max_new_tokens=16, **options)
+    assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("tree", [True, False])
 def test_smollm2_greedy_equals_plain_generate(smollm2, tree):
     target, draft, tokenizer = smollm2
-    inputs = chat_batch(tokenizer, PROMPTS)
-    expected = target.generate(**inputs, do_sample=False, max_new_tokens=16)
-    out = hf_globalres.generate(
-        target, **inputs, assistant_model=draft, num_drafts=3, num_assistant_tokens=3, tree_attention=tree,
-        do_sample=False, max_new_tokens=16,
-    )  # fmt: skip
-    assert torch.equal(out, expected)
+    options = {"num_drafts": 3, "num_assistant_tokens": 3, "tree_attention": tree}
+    assert_greedy_matches(target, draft, chat_batch(tokenizer, PROMPTS), **options)
 
 
 def test_smollm2_first_token_frequencies(smollm2):
@@ -104,12 +106,7 @@ def test_smollm2_first_token_frequencies(smollm2):
 def test_qwen_coder_greedy_equals_plain_generate(qwen_coder):
     target, draft, tokenizer = qwen_coder
     inputs = tokenizer(["def fibonacci(n):"], return_tensors="pt")
-    expected = target.generate(**inputs, do_sample=False, max_new_tokens=16)
-    out = hf_globalres.generate(
-        target, **inputs, assistant_model=draft, num_drafts=2, num_assistant_tokens=4, do_sample=False,
-        max_new_tokens=16,
-    )  # fmt: skip
-    assert torch.equal(out, expected)
+    assert_greedy_matches(target, draft, inputs, num_drafts=2, num_assistant_tokens=4)
 
 
 def test_qwen_coder_first_token_frequencies(qwen_coder):
