@@ -24,17 +24,17 @@ def test_processor_is_a_logits_processor(generator):
     component = SpeculativeLogitsProcessor(processors)
     scores, probs = component.distribution(ids, logits)
     assert torch.equal(scores, processors(ids, logits.clone()))
-    assert torch.allclose(probs, torch.softmax(scores, -1))
+    assert torch.allclose(probs, torch.softmax(scores.double(), -1))
     assert ((probs > 0).sum(-1) == 5).all()
     greedy = SpeculativeLogitsProcessor(processors, do_sample=False).distribution(ids, logits)[1]
-    assert torch.equal(greedy, torch.nn.functional.one_hot(logits.argmax(-1), 16).float())
+    assert torch.equal(greedy, torch.nn.functional.one_hot(logits.argmax(-1), 16).double())
 
 
 def test_processor_pads_narrow_logits_with_zero_probability(generator):
     component = SpeculativeLogitsProcessor(vocab_size=16)
     _, probs = component.distribution(torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 12, generator=generator))
     assert probs.shape == (2, 16) and (probs[:, 12:] == 0).all()
-    assert torch.allclose(probs.sum(-1), torch.ones(2))
+    assert torch.allclose(probs.sum(-1), torch.ones(2, dtype=torch.float64))
     with pytest.raises(ValueError, match="width 20"):
         component.distribution(torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 20))
 
