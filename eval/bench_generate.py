@@ -237,6 +237,9 @@ def main() -> None:
     prompts = [p.to(device) for p in gsm8k_prompts(args.data, args.prompts, tokenizer)]
     sample = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": args.max_new_tokens}
     print(f"{len(prompts)} GSM8K prompts, {args.max_new_tokens} new tokens, T = 1, {device}, {args.threads} threads")
+    with torch.no_grad():  # page both models' weights in, so every method's peak counts both models
+        target(prompts[0])
+        draft(prompts[0])
     results = [
         run_method("plain sampling", lambda ids: target.generate(ids, **sample), prompts, target, args.seed),
         run_method(
