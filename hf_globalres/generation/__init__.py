@@ -9,14 +9,14 @@ api.py         generate / enable / disable / MultiDraftGenerationMixin
 
 from __future__ import annotations
 
-from .api import MultiDraftGenerateOutput, MultiDraftGenerationMixin, default_verifier, disable, enable, generate
+from .api import DEFAULT_VERIFIER, MultiDraftGenerateOutput, MultiDraftGenerationMixin, disable, enable, generate
 from .processors import SpeculativeLogitsProcessor
 
 __all__ = [
+    "DEFAULT_VERIFIER",
     "MultiDraftGenerateOutput",
     "MultiDraftGenerationMixin",
     "SpeculativeLogitsProcessor",
-    "default_verifier",
     "disable",
     "enable",
     "generate",

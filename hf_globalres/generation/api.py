@@ -60,9 +60,8 @@ class MultiDraftGenerateOutput(ModelOutput):
     timings: dict[str, float] | None = None
 
 
-def default_verifier() -> str:
-    """The optimal rule when registered, else SpecTr."""
-    return "optimal" if "optimal" in verifiers.available() else "spectr"
+#: The verification rule used when ``verifier`` is not given: the optimal transport for i.i.d. drafts.
+DEFAULT_VERIFIER = "optimal"
 
 
 def _check_options(num_drafts: Any, num_assistant_tokens: Any, tree_attention: Any, rule: Verifier) -> None:
@@ -152,7 +151,7 @@ def generate(
     Returns:
         :class:`MultiDraftGenerateOutput` with ``return_dict_in_generate=True``, else the sequences [B, T].
     """
-    rule = verifiers.get(verifier if verifier is not None else default_verifier())
+    rule = verifiers.get(verifier if verifier is not None else DEFAULT_VERIFIER)
     if num_assistant_tokens is None:
         num_assistant_tokens = DEFAULT_NUM_ASSISTANT_TOKENS
     _check_options(num_drafts, num_assistant_tokens, tree_attention, rule)
@@ -306,10 +305,10 @@ class MultiDraftGenerationMixin:
 
 
 __all__ = [
+    "DEFAULT_VERIFIER",
     "MULTI_DRAFT_KWARGS",
     "MultiDraftGenerateOutput",
     "MultiDraftGenerationMixin",
-    "default_verifier",
     "disable",
     "enable",
     "generate",
