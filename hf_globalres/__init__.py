@@ -28,7 +28,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .generation import MultiDraftGenerationMixin, disable, enable, generate  # noqa: F401
+    from .generation import MultiDraftGenerationMixin, disable, enable, generate
 
 
 def __getattr__(name: str) -> Any:

@@ -91,21 +91,24 @@ def spectr_rho(
     ``ρ`` with ``g(ρ) ≥ 0`` makes the K-SEQ residual non-negative; ρ* is the
     smallest, which maximises acceptance. Solved by Newton's method kept inside
     a bisection bracket; ``g' = P_{q>ρp} + n (1 − β)^{n−1} Q_{q<ρp} / ρ²`` where
-    ``P_S = Σ_S p``, ``Q_S = Σ_S q``. Works in the input dtype.
+    ``P_S = Σ_S p``, ``Q_S = Σ_S q``. Works in the input dtype, to ``tol`` or a
+    few ulps of it, whichever is larger.
     """
     q, p = target_probs, draft_probs
     n = _drafts_per_row(num_drafts, q.shape[0], q.device).to(q.dtype)
     lo = torch.ones_like(n)
     hi = n.clamp_min(1)
 
+    tol = max(tol, 8 * torch.finfo(q.dtype).eps)
+
     def g_and_slope(rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scaled = rho[:, None] * p
-        under = q < scaled  # tokens where min(p, q/ρ) = q/ρ
-        q_under = torch.where(under, q, 0).sum(-1)
-        p_over = torch.where(under, 0, p).sum(-1)
-        beta = q_under / rho + p_over
+        rho_beta = torch.minimum(scaled, q).sum(-1)  # ρ β(ρ) = Σ min(ρp, q)
+        q_under = (q * (q < scaled)).sum(-1)  # mass where min(p, q/ρ) = q/ρ
+        p_over = (rho_beta - q_under) / rho
+        beta = rho_beta / rho
         fail = (1 - beta).clamp(0, 1)
-        g = rho * beta - 1 + fail.pow(n)
+        g = rho_beta - 1 + fail.pow(n)
         slope = p_over + n * fail.pow((n - 1).clamp_min(0)) * q_under / rho**2
         return g, slope
 

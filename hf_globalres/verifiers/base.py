@@ -26,7 +26,7 @@ import torch
 
 DraftScheme = Literal["iid", "without_replacement"]
 
-#: Largest tolerated ``|Σ_y probs(y) − 1|`` for an input row.
+#: Largest tolerated ``|Σ_y probs(y) − 1|`` for an input row (or the dtype's eps, if larger).
 ROW_SUM_TOLERANCE = 1e-4
 
 
@@ -137,7 +137,13 @@ class Verifier(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Validate (unless disabled), promote to one float dtype, renormalise rows."""
         if self.validate:
-            check_inputs(target_probs, draft_probs, draft_tokens, max_drafts=self.max_drafts)
+            check_inputs(
+                target_probs,
+                draft_probs,
+                draft_tokens,
+                max_drafts=self.max_drafts,
+                distinct=self.draft_scheme == "without_replacement",
+            )
         dtype = torch.promote_types(target_probs.dtype, draft_probs.dtype)
         if not dtype.is_floating_point or dtype.itemsize < 4:
             dtype = torch.float32
@@ -157,10 +163,15 @@ def check_inputs(
     draft_tokens: torch.Tensor,
     *,
     max_drafts: int | None = None,
+    distinct: bool = False,
 ) -> None:
-    """Raise ``ValueError`` naming the problem if the inputs are not a valid case."""
+    """Raise ``ValueError`` naming the problem if the inputs are not a valid case.
+
+    ``distinct``: drafts were drawn without replacement, so a row cannot repeat a token.
+    """
     for label, probs in (("target_probs", target_probs), ("draft_probs", draft_probs)):
-        check_probs(probs, label)
+        if probs.dim() != 2:
+            raise ValueError(f"{label} must have shape [B, V], got {tuple(probs.shape)}")
     if target_probs.shape != draft_probs.shape:
         raise ValueError(
             f"target_probs {tuple(target_probs.shape)} and draft_probs "
@@ -169,6 +180,8 @@ def check_inputs(
         )
     if target_probs.device != draft_probs.device or draft_tokens.device != target_probs.device:
         raise ValueError("target_probs, draft_probs and draft_tokens must be on one device")
+    for label, probs in (("target_probs", target_probs), ("draft_probs", draft_probs)):
+        check_probs(probs, label)
     batch, vocab = target_probs.shape
     if draft_tokens.dim() != 2 or draft_tokens.shape[0] != batch:
         raise ValueError(f"draft_tokens must have shape [B, n] = [{batch}, n], got {tuple(draft_tokens.shape)}")
@@ -186,6 +199,12 @@ def check_inputs(
         draft_mass = draft_probs.gather(1, draft_tokens.long().clamp_min(0))
         if bool((present & (draft_mass <= 0)).any()):
             raise ValueError("a draft token has zero draft probability: drafts must be sampled from draft_probs")
+        if distinct and n > 1:
+            ordered = draft_tokens.sort(-1).values
+            if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
+                raise ValueError(
+                    "a row repeats a draft token, but this verifier needs drafts drawn without replacement"
+                )
 
 
 def check_probs(probs: torch.Tensor, label: str) -> None:
@@ -196,33 +215,34 @@ def check_probs(probs: torch.Tensor, label: str) -> None:
         raise ValueError(f"{label} must be a floating-point tensor, got {probs.dtype}")
     if probs.shape[1] == 0:
         raise ValueError(f"{label} has an empty vocabulary")
-    if not bool(torch.isfinite(probs).all()):
+    sums = probs.sum(-1, dtype=torch.float64)  # NaN and ±inf propagate into the sums
+    if not bool(torch.isfinite(sums).all()):
         raise ValueError(f"{label} contains NaN or infinite values")
-    if bool((probs < 0).any()):
+    if bool(probs.amin() < 0):
         raise ValueError(f"{label} contains negative probabilities")
-    sums = probs.double().sum(-1)
-    bad = (sums - 1).abs() > ROW_SUM_TOLERANCE
+    # Half-precision rows carry rounding of order eps; the verifiers renormalise them anyway.
+    tolerance = max(ROW_SUM_TOLERANCE, torch.finfo(probs.dtype).eps)
+    bad = (sums - 1).abs() > tolerance
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"{label} rows must sum to 1 (±{ROW_SUM_TOLERANCE:g}); row {row} sums to {float(sums[row]):.6g}"
-        )
+        raise ValueError(f"{label} rows must sum to 1 (±{tolerance:g}); row {row} sums to {float(sums[row]):.6g}")
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One index per row of ``probs`` [B, K] (rows need not be normalised) → [B].
 
-    Inverse-CDF sampling with a single uniform per row. The first index whose
-    cumulative mass exceeds ``u · total`` is never a zero-probability entry, so
-    impossible tokens are never returned; all-zero rows return 0.
+    Inverse-CDF sampling with a single uniform per row: the first index whose
+    cumulative mass exceeds ``x = u · total``. Keeping ``x`` strictly below
+    ``total`` (``u · total`` can round up to it) means the cumulative mass
+    rises at the returned index, so a zero-probability entry is never
+    returned; all-zero rows return an arbitrary index.
     """
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
     u = torch.rand(total.shape, dtype=probs.dtype, device=probs.device, generator=generator)
-    index = torch.searchsorted(cdf, u * total, right=True).squeeze(-1)
-    # u·total can round up to total itself; fall back to the last positive entry.
-    last_positive = (probs > 0).cumsum(-1).argmax(-1)
-    return torch.minimum(index, last_positive)
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    index = torch.searchsorted(cdf, x, right=True).squeeze(-1)
+    return index.clamp_max(probs.shape[-1] - 1)
 
 
 def first_match(token: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import register
-from .base import EmissionPlan, Verifier, gather_draft_probs, normalize_rows
+from .base import EmissionPlan, Verifier, normalize_rows
 
 
 def recursive_rejection_plan(
@@ -31,26 +31,37 @@ def recursive_rejection_plan(
     *,
     without_replacement: bool,
 ) -> EmissionPlan:
-    """The RRS emission plan. Shapes: q, p [B, V]; draft_tokens [B, n] (−1 absent)."""
-    residual = target_probs
-    current_draft = draft_probs
-    survive = torch.ones_like(target_probs[:, 0])  # P(every draft so far rejected)
+    """The RRS emission plan. Shapes: q, p [B, V]; draft_tokens [B, n] (−1 absent).
+
+    Residual and draft rows are kept unnormalised with their masses tracked
+    per row, so each step costs one fused update and one sum over V.
+    """
+    batch = target_probs.shape[0]
+    rows = torch.arange(batch, device=target_probs.device)
+    residual = target_probs.clone()  # ∝ r_j
+    residual_mass = torch.ones_like(residual[:, 0])
+    draft = draft_probs.clone() if without_replacement else draft_probs  # ∝ p_j
+    draft_mass = torch.ones_like(residual_mass)
+    survive = torch.ones_like(residual_mass)  # P(every draft so far rejected)
     draft_emit = torch.zeros(draft_tokens.shape, dtype=target_probs.dtype, device=target_probs.device)
     for j in range(draft_tokens.shape[1]):
-        column = draft_tokens[:, j : j + 1]
-        present = column[:, 0] >= 0
-        r_at_draft = gather_draft_probs(residual, column)[:, 0]
-        p_at_draft = gather_draft_probs(current_draft, column)[:, 0]
-        accept = torch.where(present, (r_at_draft / p_at_draft.clamp_min(1e-300)).clamp_max(1), 0)
+        present = draft_tokens[:, j] >= 0
+        token = draft_tokens[:, j].clamp_min(0)
+        p_at = draft[rows, token] / draft_mass
+        r_at = residual[rows, token] / residual_mass.clamp_min(torch.finfo(residual.dtype).tiny)
+        accept = torch.where(present, (r_at / p_at.clamp_min(torch.finfo(p_at.dtype).tiny)).clamp_max(1), 0)
         draft_emit[:, j] = survive * accept
         survive = survive * (1 - accept)
-        next_residual = normalize_rows((residual - current_draft).clamp_min(0), fallback=residual)
-        residual = torch.where(present[:, None], next_residual, residual)
+        # r_{j+1} ∝ max(0, r_j − p_j), in r's units; a factor 0 leaves rows without this draft unchanged.
+        scale = torch.where(present, residual_mass / draft_mass, 0)
+        residual.addcmul_(draft, scale[:, None], value=-1).clamp_min_(0)
+        residual_mass = residual.sum(-1)
         if without_replacement:
-            removed = current_draft.scatter(1, column.clamp_min(0), 0)
-            next_draft = normalize_rows(removed, fallback=current_draft)
-            current_draft = torch.where(present[:, None], next_draft, current_draft)
-    return EmissionPlan(draft_emit=draft_emit, residual=residual)
+            removed = torch.where(present, p_at * draft_mass, 0)
+            draft[rows, token] -= removed
+            draft_mass = draft_mass - removed
+    # A row with no residual mass left is reached with probability 0; q keeps it a distribution.
+    return EmissionPlan(draft_emit=draft_emit, residual=normalize_rows(residual, fallback=target_probs))
 
 
 @register
@@ -59,13 +70,13 @@ class RecursiveRejectionSampling(Verifier):
     draft_scheme = "iid"
 
     def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
-        return recursive_rejection_plan(target_probs, draft_probs, draft_tokens, without_replacement=False)
+        without_replacement = self.draft_scheme == "without_replacement"
+        return recursive_rejection_plan(
+            target_probs, draft_probs, draft_tokens, without_replacement=without_replacement
+        )
 
 
 @register
-class RecursiveRejectionSamplingWithoutReplacement(Verifier):
+class RecursiveRejectionSamplingWithoutReplacement(RecursiveRejectionSampling):
     name = "rrs_without_replacement"
     draft_scheme = "without_replacement"
-
-    def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
-        return recursive_rejection_plan(target_probs, draft_probs, draft_tokens, without_replacement=True)

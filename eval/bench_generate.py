@@ -1,0 +1,301 @@
+"""End-to-end generation benchmark: plain sampling, transformers' assisted generation, multi-draft decoding.
+
+    python eval/bench_generate.py                                   # full grid (hours on a 2-core CPU)
+    python eval/bench_generate.py --prompts 2 --max-new-tokens 32 --drafts 1,4 --lengths 2,4 --verifiers spectr
+
+Real pair (default: the built-in Qwen2.5-Coder-1.5B/0.5B-Instruct, fp32 on CPU),
+GSM8K prompts, temperature 1. For every method it reports tokens/s, block
+efficiency (new tokens per target forward, counted with a forward hook), the
+package's own time per block (everything but model forwards: drafting
+bookkeeping, masks, verifier, cache surgery) as a share of the block, and the
+peak resident memory of the method (VmHWM, reset between methods). It also
+times one target forward over 1, 5, 17 and 33 new tokens on a 200-token cache
+and one draft step at batch 1, 4 and 8. With CUDA it times the same forwards
+on random-weight models of real sizes (a 7B target config, a 0.5B draft
+config) and prints the speedup those costs imply at the measured block
+efficiencies, labelled as projected. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+import hf_globalres
+from hf_globalres import verifiers
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
+def load_pair(target: str, draft: str, dtype: torch.dtype):
+    """Models and tokenizer from built-in names (via hf_globalres.models), directories or Hub ids."""
+    try:
+        from hf_globalres import models
+
+        return (
+            models.load_model(target, dtype=dtype).eval(),
+            models.load_model(draft, dtype=dtype).eval(),
+            models.load_tokenizer(target),
+        )
+    except ImportError:
+        return (
+            AutoModelForCausalLM.from_pretrained(target, dtype=dtype).eval(),
+            AutoModelForCausalLM.from_pretrained(draft, dtype=dtype).eval(),
+            AutoTokenizer.from_pretrained(target),
+        )
+
+
+def gsm8k_prompts(path: Path, count: int, tokenizer) -> list[torch.Tensor]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:count]]
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["question"]}], add_generation_prompt=True, return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+        for row in rows
+    ]  # fmt: skip
+
+
+class ForwardCounter:
+    """Counts forward calls of a module."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_):
+        self.calls += 1
+
+
+def reset_peak_memory() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def run_method(name: str, fn, prompts, target, seed: int) -> dict:
+    counter = ForwardCounter(target)
+    reset_peak_memory()
+    tokens, seconds, overhead, total_blocks = 0, 0.0, 0.0, 0.0
+    try:
+        for i, ids in enumerate(prompts):
+            torch.manual_seed(seed + i)
+            start = time.perf_counter()
+            out = fn(ids)
+            seconds += time.perf_counter() - start
+            sequences = out.sequences if hasattr(out, "sequences") else out
+            tokens += sequences.shape[1] - ids.shape[1]
+            if getattr(out, "timings", None):
+                t = out.timings
+                overhead += t["total"] - t["target_forward"] - t["draft_forward"]
+                total_blocks += t["total"]
+    finally:
+        counter.handle.remove()
+    result = {
+        "method": name,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "target_forwards": counter.calls,
+        "block_efficiency": tokens / max(counter.calls, 1),
+        "peak_memory_gb": peak_memory_gb(),
+    }
+    if total_blocks:
+        result["overhead_share"] = overhead / total_blocks
+    print(
+        f"{name:<44} {result['tokens_per_s']:7.2f} tok/s  eff {result['block_efficiency']:5.2f}  "
+        f"overhead {result.get('overhead_share', float('nan')):6.1%}  peak {result['peak_memory_gb']:.2f} GB",
+        flush=True,
+    )
+    return result
+
+
+@torch.no_grad()
+def forward_costs(target, draft, device, context: int = 200, repeats: int = 3) -> dict:
+    """Median seconds of one target forward over k new tokens and one draft step at batch b, on a cached context."""
+
+    def timed(model, batch: int, new: int) -> float:
+        ids = torch.randint(100, 1000, (batch, context), device=device)
+        past = model(ids, use_cache=True).past_key_values
+        step = torch.randint(100, 1000, (batch, new), device=device)
+        samples = []
+        for _ in range(repeats):
+            cache = type(past)(config=model.config)
+            for layer, source in zip(cache.layers, past.layers, strict=False):
+                layer.lazy_initialization(source.keys, source.values)
+                layer.keys, layer.values = source.keys.clone(), source.values.clone()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(step, past_key_values=cache, use_cache=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    costs = {
+        "target_forward_s": {str(k): timed(target, 1, k) for k in (1, 5, 17, 33)},
+        "draft_step_s": {str(b): timed(draft, b, 1) for b in (1, 4, 8)},
+    }
+    print("target forward (s) by new tokens:", {k: round(v, 4) for k, v in costs["target_forward_s"].items()})
+    print("draft step (s) by batch:", {k: round(v, 4) for k, v in costs["draft_step_s"].items()})
+    return costs
+
+
+def projected_speedups(costs: dict, results: list[dict], overhead_s: float) -> list[dict]:
+    """Speedup over plain decoding implied by forward costs at each measured (n, L) block efficiency.
+
+    Per block: L draft steps at batch n (tree layout: n tokens per step, timed as batch n), one
+    target forward over ≈ n·L + 1 tokens (interpolated), the package overhead; plain decoding
+    costs one 1-token target forward per token.
+    """
+    sizes = sorted(int(k) for k in costs["target_forward_s"])
+    target = [costs["target_forward_s"][str(k)] for k in sizes]
+    batches = sorted(int(k) for k in costs["draft_step_s"])
+    draft = [costs["draft_step_s"][str(b)] for b in batches]
+
+    def interp(x: float, xs: list[int], ys: list[float]) -> float:
+        import numpy as np
+
+        return float(np.interp(x, xs, ys))
+
+    out = []
+    for r in results:
+        if "n" not in r:
+            continue
+        n, length = r["n"], r["L"]
+        block = length * interp(n, batches, draft) + interp(n * length + 1, sizes, target) + overhead_s
+        speedup = r["block_efficiency"] * target[0] / block
+        out.append({"method": r["method"], "projected_speedup": speedup})
+        print(f"projected  {r['method']:<44} {speedup:5.2f}x")
+    return out
+
+
+def gpu_projection(results: list[dict]) -> dict:
+    device = torch.device("cuda")
+    dtype = torch.bfloat16
+    target_config = Qwen2Config(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=4096,
+    )  # fmt: skip
+    draft_config = Qwen2Config(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+    )  # fmt: skip
+    with torch.device(device):
+        target = Qwen2ForCausalLM(target_config).to(dtype).eval()
+        draft = Qwen2ForCausalLM(draft_config).to(dtype).eval()
+    print("== projected on", torch.cuda.get_device_name(), "(random weights, 7B target / 0.5B draft configs, bf16)")
+    costs = forward_costs(target, draft, device)
+    overhead = [r["overhead_s_per_block"] for r in results if "overhead_s_per_block" in r]
+    per_block = statistics.median(overhead) if overhead else 0.0
+    costs["overhead_share_of_target_forward"] = per_block / costs["target_forward_s"]["1"]
+    print(f"package overhead per block {per_block * 1e3:.2f} ms = {costs['overhead_share_of_target_forward']:.1%} "
+          "of a 1-token target forward (overhead measured on this run's CPU pair)")  # fmt: skip
+    costs["projected"] = projected_speedups(costs, results, per_block)
+    return costs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
+    parser.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--prompts", type=int, default=10)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--verifiers", default=",".join(verifiers.available()))
+    parser.add_argument("--drafts", default="1,2,4,8")
+    parser.add_argument("--lengths", default="2,4,8")
+    parser.add_argument("--tree", default="on,off")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=Path("eval/results/bench_generate.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    target, draft, tokenizer = load_pair(args.target, args.draft, torch.float32)
+    device = target.device
+    prompts = [p.to(device) for p in gsm8k_prompts(args.data, args.prompts, tokenizer)]
+    sample = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": args.max_new_tokens}
+    print(f"{len(prompts)} GSM8K prompts, {args.max_new_tokens} new tokens, T = 1, {device}, {args.threads} threads")
+    results = [
+        run_method("plain sampling", lambda ids: target.generate(ids, **sample), prompts, target, args.seed),
+        run_method(
+            "transformers assisted generation",
+            lambda ids: target.generate(ids, assistant_model=draft, **sample),
+            prompts, target, args.seed,
+        ),
+    ]  # fmt: skip
+    for name in args.verifiers.split(","):
+        rule = verifiers.get(name)
+        for n in (int(x) for x in args.drafts.split(",")):
+            if rule.max_drafts is not None and n > rule.max_drafts:
+                continue
+            for length in (int(x) for x in args.lengths.split(",")):
+                for tree in args.tree.split(","):
+                    options = {"num_drafts": n, "num_assistant_tokens": length, "verifier": name}
+                    options["tree_attention"] = tree == "on"
+
+                    def fn(ids, options=options):
+                        return hf_globalres.generate(
+                            target, ids, assistant_model=draft, return_dict_in_generate=True, **options, **sample
+                        )
+
+                    label = f"ours {name} n={n} L={length} tree={tree}"
+                    r = run_method(label, fn, prompts, target, args.seed)
+                    r.update(n=n, L=length, tree=tree == "on", verifier=name)
+                    r["overhead_s_per_block"] = (
+                        r.get("overhead_share", 0.0) * r["seconds"] / max(r["target_forwards"], 1)
+                    )
+                    results.append(r)
+    plain, assisted = results[0], results[1]
+    ours = [r for r in results if "n" in r]
+    best = max(ours, key=lambda r: r["tokens_per_s"]) if ours else None
+    summary = {}
+    if best is not None:
+        summary = {
+            "best": best["method"],
+            "best_tokens_per_s": best["tokens_per_s"],
+            "speedup_vs_plain": best["tokens_per_s"] / plain["tokens_per_s"],
+            "speedup_vs_assisted": best["tokens_per_s"] / assisted["tokens_per_s"],
+            "floor_overhead_le_10pct": max(r["overhead_share"] for r in ours) <= 0.10,
+            "floor_faster_than_assisted": best["tokens_per_s"] > assisted["tokens_per_s"],
+            "floor_memory_le_1.25x_plain": max(r["peak_memory_gb"] for r in ours) <= 1.25 * plain["peak_memory_gb"],
+        }
+        print("summary:", json.dumps(summary, indent=1))
+    costs = forward_costs(target, draft, device)
+    gpu = gpu_projection(ours) if torch.cuda.is_available() else None
+    report = {
+        "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__},
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "results": results,
+        "summary": summary,
+        "forward_costs": costs,
+        "gpu_projection": gpu,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1))
+    print("wrote", args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Drafting: n branches of L tokens from the assistant, one batched forward per depth.
+
+Depth 1 feeds the tokens the draft cache has not seen yet (the prompt at the
+first block, then the last one or two committed tokens) on one row per
+sequence; every branch then samples its first token from that one
+distribution p(·|context). Depth d ≥ 2 feeds the n tokens of depth d − 1 as
+n columns of the same row, each attending to the committed context and to its
+own branch (a tree layout over the draft cache, so the cache is never copied
+per branch). Sampling follows the verifier's ``draft_scheme``:
+
+- ``"iid"``: each branch draws its next token independently from
+  p(·|its prefix). Given the prefix, branches that share it are i.i.d. from it.
+- ``"without_replacement"``: the branches leaving one tree node draw distinct
+  tokens, as ordered sequential draws without replacement (Gumbel-top-k:
+  the ranks of ``log p + G`` with i.i.d. Gumbel ``G``). A branch whose rank
+  exceeds the support of p dies (``alive`` false); it drafts nothing further.
+
+Branches sharing a prefix are sampled from the distribution computed for the
+smallest such branch (its canonical copy), so the p handed to the verifier is
+exactly the law the drafts were drawn from, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..verifiers.base import DraftScheme, sample_categorical
+from .processors import SpeculativeLogitsProcessor
+from .timing import PhaseTimer
+from .tree import KVState, canonical_branches, forward_tokens
+
+
+@dataclass
+class DraftBlock:
+    """The drafts of one block.
+
+    Attributes:
+        tokens: [B, n, L] draft tokens (0 where not alive).
+        alive: [B, n, L] the branch holds a token at that depth.
+        probs: L tensors [B, n, V]; ``probs[d − 1][b, i]`` is the law branch
+            ``i`` drew its depth-d token from.
+        state: the draft cache after the block: committed positions valid,
+            then (L − 1)·n branch columns, column ``(d − 1)·n + i`` holding the
+            key/values of token ``x[i, d]``.
+    """
+
+    tokens: torch.Tensor
+    alive: torch.Tensor
+    probs: list[torch.Tensor]
+    state: KVState
+
+
+def sample_children(
+    probs: torch.Tensor,
+    parent: torch.Tensor,
+    alive: torch.Tensor,
+    scheme: DraftScheme,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token of each branch.
+
+    Args:
+        probs: [B, n, V] law of branch ``i``'s next token, equal across branches
+            with the same ``parent``.
+        parent: [B, n] canonical branch of each branch's current node.
+        alive: [B, n] branches that are still drafting.
+        scheme: ``"iid"`` or ``"without_replacement"`` (children of one node distinct).
+
+    Returns:
+        tokens [B, n] (0 for dead branches) and alive [B, n].
+    """
+    batch, n, vocab = probs.shape
+    if scheme == "iid":
+        tokens = sample_categorical(probs.reshape(batch * n, vocab), generator).view(batch, n)
+        return torch.where(alive, tokens, 0), alive
+    # Rank of each branch among the live branches leaving the same node.
+    same_node = (parent[:, :, None] == parent[:, None, :]) & alive[:, None, :]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=probs.device).tril(-1)
+    rank = (same_node & earlier).sum(-1)  # [B, n]
+    uniform = torch.rand(probs.shape, dtype=torch.float64, device=probs.device, generator=generator)
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float64).tiny)))
+    # One Gumbel vector per node: the canonical branch's.
+    gumbel = gumbel.gather(1, parent[:, :, None].expand(-1, -1, vocab))
+    keys = probs.double().log() + gumbel
+    top = keys.topk(min(n, vocab), dim=-1)
+    rank_ok = rank < top.indices.shape[-1]
+    pick = rank.clamp_max(top.indices.shape[-1] - 1)[..., None]
+    tokens = top.indices.gather(-1, pick)[..., 0]
+    in_support = top.values.gather(-1, pick)[..., 0] > float("-inf")
+    alive = alive & rank_ok & in_support
+    return torch.where(alive, tokens, 0), alive
+
+
+def draft_block(
+    model: torch.nn.Module,
+    state: KVState,
+    processor: SpeculativeLogitsProcessor,
+    *,
+    pending: torch.Tensor,
+    pending_valid: torch.Tensor,
+    pending_positions: torch.Tensor,
+    next_position: torch.Tensor,
+    contexts: torch.Tensor,
+    lengths: torch.Tensor,
+    batch_rows: torch.Tensor,
+    background: torch.Tensor,
+    num_drafts: int,
+    depth: int,
+    scheme: DraftScheme,
+    timer: PhaseTimer,
+    generator: torch.Generator | None = None,
+) -> DraftBlock:
+    """Draw ``num_drafts`` branches of ``depth`` ≥ 1 tokens.
+
+    Args:
+        state: draft cache with B rows (committed context minus ``pending``).
+        pending: [B, P] committed tokens not yet in the cache (left holes allowed).
+        pending_valid: [B, P]; pending_positions: [B, P] their position ids.
+        contexts: [B, T] committed token ids (left-aligned), for the processors.
+        next_position: [B] position id of the first draft token.
+        lengths: [B] committed lengths.
+        batch_rows, background: each row's index in the caller's batch and that
+            batch's committed tokens, for the processors (see ``call_as_batch``).
+    """
+    batch, n = pending.shape[0], num_drafts
+    device = pending.device
+    prompt_causal = torch.ones(pending.shape[1], pending.shape[1], dtype=torch.bool, device=device).tril()
+    with timer.phase("draft_forward"):
+        logits = forward_tokens(
+            model,
+            state,
+            pending,
+            past_allowed=state.valid[:, None, :].expand(-1, pending.shape[1], -1),
+            new_allowed=prompt_causal[None] & pending_valid[:, None, :],
+            positions=pending_positions,
+            logits_to_keep=1,
+        )[:, -1]
+    state = KVState(cache=state.cache, valid=torch.cat([state.valid, pending_valid], dim=1))
+    committed = state.valid
+    _, root_probs = processor.ragged_distribution(contexts, lengths, logits, batch_rows, background)
+    probs = root_probs[:, None].expand(-1, n, -1)
+    parent = torch.zeros(batch, n, dtype=torch.long, device=device)
+    alive = torch.ones(batch, n, dtype=torch.bool, device=device)
+    tokens_d, alive_d = sample_children(probs, parent, alive, scheme, generator)
+    all_tokens, all_alive, all_probs = [tokens_d], [alive_d], [probs]
+    branch = torch.arange(n, device=device)
+    own_branch = branch[:, None] == branch[None, :]  # [n(query), n(key)]
+    rows = torch.arange(batch, device=device)
+    for d in range(2, depth + 1):
+        fed = torch.stack(all_tokens, dim=-1)  # [B, n, d − 1]
+        fed_alive = torch.stack(all_alive, dim=-1)
+        block_columns = own_branch[None, :, None, :].expand(batch, n, d - 2, n).reshape(batch, n, (d - 2) * n)
+        with timer.phase("draft_forward"):
+            logits = forward_tokens(
+                model,
+                state,
+                fed[:, :, -1],
+                past_allowed=torch.cat([committed[:, None, :].expand(-1, n, -1), block_columns], dim=-1),
+                new_allowed=torch.zeros(batch, n, n, dtype=torch.bool, device=device),
+                positions=(next_position + d - 2)[:, None].expand(-1, n),
+                logits_to_keep=n,
+            )
+        state = KVState(cache=state.cache, valid=torch.cat([state.valid, fed_alive[:, :, -1]], dim=1))
+        # Distributions for canonical nodes only: processors run once per distinct prefix.
+        parent = canonical_branches(fed, fed_alive)[:, :, -1]
+        is_canonical = (parent == branch) & fed_alive[:, :, -1]
+        node_b, node_i = is_canonical.nonzero(as_tuple=True)
+        node_contexts = contexts[node_b].clone()
+        offsets = lengths[node_b, None] + torch.arange(d - 1, device=device)
+        node_contexts.scatter_(1, offsets, fed[node_b, node_i])
+        _, node_probs = processor.ragged_distribution(
+            node_contexts, lengths[node_b] + d - 1, logits[node_b, node_i], batch_rows[node_b], background
+        )
+        slot = torch.zeros(batch, n, dtype=torch.long, device=device)
+        slot[node_b, node_i] = torch.arange(node_b.shape[0], device=device)
+        probs = node_probs[slot[rows[:, None], parent]]  # [B, n, V]
+        tokens_d, alive_d = sample_children(probs, parent, fed_alive[:, :, -1], scheme, generator)
+        all_tokens.append(tokens_d)
+        all_alive.append(alive_d)
+        all_probs.append(probs)
+    return DraftBlock(
+        tokens=torch.stack(all_tokens, dim=-1),
+        alive=torch.stack(all_alive, dim=-1),
+        probs=all_probs,
+        state=state,
+    )
+
+
+__all__ = ["DraftBlock", "draft_block", "sample_children"]

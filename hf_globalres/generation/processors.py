@@ -1,0 +1,164 @@
+"""Logits → sampling distribution: the one step that turns target logits into q and draft logits into p.
+
+Speculative sampling is lossless only if the verifier sees exactly the
+distribution each model's token would have been sampled from. Every logits
+processor and warper (temperature, top-k, top-p, min-p, repetition penalty,
+a user ``LogitsProcessorList``) is therefore applied exactly once per branch
+prefix, to target and draft logits alike, by :class:`SpeculativeLogitsProcessor`.
+It is a ``LogitsProcessor`` itself (``__call__(input_ids, scores)`` returns the
+processed scores) and can be used on its own:
+
+    >>> proc = SpeculativeLogitsProcessor(LogitsProcessorList([TemperatureLogitsWarper(0.7)]))
+    >>> scores, probs = proc.distribution(input_ids, logits)   # probs = softmax(processed)  # doctest: +SKIP
+
+Greedy decoding (``do_sample=False``) makes the distribution the one-hot row
+at ``argmax`` of the processed scores, which makes every lossless verifier
+reproduce greedy decoding token for token.
+
+Rows of different lengths (tree nodes at different depths, batch rows that
+accepted different numbers of tokens) are processed in groups of equal length
+(:meth:`SpeculativeLogitsProcessor.ragged_distribution`): length-dependent
+processors (``min_new_tokens``, exponential decay, ngram bans) then see exactly
+the ``input_ids`` that plain ``generate`` would have shown them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+
+
+def length_groups(lengths: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(length, rows)`` for each distinct value of ``lengths`` [N]; rows is a LongTensor [N_g]."""
+    for length in torch.unique(lengths).tolist():
+        yield int(length), (lengths == length).nonzero()[:, 0]
+
+
+def call_as_batch(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    contexts: torch.Tensor,
+    lengths: torch.Tensor,
+    values: torch.Tensor,
+    batch_rows: torch.Tensor,
+    background: torch.Tensor,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Call ``fn(input_ids, values)`` the way plain ``generate`` does: on the whole batch, one length at a time.
+
+    Processors and stopping criteria may hold per-row state sized to the
+    batch (e.g. the prompt padding lengths of the repetition penalty), so each
+    call gets all B rows in their original order: the entries being evaluated
+    in their batch row, every other row its ``background`` context.
+
+    Args:
+        contexts: [N, T] entry ``i``'s prefix is ``contexts[i, :lengths[i]]``.
+        lengths: [N]; values: [N, ...] second argument per entry (scores).
+        batch_rows: [N] batch row of each entry (several entries may share a row:
+            they go to separate calls).
+        background: [B, T'] committed tokens of every batch row, T' ≥ max(lengths).
+
+    Yields:
+        (entries [N_g], fn's output rows for those entries).
+    """
+    count = batch_rows.shape[0]
+    order = torch.sort(batch_rows, stable=True)
+    first = torch.searchsorted(order.values, order.values, side="left")
+    slot = torch.empty_like(batch_rows)
+    slot[order.indices] = torch.arange(count, device=batch_rows.device) - first
+    key = lengths * (count + 1) + slot
+    for _, entries in length_groups(key):
+        length = int(lengths[entries[0]])
+        rows = batch_rows[entries]
+        input_ids = background[:, :length].clone()
+        input_ids[rows] = contexts[entries, :length]
+        full = values.new_zeros((background.shape[0], *values.shape[1:]))
+        full[rows] = values[entries]
+        yield entries, fn(input_ids, full)[rows]
+
+
+class SpeculativeLogitsProcessor(LogitsProcessor):
+    """Turns one model's raw logits into its sampling distribution, once per prefix.
+
+    Args:
+        logits_processor: the processors and warpers to apply (``None``: none).
+        do_sample: ``False`` makes the distribution one-hot at the argmax.
+        vocab_size: common width V of q and p. Narrower logits are padded with
+            ``-inf`` (probability 0), so a draft with a smaller (or a target
+            with a padded) embedding matrix works on the shared token ids and
+            the target's law is unchanged.
+        dtype: floating dtype of the returned scores and probabilities.
+    """
+
+    def __init__(
+        self,
+        logits_processor: LogitsProcessorList | None = None,
+        *,
+        do_sample: bool = True,
+        vocab_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
+        self.do_sample = do_sample
+        self.vocab_size = vocab_size
+        self.dtype = dtype
+
+    def _widen(self, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.to(self.dtype)
+        if self.vocab_size is None or scores.shape[-1] == self.vocab_size:
+            return scores
+        if scores.shape[-1] > self.vocab_size:
+            raise ValueError(
+                f"logits have width {scores.shape[-1]} but the shared vocabulary has {self.vocab_size} entries"
+            )
+        pad = scores.new_full((*scores.shape[:-1], self.vocab_size - scores.shape[-1]), float("-inf"))
+        return torch.cat([scores, pad], dim=-1)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Processed scores [N, V] for ``input_ids`` [N, T] (one prefix per row) and raw ``scores`` [N, V']."""
+        return self.logits_processor(input_ids, self._widen(scores))
+
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """[N, V]: ``softmax(scores)``, or one-hot at ``argmax(scores)`` when not sampling."""
+        if self.do_sample:
+            return torch.softmax(scores, dim=-1)
+        return torch.nn.functional.one_hot(scores.argmax(-1), scores.shape[-1]).to(scores.dtype)
+
+    def distribution(self, input_ids: torch.LongTensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Processed scores and probabilities, both [N, V], for rows sharing one length T."""
+        scores = self(input_ids, logits)
+        return scores, self.probabilities(scores)
+
+    def ragged_distribution(
+        self,
+        contexts: torch.LongTensor,
+        lengths: torch.Tensor,
+        logits: torch.Tensor,
+        batch_rows: torch.Tensor | None = None,
+        background: torch.LongTensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`distribution` for prefixes of different lengths.
+
+        Args:
+            contexts: [N, T_max], entry ``i``'s prefix is ``contexts[i, :lengths[i]]``.
+            lengths: [N] prefix lengths.
+            logits: [N, V'] raw next-token logits after each prefix.
+            batch_rows, background: batch row of each entry [N] and the committed
+                tokens of the whole batch [B, T]; with them every processor call
+                sees the full batch in order (see :func:`call_as_batch`).
+                Without them the entries are processed as a batch of their own.
+
+        Returns:
+            scores, probs: [N, V] each.
+        """
+        if batch_rows is None:
+            batch_rows = torch.arange(contexts.shape[0], device=contexts.device)
+            background = contexts
+        width = self.vocab_size or logits.shape[-1]
+        scores = logits.new_empty((logits.shape[0], width), dtype=self.dtype)
+        for entries, processed in call_as_batch(self, contexts, lengths, logits, batch_rows, background):
+            scores[entries] = processed
+        return scores, self.probabilities(scores)
+
+
+__all__ = ["SpeculativeLogitsProcessor", "call_as_batch", "length_groups"]

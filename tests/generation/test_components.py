@@ -1,0 +1,142 @@
+"""The processors component and the tree / cache utilities, checked against direct computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LogitsProcessorList
+from transformers.generation.logits_process import (
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+)
+
+from hf_globalres.generation import SpeculativeLogitsProcessor
+from hf_globalres.generation.processors import call_as_batch
+from hf_globalres.generation.tree import additive_mask, forward_tokens, new_state, pack_tree, select_positions
+
+
+def test_processor_is_a_logits_processor(generator):
+    processors = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(5)])
+    ids = torch.randint(0, 16, (3, 6), generator=generator)
+    logits = torch.randn(3, 16, generator=generator)
+    component = SpeculativeLogitsProcessor(processors)
+    scores, probs = component.distribution(ids, logits)
+    assert torch.equal(scores, processors(ids, logits.clone()))
+    assert torch.allclose(probs, torch.softmax(scores, -1))
+    assert ((probs > 0).sum(-1) == 5).all()
+    greedy = SpeculativeLogitsProcessor(processors, do_sample=False).distribution(ids, logits)[1]
+    assert torch.equal(greedy, torch.nn.functional.one_hot(logits.argmax(-1), 16).float())
+
+
+def test_processor_pads_narrow_logits_with_zero_probability(generator):
+    component = SpeculativeLogitsProcessor(vocab_size=16)
+    _, probs = component.distribution(torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 12, generator=generator))
+    assert probs.shape == (2, 16) and (probs[:, 12:] == 0).all()
+    assert torch.allclose(probs.sum(-1), torch.ones(2))
+    with pytest.raises(ValueError, match="width 20"):
+        component.distribution(torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 20))
+
+
+def test_ragged_processing_matches_full_batch_calls(generator):
+    """Entries of different lengths and batch rows equal plain full-batch calls at each length."""
+    padding = torch.tensor([2, 0, 1])
+    processors = LogitsProcessorList(
+        [
+            RepetitionPenaltyLogitsProcessor(1.8, prompt_ignore_length=padding),
+            MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=4, min_new_tokens=3, eos_token_id=2),
+        ]
+    )
+    component = SpeculativeLogitsProcessor(processors)
+    background = torch.randint(0, 16, (3, 10), generator=generator)
+    contexts = torch.randint(0, 16, (4, 10), generator=generator)
+    lengths = torch.tensor([5, 7, 5, 9])
+    rows = torch.tensor([0, 2, 0, 1])  # two entries in row 0: separate calls
+    logits = torch.randn(4, 16, generator=generator)
+    scores, _ = component.ragged_distribution(contexts, lengths, logits, rows, background)
+    for i in range(4):
+        ids = background[:, : lengths[i]].clone()
+        ids[rows[i]] = contexts[i, : lengths[i]]
+        full = torch.zeros(3, 16)
+        full[rows[i]] = logits[i]
+        assert torch.equal(scores[i], processors(ids, full)[rows[i]])
+    # EOS is banned below 4 + 3 tokens only
+    assert scores[0, 2] == float("-inf") and scores[3, 2] > float("-inf")
+
+
+def test_call_as_batch_never_puts_two_entries_in_one_row():
+    seen = []
+
+    def record(ids, values):
+        seen.append(ids.shape)
+        return values
+
+    contexts = torch.zeros(3, 4, dtype=torch.long)
+    out = list(
+        call_as_batch(record, contexts, torch.tensor([3, 3, 3]), torch.ones(3, 2), torch.tensor([1, 1, 0]), contexts)
+    )
+    assert len(out) == 2 and all(shape == (3, 3) for shape in seen)
+    assert sorted(int(i) for entries, _ in out for i in entries) == [0, 1, 2]
+
+
+def test_pack_tree_merges_shared_prefixes():
+    tokens = torch.tensor([[[4, 5], [4, 6], [7, 8], [4, 5]]])  # branches 0 and 3 identical
+    alive = torch.ones_like(tokens, dtype=torch.bool)
+    tree = pack_tree(tokens, alive)
+    assert tree.valid.sum() == 5  # 4, 7 at depth 1; 5, 6, 8 at depth 2
+    nodes = tree.tokens[0].tolist()
+    assert sorted(zip(tree.depth[0].tolist(), nodes, strict=True)) == [(1, 4), (1, 7), (2, 5), (2, 6), (2, 8)]
+    assert tree.canonical[0, :, 0].tolist() == [0, 0, 2, 0] and tree.canonical[0, :, 1].tolist() == [0, 1, 2, 0]
+    column = tree.column[0]
+    assert torch.equal(column[3], column[0])
+    assert tree.tokens[0, column[1, 1]] == 6
+    anc = tree.ancestors[0]
+    assert anc[column[1, 1], column[1, 0]] and anc[column[1, 1], column[1, 1]]
+    assert not anc[column[1, 1], column[2, 0]] and not anc[column[1, 0], column[1, 1]]
+
+
+def test_additive_mask_values():
+    mask = additive_mask(torch.tensor([[[True, False]]]), torch.float16)
+    assert mask.shape == (1, 1, 1, 2) and mask[0, 0, 0, 0] == 0 and mask[0, 0, 0, 1] == torch.finfo(torch.float16).min
+
+
+@torch.no_grad()
+def test_tree_forward_and_compaction_match_plain_forwards(target):
+    """Tree-masked logits with a left-padded context equal separate plain forwards; so do logits after compaction."""
+    context = torch.tensor([[0, 0, 1, 5, 7]])
+    valid = context != 0
+    state = new_state(target, 1, context.device)
+    positions = (valid.cumsum(-1) - 1).clamp_min(0)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    forward_tokens(
+        target, state, context, state.valid[:, None].expand(-1, 5, -1), causal & valid[:, None], positions, 1
+    )
+    branches = torch.tensor([[[3, 9], [3, 4], [11, 12]]])
+    tree = pack_tree(branches, torch.ones_like(branches, dtype=torch.bool))
+    committed = valid
+    nodes = tree.tokens.shape[1]
+    logits = forward_tokens(
+        target,
+        state,
+        tree.tokens,
+        committed[:, None].expand(-1, nodes, -1),
+        tree.ancestors,
+        3 + tree.depth - 1,
+        nodes,
+    )[0]
+    for i in range(3):
+        for d in range(2):
+            plain = target(torch.cat([context[:, 2:], branches[:, i, : d + 1]], dim=1)).logits[0, -1]
+            assert torch.allclose(logits[tree.column[0, i, d]], plain, atol=1e-5)
+    # keep the path of branch 1 (3, 4) and continue with one token
+    keep = torch.cat([committed, torch.zeros(1, nodes, dtype=torch.bool)], dim=1)
+    keep[0, 5 + tree.column[0, 1, 0]] = keep[0, 5 + tree.column[0, 1, 1]] = True
+    state = select_positions(state, keep)
+    assert state.valid.shape[1] == 5 and state.valid.sum() == 5
+    after = forward_tokens(
+        target, state, torch.tensor([[6]]), state.valid[:, None], torch.zeros(1, 1, 1, dtype=torch.bool),
+        torch.tensor([[5]]), 1,
+    )[0, -1]  # fmt: skip
+    plain = target(torch.tensor([[1, 5, 7, 3, 4, 6]])).logits[0, -1]
+    assert torch.allclose(after, plain, atol=1e-5)

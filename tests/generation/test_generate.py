@@ -1,0 +1,292 @@
+"""Greedy equality, entry points, stopping, streaming, outputs and errors on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
+
+import hf_globalres
+from hf_globalres.custom_generate import REPOSITORY
+from hf_globalres.generation import MultiDraftGenerationMixin
+
+from .conftest import EOS, PAD, tiny_llama, tiny_qwen2
+from .test_lossless import left_pad
+
+PROMPTS = [[1, 5, 7, 3], [1, 9], [1, 4, 4, 12, 6]]
+
+
+class ForceTokenAt(LogitsProcessor):
+    """Forces ``token`` as the next token of every row whose prefix has ``length`` tokens."""
+
+    def __init__(self, length: int, token: int) -> None:
+        self.length, self.token = length, token
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[-1] != self.length:
+            return scores
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.token] = 0
+        return forced
+
+
+class StopAfterToken(StoppingCriteria):
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+class Recorder(BaseStreamer):
+    def __init__(self) -> None:
+        self.chunks: list[torch.Tensor] = []
+        self.ended = False
+
+    def put(self, value):
+        self.chunks.append(value.clone())
+
+    def end(self):
+        self.ended = True
+
+
+def batch(prompts=PROMPTS):
+    ids, mask = left_pad(prompts, 1)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize(("n", "depth", "tree"), [(1, 1, True), (2, 3, True), (4, 4, False), (3, 2, False)])
+def test_greedy_equals_plain_generate(target, draft, n, depth, tree):
+    inputs = batch()
+    expected = target.generate(**inputs, do_sample=False, max_new_tokens=20)
+    out = hf_globalres.generate(
+        target, **inputs, assistant_model=draft, num_drafts=n, num_assistant_tokens=depth, tree_attention=tree,
+        do_sample=False, max_new_tokens=20,
+    )  # fmt: skip
+    assert torch.equal(out, expected)
+
+
+def test_greedy_equals_plain_generate_qwen2_with_processors(qwen_pair):
+    target, draft = qwen_pair
+    inputs = batch()
+    options = {"do_sample": False, "max_new_tokens": 16, "repetition_penalty": 1.4, "min_new_tokens": 5}
+    expected = target.generate(**inputs, **options)
+    out = hf_globalres.generate(
+        target, **inputs, assistant_model=draft, num_drafts=2, num_assistant_tokens=3, **options
+    )
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("depth", [1, 3, 4])
+def test_perfect_draft_gives_l_plus_one_tokens_per_forward(target, depth):
+    inputs = batch(PROMPTS[:1])
+    suppress_eos = {"suppress_tokens": [EOS]}
+    out = hf_globalres.generate(
+        target, **inputs, assistant_model=target, num_drafts=2, num_assistant_tokens=depth, do_sample=True,
+        max_new_tokens=13, return_dict_in_generate=True, **suppress_eos,
+    )  # fmt: skip
+    blocks = out.accepted_lengths[0]
+    assert blocks[:-1] == [depth + 1] * (len(blocks) - 1)
+    assert sum(blocks) == 13
+    assert out.target_forwards.tolist() == [-(-13 // (depth + 1))]
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 5, 7])
+def test_max_new_tokens_exact(target, draft, max_new_tokens):
+    inputs = batch()
+    torch.manual_seed(0)
+    out = hf_globalres.generate(
+        target, **inputs, assistant_model=draft, num_drafts=3, num_assistant_tokens=3, do_sample=True,
+        max_new_tokens=max_new_tokens, suppress_tokens=[EOS], return_dict_in_generate=True,
+    )  # fmt: skip
+    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + max_new_tokens
+    assert [sum(blocks) for blocks in out.accepted_lengths] == [max_new_tokens] * len(PROMPTS)
+
+
+@pytest.mark.parametrize("tree", [True, False])
+def test_eos_inside_an_accepted_run(target, tree):
+    """EOS forced at one length is drafted and accepted mid-block; the row stops there and is padded."""
+    inputs = batch()
+    width = inputs["input_ids"].shape[1]
+    processors = LogitsProcessorList([ForceTokenAt(width + 2, EOS)])
+    expected = target.generate(**inputs, do_sample=False, max_new_tokens=10, logits_processor=processors)
+    out = hf_globalres.generate(
+        target, **inputs, assistant_model=target, num_drafts=2, num_assistant_tokens=4, do_sample=False,
+        max_new_tokens=10, logits_processor=processors, tree_attention=tree, return_dict_in_generate=True,
+    )  # fmt: skip
+    assert torch.equal(out.sequences, expected)
+    assert out.sequences.shape[1] == width + 3
+    assert (out.sequences[:, width + 2] == EOS).all()
+    assert out.accepted_lengths == [[3]] * len(PROMPTS)  # one block: 2 accepted + EOS accepted, truncated there
+
+
+def test_rows_stop_at_different_blocks(target, draft):
+    inputs = batch()
+    width = inputs["input_ids"].shape[1]
+    torch.manual_seed(3)
+    out = hf_globalres.generate(
+        target, **inputs, assistant_model=draft, num_drafts=2, num_assistant_tokens=2, do_sample=True,
+        max_new_tokens=30, return_dict_in_generate=True,
+    )  # fmt: skip
+    new = out.sequences[:, width:]
+    for row, blocks in enumerate(out.accepted_lengths):
+        produced = sum(blocks)
+        assert out.target_forwards[row] == len(blocks)
+        assert (new[row, produced:] == PAD).all()
+        if produced < 30:
+            assert new[row, produced - 1] == EOS
+
+
+def test_stopping_criteria_and_stop_strings(target, draft, tokenizer):
+    inputs = batch()
+    criteria = [StopAfterToken(7)]
+    expected = target.generate(**inputs, do_sample=False, max_new_tokens=25, stopping_criteria=criteria)
+    out = hf_globalres.generate(
+        target, **inputs, assistant_model=draft, num_drafts=2, do_sample=False, max_new_tokens=25,
+        stopping_criteria=criteria,
+    )  # fmt: skip
+    assert torch.equal(out, expected)
+    width = inputs["input_ids"].shape[1]
+    greedy = target.generate(**inputs, do_sample=False, max_new_tokens=25)
+    stop = tokenizer.decode(greedy[0, width + 2 : width + 4])
+    options = {"do_sample": False, "max_new_tokens": 25, "stop_strings": [stop], "tokenizer": tokenizer}
+    expected = target.generate(**inputs, **options)
+    out = hf_globalres.generate(target, **inputs, assistant_model=draft, num_drafts=2, **options)
+    assert torch.equal(out, expected)
+    assert (expected[0, width + 4 :] == PAD).all()
+
+
+def test_streamer_receives_tokens_as_accepted(target, draft):
+    inputs = batch(PROMPTS[:1])
+    streamer = Recorder()
+    torch.manual_seed(0)
+    out = hf_globalres.generate(
+        target, **inputs, assistant_model=draft, num_drafts=2, num_assistant_tokens=3, do_sample=True,
+        max_new_tokens=12, streamer=streamer, return_dict_in_generate=True,
+    )  # fmt: skip
+    assert streamer.ended
+    assert torch.equal(streamer.chunks[0], inputs["input_ids"])
+    assert [len(chunk) for chunk in streamer.chunks[1:]] == out.accepted_lengths[0]
+    assert torch.equal(torch.cat([c.flatten() for c in streamer.chunks]), out.sequences[0])
+
+
+def test_return_dict_fields(target, draft):
+    inputs = batch()
+    out = hf_globalres.generate(
+        target, **inputs, assistant_model=draft, num_drafts=2, do_sample=True, max_new_tokens=6,
+        return_dict_in_generate=True,
+    )  # fmt: skip
+    assert isinstance(out, hf_globalres.generation.MultiDraftGenerateOutput)
+    assert out.sequences.dtype == torch.long and out.sequences.shape[0] == len(PROMPTS)
+    assert out.target_forwards.shape == (len(PROMPTS),) and (out.target_forwards >= 1).all()
+    assert len(out.accepted_lengths) == len(PROMPTS) and all(min(b) >= 1 for b in out.accepted_lengths)
+    assert set(out.timings) >= {"target_forward", "draft_forward", "verifier", "total"}
+    assert out.timings["total"] >= out.timings["target_forward"] + out.timings["draft_forward"]
+
+
+def test_verification_callback_sees_verified_rows(target, draft):
+    calls = []
+
+    def callback(depth, q, p, drafts, result):
+        calls.append((depth, q.shape, p.shape, drafts.shape, result.token.shape))
+        assert torch.allclose(q.sum(-1), torch.ones(q.shape[0]), atol=1e-5)
+        assert torch.allclose(p.sum(-1), torch.ones(p.shape[0]), atol=1e-5)
+        present = drafts >= 0
+        assert present.any(-1).all()
+        assert torch.equal(result.accepted, (drafts == result.token[:, None]).any(-1))
+
+    inputs = batch()
+    hf_globalres.generate(
+        target, **inputs, assistant_model=draft, num_drafts=3, num_assistant_tokens=2, do_sample=True,
+        max_new_tokens=8, verification_callback=callback,
+    )  # fmt: skip
+    assert calls and {c[0] for c in calls} <= {1, 2}
+    assert all(c[1][1] == 16 and c[3][1] == 3 for c in calls)
+    assert calls[0][1][0] == len(PROMPTS)
+
+
+def test_entry_points_agree(target, draft):
+    inputs = batch()
+    options = {"assistant_model": draft, "num_drafts": 3, "num_assistant_tokens": 2, "do_sample": True}
+    options.update(max_new_tokens=9, temperature=0.9)
+
+    def run(fn):
+        torch.manual_seed(11)
+        return fn()
+
+    reference = run(lambda: hf_globalres.generate(target, **inputs, **options))
+    plain = run(lambda: target.generate(**inputs, do_sample=True, max_new_tokens=9))
+    hf_globalres.enable(target)
+    try:
+        assert torch.equal(run(lambda: target.generate(**inputs, **options)), reference)
+        # without multi-draft keywords, generate is unchanged
+        assert torch.equal(run(lambda: target.generate(**inputs, do_sample=True, max_new_tokens=9)), plain)
+    finally:
+        hf_globalres.disable(target)
+    with pytest.raises(ValueError, match="num_drafts"):
+        target.generate(**inputs, **options)
+    hf_globalres.enable()
+    try:
+        assert torch.equal(run(lambda: target.generate(**inputs, **options)), reference)
+    finally:
+        hf_globalres.disable()
+    with pytest.raises(ValueError, match="num_drafts"):
+        target.generate(**inputs, **options)
+
+    mixed = type("MixedLlama", (MultiDraftGenerationMixin, LlamaForCausalLM), {})(target.config).eval()
+    mixed.load_state_dict(target.state_dict())
+    assert torch.equal(run(lambda: mixed.generate(**inputs, **options)), reference)
+    assert torch.equal(run(lambda: mixed.generate(**inputs, do_sample=True, max_new_tokens=9)), plain)
+
+    hub_style = run(
+        lambda: target.generate(**inputs, custom_generate=str(REPOSITORY), trust_remote_code=True, **options)
+    )
+    assert torch.equal(hub_style, reference)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"num_drafts": 0}, "num_drafts"),
+        ({"num_drafts": 1.5}, "num_drafts"),
+        ({"num_assistant_tokens": 0}, "num_assistant_tokens"),
+        ({"tree_attention": "yes"}, "tree_attention"),
+        ({"verifier": "no-such-rule"}, "unknown verifier"),
+        ({"verifier": "single", "num_drafts": 2}, "at most 1"),
+        ({"assistant_model": None}, "assistant_model"),
+        ({"num_beams": 2}, "num_beams"),
+        ({"output_scores": True}, "output_scores"),
+        ({"stop_strings": ["ab"]}, "tokenizer"),
+    ],
+)
+def test_bad_arguments(target, draft, options, message):
+    kwargs = {"assistant_model": draft, "num_drafts": 2, "do_sample": True, "max_new_tokens": 3, **options}
+    with pytest.raises(ValueError, match=message):
+        hf_globalres.generate(target, **batch(), **kwargs)
+
+
+def test_different_tokenizers_are_refused(target, tokenizer):
+    other = tiny_llama(7, layers=1, eos_token_id=5)
+    with pytest.raises(ValueError, match="different tokenizers"):
+        hf_globalres.generate(target, **batch(), assistant_model=other, num_drafts=2, max_new_tokens=3)
+    vocab = dict(tokenizer.get_vocab())
+    with pytest.raises(ValueError, match="assistant_tokenizer"):
+        hf_globalres.generate(
+            target, **batch(), assistant_model=target, num_drafts=2, max_new_tokens=3, tokenizer=tokenizer,
+            assistant_tokenizer=_renamed(tokenizer, vocab),
+        )  # fmt: skip
+
+
+def _renamed(tokenizer, vocab):
+    class Other:
+        def get_vocab(self):
+            return {f"x{token}": index for token, index in vocab.items()}
+
+    return Other()
+
+
+def test_sliding_window_is_refused(target):
+    windowed = tiny_qwen2(8, layers=1, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    with pytest.raises(ValueError, match="sliding-window"):
+        hf_globalres.generate(windowed, **batch(), assistant_model=target, num_drafts=2, max_new_tokens=3)

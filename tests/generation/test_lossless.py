@@ -1,0 +1,132 @@
+"""Losslessness of the whole decoding loop on tiny random models.
+
+For each case, 20,000 continuations of 3 new tokens are sampled in one batch
+and compared with the exact law of plain sampling from the target (enumerated
+over all V³ = 4096 outcomes, EOS absorbing) by Pearson's chi-square test.
+Seeds are fixed, so each case is deterministic; a case fails when its p-value
+is below ``LEVEL`` = 1e-4. ``test_detects_wrong_draft_law`` shows the same
+test rejects a loop whose drafts do not follow the p given to the verifier.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import hf_globalres
+from hf_globalres import verifiers
+from hf_globalres.generation import drafting
+
+from .conftest import EOS, PAD, tiny_llama
+from .law import NEW_TOKENS, chi_square, exact_law, pvalue
+
+LEVEL = 1e-4
+SAMPLES = 20_000
+PROMPTS = [[1, 5, 7, 3], [1, 9], [1, 4, 4, 12, 6], [1, 11, 3]]
+SAMPLINGS = [
+    {},
+    {"temperature": 0.7, "top_k": 8},
+    {"temperature": 1.3, "top_p": 0.85},
+    {"repetition_penalty": 1.5, "min_p": 0.05},
+]
+
+
+def _cases() -> list[tuple]:
+    cases = []
+    counter = itertools.count()
+    for name in verifiers.available():
+        rule = verifiers.get(name)
+        for n in (1, 2, 4):
+            if rule.max_drafts is not None and n > rule.max_drafts:
+                continue
+            for depth in (1, 3):
+                i = next(counter)
+                cases.append((name, n, depth, i % 2 == 0, (i // 2) % 2 == 0, SAMPLINGS[i % len(SAMPLINGS)]))
+    return cases
+
+
+def left_pad(prompts: list[list[int]], repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[len(prompts)·repeats, T] ids and mask, prompt ``i`` in rows ``i·repeats .. (i + 1)·repeats − 1``."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids.repeat_interleave(repeats, 0), mask.repeat_interleave(repeats, 0)
+
+
+def sample_continuations(target, draft, prompts, seed=0, **kwargs) -> torch.Tensor:
+    """[len(prompts)·(SAMPLES / len(prompts)), 3] first new tokens (PAD after EOS)."""
+    ids, mask = left_pad(prompts, SAMPLES // len(prompts))
+    torch.manual_seed(seed)
+    out = hf_globalres.generate(
+        target, ids, attention_mask=mask, assistant_model=draft, do_sample=True, max_new_tokens=NEW_TOKENS, **kwargs
+    )
+    new = out[:, ids.shape[1] :]
+    return torch.nn.functional.pad(new, (0, NEW_TOKENS - new.shape[1]), value=PAD)
+
+
+def lossless_pvalue(target, draft, prompts, sampling, **kwargs) -> float:
+    samples = sample_continuations(target, draft, prompts, **sampling, **kwargs)
+    per_prompt = samples.shape[0] // len(prompts)
+    parts = [
+        chi_square(exact_law(target, prompt, sampling, EOS, PAD), samples[i * per_prompt : (i + 1) * per_prompt])
+        for i, prompt in enumerate(prompts)
+    ]
+    return pvalue(parts)
+
+
+@pytest.mark.parametrize(("verifier", "n", "depth", "tree", "batch4", "sampling"), _cases())
+def test_lossless(target, draft, verifier, n, depth, tree, batch4, sampling):
+    prompts = PROMPTS if batch4 else PROMPTS[:1]
+    p = lossless_pvalue(
+        target,
+        draft,
+        prompts,
+        sampling,
+        verifier=verifier,
+        num_drafts=n,
+        num_assistant_tokens=depth,
+        tree_attention=tree,
+    )
+    assert p > LEVEL, f"output law differs from the target's (chi-square p = {p:.2e})"
+
+
+@pytest.mark.parametrize("draft_vocab", [12, 20])
+def test_lossless_with_different_logit_widths(target, draft_vocab):
+    """A draft whose embedding matrix is narrower or padded wider still gives the target's law."""
+    narrow = tiny_llama(5, vocab=draft_vocab, layers=1)
+    p = lossless_pvalue(target, narrow, PROMPTS[:2], {"temperature": 0.8}, verifier="spectr", num_drafts=4)
+    assert p > LEVEL
+
+
+def test_lossless_qwen2(qwen_pair):
+    target, draft = qwen_pair
+    p = lossless_pvalue(target, draft, PROMPTS[1:3], {"top_k": 6}, verifier="rrs", num_drafts=3, num_assistant_tokens=2)
+    assert p > LEVEL
+
+
+def test_detects_wrong_draft_law(target, draft, monkeypatch):
+    """Drafts drawn from p² (renormalised) while the verifier is told p: the test must reject."""
+    honest = drafting.sample_categorical
+
+    def distorted(probs, generator=None):
+        return honest(probs**2, generator)
+
+    monkeypatch.setattr(drafting, "sample_categorical", distorted)
+    p = lossless_pvalue(target, draft, PROMPTS[:1], {}, verifier="spectr", num_drafts=2, num_assistant_tokens=3)
+    assert p < LEVEL, f"a wrong draft law went undetected (p = {p:.2e})"
+
+
+def test_lossless_without_replacement_beyond_support(target, draft):
+    """top_k = 3 < n = 4: sampling without replacement runs out of support and branches die."""
+    p = lossless_pvalue(
+        target,
+        draft,
+        PROMPTS[:2],
+        {"top_k": 3},
+        verifier="rrs_without_replacement",
+        num_drafts=4,
+        num_assistant_tokens=3,
+    )
+    assert p > LEVEL

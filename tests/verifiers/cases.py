@@ -1,0 +1,60 @@
+"""Small token-level cases shared by the verifier tests."""
+
+from __future__ import annotations
+
+import torch
+
+CASE_KINDS = ("random", "sparse", "equal", "disjoint", "one_hot_p", "one_hot_q", "q_zero_where_p")
+
+
+def make_case(kind: str, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [V], p [V]) float64 for one named kind of case."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand() -> torch.Tensor:
+        return torch.rand(vocab, generator=g, dtype=torch.float64) ** 3 + 1e-3
+
+    q, p = rand(), rand()
+    if kind == "sparse":
+        q[torch.randperm(vocab, generator=g)[: vocab // 2]] = 0
+        p[torch.randperm(vocab, generator=g)[: vocab // 2]] = 0
+        q[0], p[-1] = q[0] + 0.1, p[-1] + 0.1  # both rows keep some mass
+    elif kind == "equal":
+        p = q.clone()
+    elif kind == "disjoint":
+        half = vocab // 2
+        q[half:], p[:half] = 0, 0
+    elif kind == "one_hot_p":
+        p = torch.zeros(vocab, dtype=torch.float64)
+        p[int(torch.randint(vocab, (1,), generator=g))] = 1
+    elif kind == "one_hot_q":
+        q = torch.zeros(vocab, dtype=torch.float64)
+        q[int(torch.randint(vocab, (1,), generator=g))] = 1
+    elif kind == "q_zero_where_p":
+        q[: vocab // 2] = 0
+    elif kind != "random":
+        raise ValueError(kind)
+    return q / q.sum(), p / p.sum()
+
+
+def random_batch(
+    batch: int, vocab: int, seed: int, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [B, V], p [B, V]) softmax of correlated random logits."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(batch, vocab, generator=g, dtype=torch.float64) * 2
+    q = torch.softmax(base + 0.7 * torch.randn(batch, vocab, generator=g, dtype=torch.float64), -1)
+    p = torch.softmax(base + 0.7 * torch.randn(batch, vocab, generator=g, dtype=torch.float64), -1)
+    return q.to(dtype), p.to(dtype)
+
+
+def draw_drafts(
+    draft_probs: torch.Tensor, num_drafts: int, scheme: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """[B, n] drafts from p [B, V] under ``scheme`` (−1 where p has too small a support)."""
+    if scheme == "iid":
+        return torch.multinomial(draft_probs, num_drafts, replacement=True, generator=generator)
+    support = int((draft_probs > 0).sum(-1).min())
+    drawn = torch.multinomial(draft_probs, min(num_drafts, support), replacement=False, generator=generator)
+    pad = torch.full((draft_probs.shape[0], num_drafts - drawn.shape[1]), -1, dtype=torch.long)
+    return torch.cat([drawn, pad], dim=1)
