@@ -317,7 +317,8 @@ def write_report(config: EvalConfig, records: list[dict[str, Any]], directory: P
         f"# Evaluation: {config.run_name}",
         "",
         f"Target `{config.target}`, draft `{config.draft}`, datasets {', '.join(config.datasets)}, "
-        f"at most {config.limit or "all"} prompts each, up to {config.max_new_tokens} new tokens per turn, seed {config.seed}.",
+        f"at most {config.limit or 'all'} prompts each, up to {config.max_new_tokens} new tokens per turn, "
+        f"seed {config.seed}.",
         "Block efficiency is new tokens per target forward; acceptance is per verified position, next to the",
         "theoretical optimum for the same q, p and number of drafts. Speedups compare tokens/s.",
         "",
