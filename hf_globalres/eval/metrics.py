@@ -22,6 +22,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -212,11 +213,24 @@ def speedup(tokens_per_s: float | None, baseline_tokens_per_s: float | None) -> 
     return tokens_per_s / baseline_tokens_per_s
 
 
+#: The metrics shipped as ``evaluate`` modules (folders beside this file).
+EVALUATE_MODULES = ("acceptance_per_depth", "block_efficiency", "gsm8k_answer_match")
+
+
+def evaluate_module_path(name: str) -> str:
+    """Folder of the ``evaluate`` module ``name``, for ``evaluate.load(evaluate_module_path(name))`` (offline)."""
+    if name not in EVALUATE_MODULES:
+        raise ValueError(f"unknown metric {name!r}; available: {', '.join(EVALUATE_MODULES)}")
+    return str(Path(__file__).with_name("metrics") / name)
+
+
 __all__ = [
+    "EVALUATE_MODULES",
     "DepthStats",
     "acceptance_summary",
     "answer_match",
     "block_efficiency",
+    "evaluate_module_path",
     "extract_final_answer",
     "speedup",
     "within_noise",
