@@ -185,7 +185,7 @@ class EvalConfig:
         if "multidraft" in self.methods:
             for name, ns in self.verifier_grid():
                 out += [Method("multidraft", name, n, L) for L in self.lengths for n in ns]
-        return out
+        return list(dict.fromkeys(out))  # "all" may repeat a rule named on its own
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name
