@@ -124,9 +124,9 @@ class EvalConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid setting."""
-        for name in self.datasets:
+    def validate(self, *, datasets: bool = True) -> None:
+        """Raise ValueError naming the first invalid setting (``datasets=False``: prompts come from the caller)."""
+        for name in self.datasets if datasets else []:
             if name not in prompt_sets.LOADERS:
                 raise ValueError(f"unknown dataset {name!r}; available: {', '.join(prompt_sets.LOADERS)}")
         for kind in self.methods:
@@ -516,9 +516,9 @@ def run(
         config: the run.
         models: preloaded models (default: load ``config.target``/``config.draft``).
         progress: show a progress bar.
-        prompts: prompts per dataset (default: load ``config.datasets``).
+        prompts: prompts per dataset name, e.g. your own (default: load ``config.datasets``).
     """
-    config.validate()
+    config.validate(datasets=prompts is None)
     if config.threads:
         torch.set_num_threads(config.threads)
     run_dir = config.run_dir()
@@ -537,7 +537,7 @@ def run(
         done = store.done()
         todo = [
             (name, temperature, method, prompt)
-            for name in config.datasets
+            for name in prompts
             for temperature in config.temperatures
             for index, prompt in enumerate(prompts[name])
             if index % world == rank
