@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     run_dir = config.run_dir()
-    if args.overwrite and run_dir.exists() and not args.report_only:
+    if args.overwrite and run_dir.exists() and not args.report_only and _is_main_process():
         shutil.rmtree(run_dir)
     try:
         if args.report_only:

@@ -489,14 +489,15 @@ def _progress(total: int, disable: bool) -> Any:
 
 
 @contextlib.contextmanager
-def _distributed() -> Iterator[Any]:
+def _distributed(device: str) -> Iterator[Any]:
     """accelerate's process state when available (rank, world size, barrier), else a single process."""
     try:
         from accelerate import PartialState
     except ImportError:  # pragma: no cover - accelerate is part of the eval extra
         yield None
         return
-    yield PartialState()
+    # CPU processes (torchrun / accelerate launch --cpu) need cpu=True to join one gloo group.
+    yield PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
 
 
 def run(
@@ -522,7 +523,7 @@ def run(
     if config.threads:
         torch.set_num_threads(config.threads)
     run_dir = config.run_dir()
-    with _distributed() as state:
+    with _distributed(config.device) as state:
         rank = state.process_index if state is not None else 0
         world = state.num_processes if state is not None else 1
         if rank == 0:
