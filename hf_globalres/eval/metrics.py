@@ -217,6 +217,19 @@ def speedup(tokens_per_s: float | None, baseline_tokens_per_s: float | None) -> 
 EVALUATE_MODULES = ("acceptance_per_depth", "block_efficiency", "gsm8k_answer_match")
 
 
+def evaluate_info(description: str, inputs_description: str, **features: str) -> Any:
+    """The ``evaluate.MetricInfo`` of a shipped module: one ``datasets.Value(dtype)`` column per input."""
+    import datasets
+    import evaluate
+
+    return evaluate.MetricInfo(
+        description=description,
+        citation="",
+        inputs_description=inputs_description,
+        features=datasets.Features({name: datasets.Value(dtype) for name, dtype in features.items()}),
+    )
+
+
 def evaluate_module_path(name: str) -> str:
     """Folder of the ``evaluate`` module ``name``, for ``evaluate.load(evaluate_module_path(name))`` (offline)."""
     if name not in EVALUATE_MODULES:
@@ -230,6 +243,7 @@ __all__ = [
     "acceptance_summary",
     "answer_match",
     "block_efficiency",
+    "evaluate_info",
     "evaluate_module_path",
     "extract_final_answer",
     "speedup",

@@ -1,9 +1,8 @@
 """Acceptance of a speculative verification rule per draft-tree depth, next to the theoretical optimum."""
 
-import datasets
 import evaluate
 
-from hf_globalres.eval.metrics import acceptance_summary
+from hf_globalres.eval.metrics import acceptance_summary, evaluate_info
 
 _DESCRIPTION = """
 One input row per verified position: its tree depth (1 = first draft token), whether a draft was accepted, and
@@ -29,18 +28,7 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class AcceptancePerDepth(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "depths": datasets.Value("int64"),
-                    "accepted": datasets.Value("int64"),
-                    "optimal": datasets.Value("float64"),
-                }
-            ),
-        )
+        return evaluate_info(_DESCRIPTION, _KWARGS_DESCRIPTION, depths="int64", accepted="int64", optimal="float64")
 
     def _compute(self, depths, accepted, optimal):
         if any(d < 1 for d in depths):

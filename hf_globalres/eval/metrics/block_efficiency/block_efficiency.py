@@ -1,9 +1,8 @@
 """Block efficiency of speculative decoding: tokens generated per target-model forward pass."""
 
-import datasets
 import evaluate
 
-from hf_globalres.eval.metrics import block_efficiency
+from hf_globalres.eval.metrics import block_efficiency, evaluate_info
 
 _DESCRIPTION = """
 Block efficiency = Σ new tokens / Σ target forwards over a set of generations (a ratio of totals).
@@ -26,14 +25,7 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class BlockEfficiency(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"new_tokens": datasets.Value("int64"), "target_forwards": datasets.Value("int64")}
-            ),
-        )
+        return evaluate_info(_DESCRIPTION, _KWARGS_DESCRIPTION, new_tokens="int64", target_forwards="int64")
 
     def _compute(self, new_tokens, target_forwards):
         return {"block_efficiency": block_efficiency(new_tokens, target_forwards)}

@@ -1,9 +1,8 @@
 """GSM8K final-answer accuracy: the last number of a generated solution against the reference answer."""
 
-import datasets
 import evaluate
 
-from hf_globalres.eval.metrics import answer_match
+from hf_globalres.eval.metrics import answer_match, evaluate_info
 
 _DESCRIPTION = """
 Compares the final numeric answer of each prediction with the reference. The answer is the first number after the
@@ -28,14 +27,7 @@ Examples:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Gsm8kAnswerMatch(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-        )
+        return evaluate_info(_DESCRIPTION, _KWARGS_DESCRIPTION, predictions="string", references="string")
 
     def _compute(self, predictions, references):
         return answer_match(predictions, references)
