@@ -196,12 +196,21 @@ def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
 
 
 def format_findings(items: list[dict[str, Any]]) -> str:
+    """One line per check; accuracy checks fold into one line per setting (failures named)."""
     lines = []
+    accuracy: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for f in items:
+        where = f"{f['dataset']} T={f['temperature']:g}"
+        if f["check"] == "accuracy_within_noise":
+            accuracy[where].append(f)
+            continue
         against = f" vs {f['against']}" if "against" in f else ""
         verdict = "" if "passed" not in f else ("  [ok]" if f["passed"] else "  [FAILED]")
-        where = f"{f['dataset']} T={f['temperature']:g}"
         lines.append(f"- {where}: {f['check']} of {f['method']}{against}: {f['value']:.4f}{verdict}")
+    for where, checks in accuracy.items():
+        failed = [f"{f['method']} ({f['value']:+.3f})" for f in checks if not f["passed"]]
+        line = f"- {where}: GSM8K accuracy within noise of autoregressive for {len(checks) - len(failed)}/{len(checks)}"
+        lines.append(line + (f"; outside: {', '.join(failed)}" if failed else ""))
     return "\n".join(lines)
 
 
