@@ -256,8 +256,13 @@ def plot(rows: list[dict[str, Any]], directory: Path) -> list[Path]:
                 if (r["dataset"], r["temperature"]) == (dataset, temperature):
                     lines[(r["verifier"], r["length"])].append((r["num_drafts"], r["block_efficiency"]))
             for (verifier, L), points in sorted(lines.items()):
+                single = lines.get((BASELINE_VERIFIER, L), [])
+                # With one draft every rule is the single-draft rule: its n = 1 point starts each line.
+                if verifier != BASELINE_VERIFIER and all(n != 1 for n, _ in points):
+                    points = points + [p for p in single if p[0] == 1]
                 points.sort()
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{verifier} L={L}")
+            ax.xaxis.get_major_locator().set_params(integer=True)
             for r in rows:
                 if r["kind"] == "assisted" and (r["dataset"], r["temperature"]) == (dataset, temperature):
                     ax.axhline(r["block_efficiency"], linestyle="--", color="gray", linewidth=1)
