@@ -72,7 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
             "on the built-in Qwen2.5-Coder-1.5B/0.5B-Instruct pair (assembled on first use) and prints the headline "
             "table. Results are appended per prompt, so an interrupted run resumes where it stopped."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="config name in eval/configs (default, gsm8k-grid, mtbench-grid) or a path")
     models = parser.add_argument_group("models")
