@@ -85,7 +85,7 @@ class EvalConfig:
     gsm8k_path: str | None = None
     mtbench_path: str | None = None
     limit: int | None = 3
-    max_new_tokens: int = 24
+    max_new_tokens: int = 16
     temperatures: list[float] = field(default_factory=lambda: [1.0])
     methods: list[str] = field(default_factory=lambda: list(METHOD_KINDS))
     verifiers: list[str] = field(default_factory=lambda: default_verifiers())
