@@ -43,6 +43,20 @@ def block_efficiency(new_tokens: Sequence[int], target_forwards: Sequence[int]) 
     return sum(new_tokens) / forwards
 
 
+def complete_block_efficiency(accepted_lengths: Sequence[Sequence[int]]) -> float | None:
+    """Mean tokens per block over every generation's blocks but its last.
+
+    ``accepted_lengths``: per generation, the tokens emitted by each block.
+    The last block of a generation is usually cut by the token limit, which
+    caps :func:`block_efficiency` at about ``max_new_tokens / ceil(max_new_tokens / (L + 1))``
+    on short generations; leaving it out removes that cap (with a slight
+    downward bias, since long blocks are the likelier to be cut). ``None``
+    when no generation has two blocks.
+    """
+    complete = [length for lengths in accepted_lengths for length in list(lengths)[:-1]]
+    return sum(complete) / len(complete) if complete else None
+
+
 @dataclass
 class DepthStats:
     """Acceptance counts per tree depth, filled by :meth:`callback` during generation.
@@ -243,6 +257,7 @@ __all__ = [
     "acceptance_summary",
     "answer_match",
     "block_efficiency",
+    "complete_block_efficiency",
     "evaluate_info",
     "evaluate_module_path",
     "extract_final_answer",

@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .metrics import DepthStats, answer_match, block_efficiency, speedup, within_noise
+from .metrics import DepthStats, answer_match, block_efficiency, complete_block_efficiency, speedup, within_noise
 from .runner import EvalConfig, atomic_write
 
 REFERENCE_VERIFIER = "optimal"
@@ -31,6 +31,7 @@ COLUMNS = (
     ("prompts", "prompts", "{}"),
     ("new_tokens", "tokens", "{}"),
     ("block_efficiency", "blk eff", "{:.3f}"),
+    ("complete_block_efficiency", "full blk", "{:.3f}"),
     ("acceptance", "accept", "{:.3f}"),
     ("optimal_acceptance", "optimum", "{:.3f}"),
     ("tokens_per_s", "tok/s", "{:.2f}"),
@@ -79,6 +80,8 @@ def _row(group: list[dict[str, Any]]) -> dict[str, Any]:
     row["verifier_ms_per_token"] = (
         1e3 * sum(verifier_seconds) / sum(tokens) if verifier_seconds and sum(tokens) else None
     )
+    blocks = [t["accepted_lengths"] for r in group for t in r["turns"] if t.get("accepted_lengths")]
+    row["complete_block_efficiency"] = complete_block_efficiency(blocks) if blocks else None
     depth = [r["depth"] for r in group if r.get("depth")]
     if depth:
         stats = DepthStats()
@@ -333,7 +336,8 @@ def write_report(config: EvalConfig, records: list[dict[str, Any]], directory: P
         f"Target `{config.target}`, draft `{config.draft}`, datasets {', '.join(config.datasets)}, "
         f"at most {config.limit or 'all'} prompts each, up to {config.max_new_tokens} new tokens per turn, "
         f"seed {config.seed}.",
-        "Block efficiency is new tokens per target forward; acceptance is per verified position, next to the",
+        "Block efficiency is new tokens per target forward (full blk: mean tokens per block, each generation's",
+        "last block, usually cut by the token limit, left out); acceptance is per verified position, next to the",
         "theoretical optimum for the same q, p and number of drafts. Speedups compare tokens/s.",
         "",
         format_table(rows, markdown=True),

@@ -23,6 +23,11 @@ def test_block_efficiency_is_a_ratio_of_totals():
         metrics.block_efficiency([-1], [1])
 
 
+def test_complete_block_efficiency_leaves_out_each_last_block():
+    assert metrics.complete_block_efficiency([[5, 5, 2], [3, 1], [4]]) == pytest.approx((5 + 5 + 3) / 3)
+    assert metrics.complete_block_efficiency([[4], [2]]) is None
+
+
 def test_acceptance_summary_arithmetic():
     out = metrics.acceptance_summary([4, 2, 0], [3, 1, 0], [3.5, 1.5, 0.0], [2.0, 1.0, 0.0])
     assert out["per_depth"] == [0.75, 0.5, None]

@@ -95,6 +95,10 @@ def test_report_files_and_summary(tiny_run):
         assert row["block_efficiency"] == pytest.approx(row["new_tokens"] / sum(r["target_forwards"] for r in mine))
         if method == "autoregressive":
             assert row["block_efficiency"] == 1.0 and row["speedup_vs_autoregressive"] == 1.0
+            assert row["complete_block_efficiency"] is None
+        elif row["kind"] == "multidraft":
+            blocks = [b for r in mine for t in r["turns"] for b in t["accepted_lengths"][:-1]]
+            assert row["complete_block_efficiency"] == (sum(blocks) / len(blocks) if blocks else None)
         if dataset == "gsm8k":
             assert row["accuracy"] == sum(r["correct"] for r in mine) / len(mine)
     report = (run_dir / "report.md").read_text()
