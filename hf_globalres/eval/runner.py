@@ -1,0 +1,618 @@
+"""The evaluation loop: every method on the same prompts with the same seeds, one JSONL record per result.
+
+Methods (:class:`Method`):
+
+- ``autoregressive``: plain sampling from the target (``model.generate``);
+- ``assisted``: transformers' own assisted generation, one draft of L tokens
+  (batch 1, ``assistant_model=``, constant ``num_assistant_tokens``);
+- ``multidraft``: ``hf_globalres.generate`` with a registered verifier, n
+  drafts of L tokens; acceptance per depth and the theoretical optimum on the
+  same positions are measured through ``verification_callback``.
+
+Every (dataset, temperature, method, prompt) result is appended to
+``<run dir>/records.<rank>.jsonl`` as soon as it is done, so a rerun skips
+finished work; :class:`RecordStore` drops a torn last line left by an
+interruption. Prompts are sharded across ``accelerate`` processes when the
+suite runs under ``accelerate launch``; the main process writes the report
+from every shard's records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .. import verifiers
+from . import datasets as prompt_sets
+from .metrics import DepthStats, extract_final_answer
+
+MethodKind = Literal["autoregressive", "assisted", "multidraft"]
+METHOD_KINDS: tuple[MethodKind, ...] = ("autoregressive", "assisted", "multidraft")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One decoding method of the grid.
+
+    Attributes:
+        kind: "autoregressive", "assisted" or "multidraft".
+        verifier: registered verifier name (multidraft only).
+        num_drafts: n (1 for assisted, 0 for autoregressive).
+        length: L, draft tokens per block (0 for autoregressive).
+    """
+
+    kind: MethodKind
+    verifier: str | None = None
+    num_drafts: int = 0
+    length: int = 0
+
+    @property
+    def name(self) -> str:
+        if self.kind == "autoregressive":
+            return "autoregressive"
+        if self.kind == "assisted":
+            return f"hf-assisted L={self.length}"
+        return f"{self.verifier} n={self.num_drafts} L={self.length}"
+
+
+def default_verifiers() -> list[str]:
+    """Single-draft at n = 1 against SpecTr and (once registered) the optimal rule at n = 4."""
+    return ["single", "spectr:4"] + (["optimal:4"] if "optimal" in verifiers.available() else [])
+
+
+@dataclass
+class EvalConfig:
+    """Everything a run depends on. The defaults are the README main job.
+
+    The default grid is sized for a 2-core CPU: a handful of GSM8K prompts and
+    short generations over autoregressive sampling, transformers' assisted
+    generation and the multi-draft verifiers at n = 1 and 4.
+    """
+
+    target: str = "qwen2.5-coder-1.5b-instruct"
+    draft: str = "qwen2.5-coder-0.5b-instruct"
+    datasets: list[str] = field(default_factory=lambda: ["gsm8k"])
+    gsm8k_path: str | None = None
+    mtbench_path: str | None = None
+    limit: int | None = 3
+    max_new_tokens: int = 16
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    methods: list[str] = field(default_factory=lambda: list(METHOD_KINDS))
+    verifiers: list[str] = field(default_factory=lambda: default_verifiers())
+    num_drafts: list[int] = field(default_factory=lambda: [1, 4])
+    lengths: list[int] = field(default_factory=lambda: [4])
+    seed: int = 0
+    output_dir: str = "eval/reports"
+    run_name: str = "default"
+    dtype: str = "float32"
+    device: str = "auto"
+    device_map: str | None = None
+    threads: int | None = None
+    tree_attention: bool | str = "auto"
+    measure_acceptance: bool = True
+
+    #: Fields that change results: a run directory refuses to resume under different values.
+    RESULT_FIELDS = (
+        "target",
+        "draft",
+        "gsm8k_path",
+        "mtbench_path",
+        "max_new_tokens",
+        "seed",
+        "dtype",
+        "tree_attention",
+    )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, *, datasets: bool = True) -> None:
+        """Raise ValueError naming the first invalid setting (``datasets=False``: prompts come from the caller)."""
+        for name in self.datasets if datasets else []:
+            if name not in prompt_sets.LOADERS:
+                raise ValueError(f"unknown dataset {name!r}; available: {', '.join(prompt_sets.LOADERS)}")
+        for kind in self.methods:
+            if kind not in METHOD_KINDS:
+                raise ValueError(f"unknown method {kind!r}; available: {', '.join(METHOD_KINDS)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be ≥ 1, got {self.limit}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        if any(t < 0 for t in self.temperatures) or not self.temperatures:
+            raise ValueError(
+                f"temperatures must be a non-empty list of values ≥ 0 (0 = greedy), got {self.temperatures}"
+            )
+        if any(n < 1 for n in self.num_drafts) or any(L < 1 for L in self.lengths):
+            raise ValueError("num_drafts and lengths must be ≥ 1")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if "multidraft" in self.methods:
+            self.verifier_grid()
+
+    def verifier_grid(self) -> list[tuple[str, list[int]]]:
+        """``(verifier, [n, ...])`` pairs from ``verifiers`` entries.
+
+        An entry is ``"name"`` (every n of ``num_drafts`` the rule can take),
+        ``"name:n1,n2"`` (exactly those n) or ``"all"`` (every registered rule,
+        like ``"name"``).
+        """
+        known = verifiers.available()
+        out: list[tuple[str, list[int]]] = []
+        for entry in self.verifiers:
+            name, _, counts = entry.partition(":")
+            names = known if name == "all" else [name]
+            for rule_name in names:
+                if rule_name not in known:
+                    raise ValueError(f"unknown verifier {rule_name!r}; available: {', '.join(known)}")
+                limit = verifiers.get(rule_name).max_drafts
+                if counts:
+                    try:
+                        ns = [int(c) for c in counts.split(",")]
+                    except ValueError:
+                        raise ValueError(f"verifier entry {entry!r}: expected 'name:n1,n2,...'") from None
+                    if any(n < 1 or (limit is not None and n > limit) for n in ns):
+                        raise ValueError(f"verifier entry {entry!r}: {rule_name} takes 1..{limit or 'any'} drafts")
+                else:
+                    ns = [n for n in self.num_drafts if limit is None or n <= limit]
+                out.append((rule_name, ns))
+        return out
+
+    def grid(self) -> list[Method]:
+        """Methods of the run in a fixed order (autoregressive, assisted per L, then each verifier per L and n)."""
+        out: list[Method] = []
+        if "autoregressive" in self.methods:
+            out.append(Method("autoregressive"))
+        if "assisted" in self.methods:
+            out += [Method("assisted", num_drafts=1, length=L) for L in self.lengths]
+        if "multidraft" in self.methods:
+            for name, ns in self.verifier_grid():
+                out += [Method("multidraft", name, n, L) for L in self.lengths for n in ns]
+        return list(dict.fromkeys(out))  # "all" may repeat a rule named on its own
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+
+def record_key(dataset: str, temperature: float, method: Method, uid: str) -> str:
+    return f"{dataset}|T={temperature:g}|{method.name}|{uid}"
+
+
+def prompt_seed(seed: int, uid: str, temperature: float, turn: int) -> int:
+    """Seed of one generation: equal for every method, different across prompts, temperatures and turns."""
+    digest = hashlib.sha256(f"{seed}|{uid}|{temperature:g}|{turn}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+class RecordStore:
+    """Per-result JSONL files of one run directory (one file per process rank).
+
+    Each record is one line written with a single ``write`` and flushed to
+    disk, so an interruption can only tear the last line; opening the store
+    cuts a torn tail off before appending.
+    """
+
+    def __init__(self, directory: str | os.PathLike, rank: int = 0) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / f"records.{rank}.jsonl"
+        self._repair(self.path)
+
+    @staticmethod
+    def _repair(path: Path) -> None:
+        if not path.is_file():
+            return
+        data = path.read_bytes()
+        cut = data.rfind(b"\n") + 1
+        if cut != len(data):
+            with open(path, "r+b") as handle:
+                handle.truncate(cut)
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every complete record of every rank (torn or unreadable lines are ignored)."""
+        out = []
+        for path in sorted(self.directory.glob("records.*.jsonl")):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    out.append(json.loads(line))
+        return out
+
+    def done(self) -> set[str]:
+        return {record["key"] for record in self.records()}
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        with open(self.path, "ab") as handle:
+            handle.write(line.encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+class ForwardCounter:
+    """Counts calls of ``module.forward`` (target forwards, whatever the decoding method)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        self._handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_: Any) -> None:
+        self.calls += 1
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with contextlib.suppress(OSError):  # Linux: reset VmHWM to the current RSS
+            Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    """Peak GPU memory allocated (CUDA) or peak resident set size (Linux CPU) since the last reset."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return None
+
+
+@dataclass
+class Models:
+    """Target, draft and their shared tokenizer, on one device."""
+
+    target: torch.nn.Module
+    draft: torch.nn.Module
+    tokenizer: Any
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_models(config: EvalConfig, device: torch.device) -> Models:
+    """Load the configured pair (built-in names, directories, .gguf files or Hub ids)."""
+    from .. import models
+
+    dtype = getattr(torch, config.dtype)
+    target = models.load_model(config.target, dtype=dtype, device_map=config.device_map)
+    draft = models.load_model(config.draft, dtype=dtype)
+    if config.device_map is None:
+        target.to(device)
+    draft.to(device)
+    tokenizer = models.load_tokenizer(config.target)
+    return Models(target.eval(), draft.eval(), tokenizer, device)
+
+
+class _Timed:
+    """Wraps a verification callback and accumulates the seconds spent in it (excluded from walltime)."""
+
+    def __init__(self, stats: DepthStats) -> None:
+        self.stats = stats
+        self.seconds = 0.0
+
+    def __call__(self, *args: Any) -> None:
+        start = time.perf_counter()
+        self.stats.callback(*args)
+        self.seconds += time.perf_counter() - start
+
+
+def stop_ids(models: Models) -> set[int]:
+    """End-of-sequence ids of the tokenizer and the target's generation config."""
+    ids = models.tokenizer.eos_token_id
+    configured = getattr(models.target.generation_config, "eos_token_id", None)
+    out = set()
+    for value in (ids, configured):
+        if isinstance(value, int):
+            out.add(value)
+        elif value is not None:
+            out.update(int(v) for v in value)
+    return out
+
+
+def _sampling_kwargs(temperature: float) -> dict[str, Any]:
+    # Full-distribution sampling: no top-k/top-p truncation unless a model's config adds one.
+    if temperature == 0:
+        return {"do_sample": False, "top_k": None, "top_p": None, "temperature": None}
+    return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+
+
+def generate_once(
+    models: Models, method: Method, input_ids: torch.Tensor, temperature: float, max_new_tokens: int, config: EvalConfig
+) -> dict[str, Any]:
+    """One generation with ``method``; returns new token ids and its measurements.
+
+    ``input_ids``: [1, T0]. Walltime excludes the acceptance bookkeeping of the
+    verification callback.
+    """
+    from .. import generation
+
+    target, draft = models.target, models.draft
+    eos = models.tokenizer.eos_token_id
+    pad = models.tokenizer.pad_token_id if models.tokenizer.pad_token_id is not None else eos
+    kwargs: dict[str, Any] = {
+        "attention_mask": torch.ones_like(input_ids),
+        "max_new_tokens": max_new_tokens,
+        "pad_token_id": pad,
+        **_sampling_kwargs(temperature),
+    }
+    stats, callback = None, None
+    if method.kind == "multidraft" and config.measure_acceptance:
+        stats = DepthStats(scheme=verifiers.get(method.verifier).draft_scheme)
+        callback = _Timed(stats)
+    counter = ForwardCounter(target)
+    reset_peak_memory(models.device)
+    out_timings, reported = None, {}
+    try:
+        if models.device.type == "cuda":
+            torch.cuda.synchronize(models.device)
+        start = time.perf_counter()
+        if method.kind == "autoregressive":
+            sequences = target.generate(input_ids, **kwargs)
+        elif method.kind == "assisted":
+            draft.generation_config.num_assistant_tokens = method.length
+            draft.generation_config.num_assistant_tokens_schedule = "constant"
+            sequences = target.generate(input_ids, assistant_model=draft, **kwargs)
+        else:
+            out = generation.generate(
+                target,
+                input_ids,
+                assistant_model=draft,
+                num_drafts=method.num_drafts,
+                num_assistant_tokens=method.length,
+                verifier=method.verifier,
+                tree_attention=config.tree_attention,
+                verification_callback=callback,
+                return_dict_in_generate=True,
+                **kwargs,
+            )
+            sequences, out_timings = out.sequences, dict(out.timings)
+            reported = {
+                "reported_target_forwards": int(out.target_forwards[0]),
+                "accepted_lengths": out.accepted_lengths[0],
+            }
+        if models.device.type == "cuda":
+            torch.cuda.synchronize(models.device)
+        seconds = time.perf_counter() - start
+    finally:
+        counter.close()
+    if callback is not None:
+        seconds -= callback.seconds
+        if out_timings is not None:
+            out_timings["total"] -= callback.seconds
+    new = sequences[0, input_ids.shape[1] :]
+    stops = torch.isin(new, torch.tensor(sorted(stop_ids(models)), dtype=new.dtype, device=new.device))
+    if bool(stops.any()):
+        # The stop token counts as generated; padding after it does not.
+        new = new[: int(stops.nonzero()[0, 0]) + 1]
+    return {
+        "new_ids": new.tolist(),
+        "new_tokens": int(new.numel()),
+        "target_forwards": counter.calls,
+        "seconds": seconds,
+        "timings": out_timings,
+        "depth": stats.to_dict() if stats is not None else None,
+        "peak_memory_gb": peak_memory_gb(models.device),
+        **reported,
+    }
+
+
+def run_prompt(
+    models: Models, method: Method, prompt: prompt_sets.Prompt, temperature: float, config: EvalConfig
+) -> dict[str, Any]:
+    """Every turn of ``prompt`` with ``method``; later turns follow the method's own earlier answers."""
+    messages: list[dict[str, str]] = []
+    turns, texts = [], []
+    depth = DepthStats()
+    has_depth = False
+    for turn, user in enumerate(prompt.turns):
+        messages.append({"role": "user", "content": user})
+        ids = torch.tensor([prompt_sets.chat_ids(models.tokenizer, messages)], device=models.device)
+        torch.manual_seed(prompt_seed(config.seed, prompt.uid, temperature, turn))
+        result = generate_once(models, method, ids, temperature, config.max_new_tokens, config)
+        text = models.tokenizer.decode(result.pop("new_ids"), skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": text})
+        texts.append(text)
+        if result["depth"] is not None:
+            depth.merge(result["depth"])
+            has_depth = True
+        result.pop("depth")
+        result["prompt_tokens"] = int(ids.shape[1])
+        turns.append(result)
+    timings = [t["timings"] for t in turns if t["timings"]]
+    record: dict[str, Any] = {
+        "key": record_key(prompt.dataset, temperature, method, prompt.uid),
+        "dataset": prompt.dataset,
+        "prompt": prompt.uid,
+        "category": prompt.category,
+        "temperature": temperature,
+        "method": method.name,
+        "kind": method.kind,
+        "verifier": method.verifier,
+        "num_drafts": method.num_drafts,
+        "length": method.length,
+        "new_tokens": sum(t["new_tokens"] for t in turns),
+        "target_forwards": sum(t["target_forwards"] for t in turns),
+        "seconds": sum(t["seconds"] for t in turns),
+        "verifier_seconds": sum(t["verifier"] for t in timings) if timings else None,
+        "peak_memory_gb": max((t["peak_memory_gb"] or 0.0) for t in turns) or None,
+        "turns": turns,
+        "texts": texts,
+        "depth": depth.to_dict() if has_depth else None,
+    }
+    if prompt.reference is not None:
+        answer = extract_final_answer(texts[-1])
+        record.update(reference=prompt.reference, answer=answer, correct=answer == prompt.reference)
+    return record
+
+
+def _progress(total: int, disable: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="evaluating", unit="gen", disable=disable, dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def _distributed(device: str) -> Iterator[Any]:
+    """accelerate's process state when available (rank, world size, barrier), else a single process."""
+    try:
+        from accelerate import PartialState
+    except ImportError:  # pragma: no cover - accelerate is part of the eval extra
+        yield None
+        return
+    # CPU processes (torchrun / accelerate launch --cpu) need cpu=True to join one gloo group.
+    yield PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
+
+
+def run(
+    config: EvalConfig,
+    models: Models | None = None,
+    *,
+    progress: bool = True,
+    prompts: dict[str, list[prompt_sets.Prompt]] | None = None,
+) -> list[dict[str, Any]]:
+    """Run the grid, appending one record per (dataset, temperature, method, prompt); return all records.
+
+    Finished records in the run directory are kept and skipped. Under
+    ``accelerate launch`` each process takes every world-th prompt and the
+    call returns the records of all processes after a barrier.
+
+    Args:
+        config: the run.
+        models: preloaded models (default: load ``config.target``/``config.draft``).
+        progress: show a progress bar.
+        prompts: prompts per dataset name, e.g. your own (default: load ``config.datasets``).
+    """
+    config.validate(datasets=prompts is None)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    run_dir = config.run_dir()
+    with _distributed(config.device) as state:
+        rank = state.process_index if state is not None else 0
+        world = state.num_processes if state is not None else 1
+        if rank == 0:
+            _check_resumable(run_dir, config)
+        if state is not None:
+            state.wait_for_everyone()
+        device = state.device if state is not None and world > 1 else resolve_device(config.device)
+        store = RecordStore(run_dir, rank)
+        if prompts is None:
+            paths = {"gsm8k": config.gsm8k_path, "mtbench": config.mtbench_path}
+            prompts = {name: prompt_sets.load_prompts(name, paths[name], config.limit) for name in config.datasets}
+        done = store.done()
+        todo = [
+            (name, temperature, method, prompt)
+            for name in prompts
+            for temperature in config.temperatures
+            for index, prompt in enumerate(prompts[name])
+            if index % world == rank
+            # Methods interleave per prompt so that load changes hit every method alike.
+            for method in config.grid()
+            if record_key(name, temperature, method, prompt.uid) not in done
+        ]
+        if todo:
+            models = models if models is not None else load_models(config, device)
+            _warm_up(models, config)
+            with _progress(len(todo), disable=not progress or rank != 0) as bar:
+                for name, temperature, method, prompt in todo:
+                    bar.set_postfix_str(f"{name} T={temperature:g} {method.name}", refresh=False)
+                    store.append(run_prompt(models, method, prompt, temperature, config))
+                    bar.update()
+        if state is not None:
+            state.wait_for_everyone()
+        return store.records()
+
+
+def _warm_up(models: Models, config: EvalConfig) -> None:
+    """One short generation per method kind, so one-time initialisation is not timed."""
+    ids = torch.tensor(
+        [prompt_sets.chat_ids(models.tokenizer, [{"role": "user", "content": "Hi"}])], device=models.device
+    )
+    seen: set[str] = set()
+    for method in config.grid():
+        if method.kind not in seen:
+            seen.add(method.kind)
+            generate_once(models, method, ids, 1.0, 2, dataclasses.replace(config, measure_acceptance=False))
+
+
+def _check_resumable(run_dir: Path, config: EvalConfig) -> None:
+    """Write the run's config, or check that an existing run directory was made with the same settings."""
+    path = run_dir / "config.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        changed = [k for k in EvalConfig.RESULT_FIELDS if previous.get(k) != getattr(config, k)]
+        if changed:
+            raise ValueError(
+                f"run directory {run_dir} holds results made with different {', '.join(changed)}; "
+                "pass another --run-name (or --overwrite to discard them)"
+            )
+        # The grid may grow between runs: keep the union so the report covers everything recorded.
+        merged = config.to_dict()
+        for key in ("datasets", "temperatures", "methods", "verifiers", "num_drafts", "lengths"):
+            merged[key] = list(dict.fromkeys(list(previous.get(key, [])) + list(merged[key])))
+        atomic_write(path, json.dumps(merged, indent=2))
+    else:
+        atomic_write(path, json.dumps(config.to_dict(), indent=2))
+
+
+def select(records: Iterable[dict[str, Any]], config: EvalConfig) -> list[dict[str, Any]]:
+    """Records that belong to ``config``'s grid (a run directory may hold more)."""
+    names = {m.name for m in config.grid()}
+    temps = {float(t) for t in config.temperatures}
+    return [
+        r for r in records if r["dataset"] in config.datasets and r["method"] in names and r["temperature"] in temps
+    ]
+
+
+__all__ = [
+    "METHOD_KINDS",
+    "EvalConfig",
+    "ForwardCounter",
+    "Method",
+    "Models",
+    "RecordStore",
+    "atomic_write",
+    "generate_once",
+    "load_models",
+    "prompt_seed",
+    "record_key",
+    "run",
+    "run_prompt",
+    "select",
+]

@@ -1,0 +1,196 @@
+"""The eval grid end to end on tiny random models: records, report, consistency, resumption, CLI."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pytest
+
+from hf_globalres.eval import cli, runner
+
+
+def _args(pair, data_files, out, *extra):
+    target, draft = pair
+    return [
+        "--target", str(target), "--draft", str(draft),
+        "--gsm8k-path", str(data_files["gsm8k"]), "--mtbench-path", str(data_files["mtbench"]),
+        "--datasets", "gsm8k,mtbench", "--limit", "2", "--temperatures", "0,1", "--max-new-tokens", "6",
+        "--verifiers", "single", "spectr:2", "rrs_without_replacement:2", "--lengths", "2",
+        "--output-dir", str(out), "--run-name", "tiny", "--no-progress", "--threads", "1", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_pair_dirs, tmp_path_factory):
+    """One CLI run of the tiny grid; returns its directory and records."""
+    root = tmp_path_factory.mktemp("eval_run")
+    files = {"gsm8k": root / "gsm8k.jsonl", "mtbench": root / "mt.jsonl"}
+    files["gsm8k"].write_text(
+        '{"question": "what is 2 + 3?", "answer": "#### 5"}\n{"question": "what is 6 * 7?", "answer": "#### 42"}\n'
+    )
+    files["mtbench"].write_text('{"question_id": 1, "category": "x", "turns": ["say hi.", "again."]}\n')
+    assert cli.main(_args(tiny_pair_dirs, files, root / "out")) == 0
+    run_dir = root / "out" / "tiny"
+    return run_dir, runner.RecordStore(run_dir).records(), files
+
+
+def test_every_method_prompt_and_temperature_is_recorded_once(tiny_run):
+    _, records, _ = tiny_run
+    methods = [
+        "autoregressive",
+        "hf-assisted L=2",
+        "single n=1 L=2",
+        "spectr n=2 L=2",
+        "rrs_without_replacement n=2 L=2",
+    ]
+    keys = [r["key"] for r in records]
+    assert len(keys) == len(set(keys)) == (2 + 1) * 2 * len(methods)
+    assert {r["method"] for r in records} == set(methods)
+    assert all(len(r["turns"]) == (2 if r["dataset"] == "mtbench" else 1) for r in records)
+
+
+def test_counts_are_consistent(tiny_run):
+    _, records, _ = tiny_run
+    for r in records:
+        for turn in r["turns"]:
+            assert 1 <= turn["new_tokens"] <= 6
+            if r["kind"] == "autoregressive":
+                assert turn["target_forwards"] == turn["new_tokens"]  # one forward per token
+            if r["kind"] == "multidraft":
+                # The forward hook agrees with the generate output, and blocks add up to the new tokens.
+                assert turn["target_forwards"] == turn["reported_target_forwards"]
+                assert sum(turn["accepted_lengths"]) == turn["new_tokens"]
+                assert turn["target_forwards"] == len(turn["accepted_lengths"])
+        if r["kind"] == "multidraft":
+            depth = r["depth"]
+            assert all(a <= n for a, n in zip(depth["accepted"], depth["rows"], strict=True))
+            assert sum(o - s for o, s in zip(depth["optimal"], depth["single"], strict=True)) >= -1e-9
+            accepted_tokens = sum(sum(length - 1 for length in t["accepted_lengths"]) for t in r["turns"])
+            # Accepted drafts per block = emitted − 1, except a block cut by the token limit.
+            assert abs(sum(depth["accepted"]) - accepted_tokens) <= len(r["turns"])
+
+
+def test_greedy_outputs_are_identical_across_methods(tiny_run):
+    _, records, _ = tiny_run
+    texts = defaultdict(set)
+    for r in records:
+        if r["temperature"] == 0:
+            texts[r["prompt"]].add(tuple(r["texts"]))
+    assert texts and all(len(v) == 1 for v in texts.values())
+
+
+def test_report_files_and_summary(tiny_run):
+    run_dir, records, _ = tiny_run
+    for name in ("summary.json", "summary.csv", "report.md", "block_efficiency_vs_n.png", "speedup.png"):
+        assert (run_dir / name).stat().st_size > 0, name
+    assert (run_dir / "acceptance_per_depth.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(run_dir.glob(".*.tmp"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = {(r["dataset"], r["temperature"], r["method"]): r for r in summary["rows"]}
+    assert len(rows) == 2 * 2 * 5
+    for (dataset, temperature, method), row in rows.items():
+        mine = [r for r in records if (r["dataset"], r["temperature"], r["method"]) == (dataset, temperature, method)]
+        assert row["new_tokens"] == sum(r["new_tokens"] for r in mine)
+        assert row["block_efficiency"] == pytest.approx(row["new_tokens"] / sum(r["target_forwards"] for r in mine))
+        if method == "autoregressive":
+            assert row["block_efficiency"] == 1.0 and row["speedup_vs_autoregressive"] == 1.0
+            assert row["complete_block_efficiency"] is None
+        elif row["kind"] == "multidraft":
+            blocks = [b for r in mine for t in r["turns"] for b in t["accepted_lengths"][:-1]]
+            assert row["complete_block_efficiency"] == (sum(blocks) / len(blocks) if blocks else None)
+        if dataset == "gsm8k":
+            assert row["accuracy"] == sum(r["correct"] for r in mine) / len(mine)
+    report = (run_dir / "report.md").read_text()
+    assert "| gsm8k | 1 | spectr n=2 L=2 |" in report and "![speedup](speedup.png)" in report
+
+
+def test_rerun_resumes_without_generating(tiny_run, tiny_pair_dirs, monkeypatch, capsys):
+    run_dir, records, files = tiny_run
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished prompt was generated again")
+
+    monkeypatch.setattr(runner, "run_prompt", forbidden)
+    assert cli.main(_args(tiny_pair_dirs, files, run_dir.parent)) == 0
+    assert runner.RecordStore(run_dir).records() == records
+    assert "autoregressive" in capsys.readouterr().out
+    assert cli.main([*_args(tiny_pair_dirs, files, run_dir.parent), "--report-only"]) == 0
+
+
+def test_changed_settings_refuse_to_mix_into_a_run(tiny_run, tiny_pair_dirs, capsys):
+    run_dir, _, files = tiny_run
+    assert cli.main([*_args(tiny_pair_dirs, files, run_dir.parent), "--max-new-tokens", "7"]) == 2
+    assert "different max_new_tokens" in capsys.readouterr().err
+
+
+def test_interrupted_run_resumes_to_the_same_set(tiny_pair_dirs, data_files, tmp_path, monkeypatch):
+    config = runner.EvalConfig(
+        target=str(tiny_pair_dirs[0]), draft=str(tiny_pair_dirs[1]), datasets=["gsm8k"],
+        gsm8k_path=str(data_files["gsm8k"]), limit=3, max_new_tokens=4, methods=["autoregressive", "multidraft"],
+        verifiers=["spectr:2"], lengths=[2], output_dir=str(tmp_path), run_name="r",
+    )  # fmt: skip
+    real, calls = runner.run_prompt, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[2].uid)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_prompt", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(config, progress=False)
+    store = runner.RecordStore(config.run_dir())
+    assert len(store.records()) == 3
+    # A torn last line, as left by a kill during a write, is dropped on the next open.
+    with open(store.path, "ab") as handle:
+        handle.write(b'{"key": "gsm8k|T=1|autoregres')
+    calls.clear()
+    records = runner.run(config, progress=False)
+    assert len(calls) == 3  # only the unfinished work
+    assert sorted(r["key"] for r in records) == sorted(
+        runner.record_key("gsm8k", 1.0, m, f"gsm8k-{i}") for m in config.grid() for i in range(3)
+    )
+    assert store.path.read_bytes().endswith(b"\n")
+
+
+def test_seeds_are_shared_by_methods_and_distinct_per_prompt():
+    seeds = {runner.prompt_seed(0, f"gsm8k-{i}", 1.0, 0) for i in range(50)}
+    assert len(seeds) == 50
+    assert (
+        runner.prompt_seed(0, "a", 1.0, 0) == runner.prompt_seed(0, "a", 1.0, 0) != runner.prompt_seed(0, "a", 1.0, 1)
+    )
+
+
+def test_grid_and_config_errors():
+    config = runner.EvalConfig(verifiers=["single", "spectr:2,4", "rrs"], num_drafts=[1, 3], lengths=[2, 4])
+    names = [m.name for m in config.grid()]
+    assert names[:3] == ["autoregressive", "hf-assisted L=2", "hf-assisted L=4"]
+    assert "single n=3 L=2" not in names and "rrs n=3 L=4" in names and "spectr n=4 L=2" in names
+    for settings, message in (
+        ({"verifiers": ["nope"]}, "unknown verifier 'nope'"),
+        ({"verifiers": ["single:2"]}, "single takes 1..1 drafts"),
+        ({"verifiers": ["spectr:x"]}, "expected 'name:n1,n2"),
+        ({"datasets": ["squad"]}, "unknown dataset"),
+        ({"methods": ["beam"]}, "unknown method"),
+        ({"temperatures": [-1.0]}, "temperatures"),
+        ({"lengths": [0]}, "must be ≥ 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            runner.EvalConfig(**settings).validate()
+    with pytest.raises(ValueError, match="unknown config keys: colour"):
+        runner.EvalConfig.from_dict({"colour": 1})
+
+
+def test_cli_help_dump_and_errors(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0 and "hf-globalres-eval" in capsys.readouterr().out
+    assert cli.main(["--dump-config", "--limit", "7", "--verifiers", "spectr:2"]) == 0
+    dumped = json.loads(capsys.readouterr().out)
+    assert dumped["limit"] == 7 and dumped["verifiers"] == ["spectr:2"]
+    assert cli.main(["--config", "no-such-config"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert cli.main(["--target", "./no/such/dir", "--output-dir", str(tmp_path), "--no-progress"]) == 2
+    assert "model './no/such/dir' not found" in capsys.readouterr().err
