@@ -43,6 +43,10 @@ import torch
 SHIFT = 2.0
 U_START = -3.5
 UPPER_MARGIN = 4.0
+#: Widest range of log weights a tier may span. Weights further apart than e^40 only move masses
+#: below ~1e-17, while the quadrature's node count grows with the range: bounding it bounds the
+#: memory and time of every race evaluation. The rule stays exact (b is computed at the bounded α).
+ALPHA_SPAN = 40.0
 
 
 @dataclass
@@ -219,6 +223,7 @@ def solve_race(
         low = torch.where(tier, a, math.inf).amin(-1, keepdim=True)
         high = torch.where(tier, a, -math.inf).amax(-1, keepdim=True)
         shifted = torch.where(boxed, (a - low).clamp_min(0), a - high)  # box: touch 0; else max α = 0
+        shifted = torch.where(boxed, shifted.clamp_max(ALPHA_SPAN), shifted.clamp_min(-ALPHA_SPAN))
         return torch.where(tier & torch.isfinite(low), shifted, 0)
 
     alpha = normalise(torch.where(boxed, alpha.clamp_min(0), alpha))
