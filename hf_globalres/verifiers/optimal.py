@@ -27,8 +27,10 @@ with no truncation of the vocabulary (NOTES §3):
 
 The law of the race depends on the number ``k`` of drafts present in a row,
 so every row is its own pair of problems; a batch of rows with different
-supports and ``k`` is solved in one padded call, on ``supp p`` only (the cost
-scales with ``|supp p|``, not ``V``), in float64.
+supports and ``k`` is solved in one padded call per tier, on ``supp p`` only
+(the cost scales with ``|supp p|``, not ``V``), in float64. Newton
+iterations run only on the rows not yet converged; tiers of many thousand
+tokens are solved on groups of tokens (option ``bins``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch
 
 from ..rates import optimal_subset
 from . import register
-from ._race import RaceProblems, race_terms, solve_race
+from ._race import RaceProblems, solve_race
 from .base import EmissionPlan, Verifier, distinct_rows, normalize_rows
 
 #: Below this ``p(H*)^n`` the drafts essentially never all fall in ``H*``; its
@@ -113,9 +115,13 @@ class Optimal(Verifier):
         step: quadrature step in ``log t``; the quadrature error of the race
             law, and so the deviation of the output law from q, is
             ~ exp(−π²/step) (1e-13 at the default 0.3).
-        bins: a tier wider than ``2 · bins`` tokens is first solved with its
-            tokens merged into ``bins`` groups of nearly equal ``q/p``, which
-            gives a close start (0: never).
+        bins: a tier wider than ``2 · bins`` tokens is solved with its tokens
+            merged into ``bins`` groups of nearly equal ``q/p``, and each
+            token's weight then follows from its group's by one Newton step in
+            its own coordinate (no full-width Newton iterations, which cost
+            O(|tier| K²) each). The acceptance misses the optimum by a
+            second-order amount in the group width (~1e-7 to 1e-5 at
+            V = 152k); exactness is unaffected. 0: Newton at full width.
     """
 
     name = "optimal"
@@ -190,41 +196,65 @@ class Optimal(Verifier):
         # H tier conditioned on all drafts in H*: draft law p/p(H*), target q/p(H*)^n.
         h_mass = torch.where(in_h & solve_h[:, None], p_s / p_h.clamp_min(1e-300)[:, None], 0)
         h_target = torch.where(h_mass > 0, q_s / all_h.clamp_min(1e-300)[:, None], 0)
-        l_mass = torch.where(in_l, p_s, 0)
-        problems = RaceProblems(
-            draft_mass=torch.cat([l_mass, h_mass]),
-            target=torch.cat([a_l, h_target]),
-            background=torch.cat([p_h, torch.zeros_like(p_h)]),
-            num_draws=torch.cat([n, n]),
-            boxed=torch.cat([torch.zeros_like(on[:, 0]), torch.ones_like(on[:, 0])]),
-        )
-        # Start from w ∝ a/p: exact when the race is far from saturated.
-        tier = problems.tier
-        start = torch.where(tier, torch.log(problems.target / torch.where(tier, problems.draft_mass, 1)), 0)
-        alpha, residual = solve_race(
-            problems, start, tol=self.tol, max_iters=self.max_iters, step=self.step, bins=self.bins
-        )
-        law = race_terms(problems, alpha, self.step).law  # the true law at the returned weights
+        # Each tier is its own batch of race problems, packed to its own width.
+        boxed = torch.ones_like(solve_h)
+        alpha_l, law_l, residual_l = self._solve_tier(in_l, p_s, a_l, p_h, n, ~boxed)
+        alpha_h, law_h, residual_h = self._solve_tier(h_mass > 0, h_mass, h_target, torch.zeros_like(p_h), n, boxed)
 
         # Accepted mass per tier and its acceptance probability γ = min(a, b) / b.
-        kept = torch.minimum(problems.target, law)
+        kept_l, kept_h = torch.minimum(a_l, law_l), torch.minimum(h_target, law_h)
+        law = torch.where(in_l, law_l, law_h)
+        kept = torch.where(in_l, kept_l, kept_h)
         accept = torch.where(law > 0, kept / torch.where(law > 0, law, 1), 0)
-        alpha_l, alpha_h = alpha.split(batch)
-        accept_l, accept_h = accept.split(batch)
-        kept_l, kept_h = kept.split(batch)
-        residual_l, residual_h = residual.split(batch)
         mass = torch.where(in_l, kept_l, kept_h * all_h[:, None])
         return RaceRule(
             index=index,
             rank=rank,
             in_l=in_l,
             alpha=torch.where(in_l, alpha_l, alpha_h),
-            accept=torch.where(in_l, accept_l, accept_h),
+            accept=accept,
             mass=torch.where((k > 0)[:, None] & on, mass, 0),
             q_total=q_total,
             optimum=torch.where(k > 0, optimum, 0),
             residual=residual_l + all_h * residual_h,
         )
+
+    def _solve_tier(
+        self,
+        tier: torch.Tensor,
+        draft_mass: torch.Tensor,
+        target: torch.Tensor,
+        background: torch.Tensor,
+        num_draws: torch.Tensor,
+        boxed: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Race weights α, law b [B, S] and residual [B] for one tier (slots ``tier`` [B, S]).
+
+        The tier's slots are packed to the front, so the solve's width is the
+        widest tier of the batch, not ``|supp p|``.
+        """
+        batch, width = tier.shape
+        count = tier.sum(-1)
+        packed_width = max(int(count.max()), 1)
+        order = torch.argsort((~tier).byte(), dim=1, stable=True)[:, :packed_width]  # tier slots first
+        in_tier = torch.arange(packed_width, device=tier.device) < count[:, None]
+        problems = RaceProblems(
+            draft_mass=torch.where(in_tier, draft_mass.gather(1, order), 0),
+            target=torch.where(in_tier, target.gather(1, order), 0),
+            background=background,
+            num_draws=num_draws,
+            boxed=boxed,
+        )
+        # Start from w ∝ c/p: exact when the race is far from saturated.
+        start = torch.where(in_tier, torch.log(problems.target / torch.where(in_tier, problems.draft_mass, 1)), 0)
+        alpha, residual, law = solve_race(
+            problems, start, tol=self.tol, max_iters=self.max_iters, step=self.step, bins=self.bins
+        )
+
+        def unpack(values: torch.Tensor) -> torch.Tensor:
+            return values.new_zeros(batch, width).scatter(1, order, torch.where(in_tier, values, 0))
+
+        return unpack(alpha), unpack(law), residual
 
     def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
         batch, vocab = target_probs.shape

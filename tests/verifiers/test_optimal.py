@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from hf_globalres import rates, verifiers
 from hf_globalres.reference import draft_tuples, enumerate_law, transport_lp
-from hf_globalres.verifiers._race import RaceProblems, race_terms
+from hf_globalres.verifiers._race import RaceProblems, race_law, race_terms
 from hf_globalres.verifiers.optimal import Optimal, water_fill
 
 from .cases import CASE_KINDS, make_case
@@ -248,6 +248,27 @@ def test_race_quadrature_matches_the_enumerated_race(n: int, spread: float, back
     exact = enumerated_race_law(p, background, alpha, n)
     assert float((law - exact).abs().max()) <= 1e-13
     assert float(law.sum()) == pytest.approx(1 - background**n, abs=1e-13)
+    # The chunked law-only evaluation (here one slot per chunk) gives the same law.
+    chunked = race_law(problems, alpha[None], step=0.3, chunk=1)[0]
+    assert float((chunked - exact).abs().max()) <= 1e-13
+
+
+def test_tiers_solved_on_bins_stay_exact_and_near_optimal() -> None:
+    """Tiers wider than 2 · bins take binned weights: law still q (1e-10), acceptance ≤ α* and close."""
+    q, p = random_case(30, 11, zero_fraction=0.0)
+    n = 2
+    best = optimum(q, p, n)
+    marginal, acceptance, _ = enumerate_law(Optimal(bins=6), q, p, n)  # crude: 6 bins for 30 tokens
+    assert float((marginal - q).abs().max()) <= EXACT
+    assert best - 1e-2 <= float(acceptance) <= best + EXACT
+    # Wider: V = 3000 on 256 bins misses α* by a second-order amount only (~1e-5; 64 bins: ~2e-4).
+    g = torch.Generator().manual_seed(4)
+    base = 2 * torch.randn(3, 3000, generator=g, dtype=torch.float64)
+    q = torch.softmax(base + 0.7 * torch.randn(base.shape, generator=g, dtype=torch.float64), -1)
+    p = torch.softmax(base + 0.7 * torch.randn(base.shape, generator=g, dtype=torch.float64), -1)
+    accepted, best = Optimal(bins=256).acceptance(q, p, 4)
+    assert bool((accepted <= best + 1e-12).all())
+    assert float((best - accepted).max()) <= 5e-5
 
 
 def test_water_fill_caps_at_q_and_meets_the_total() -> None:
