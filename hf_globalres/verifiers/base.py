@@ -126,9 +126,10 @@ class Verifier(ABC):
         n = x.shape[1]
         branch_probs = torch.cat([plan.draft_emit, plan.reject_prob[:, None]], dim=1)
         branch = sample_categorical(branch_probs, generator)
-        recovered = sample_categorical(plan.residual, generator)
-        accepted_draft = x.gather(1, branch.clamp_max(n - 1)[:, None])[:, 0]
-        token = torch.where(branch < n, accepted_draft, recovered)
+        token = x.gather(1, branch.clamp_max(n - 1)[:, None])[:, 0]
+        # Only the rows that rejected every draft draw from the residual (a pass over V each).
+        rejected = (branch == n).nonzero()[:, 0]
+        token[rejected] = sample_categorical(plan.residual[rejected], generator)
         draft_index = first_match(token, x)
         return VerificationResult(token=token, accepted=draft_index >= 0, draft_index=draft_index)
 

@@ -82,8 +82,7 @@ class RaceRule:
     """The solved rule for a batch, on the slots of ``supp p`` ([B, S]).
 
     Attributes:
-        index: token id of each slot, V on padding slots.
-        rank: [B, V], slot + 1 of each token of ``supp p`` (``p`` cumulative count).
+        index: token id of each slot (ascending), V on padding slots.
         in_l: the slot's token lies in ``L`` (the first tier).
         alpha: log race weight of the slot in its tier.
         accept: γ, probability of accepting the slot's token when it wins.
@@ -94,7 +93,6 @@ class RaceRule:
     """
 
     index: torch.Tensor
-    rank: torch.Tensor
     in_l: torch.Tensor
     alpha: torch.Tensor
     accept: torch.Tensor
@@ -167,11 +165,12 @@ class Optimal(Verifier):
 
         # Work on supp p only: slots [B, S] in token order; padding slots hold the token id V.
         supported = draft_probs > 0
-        rank = supported.cumsum(-1)  # slot + 1 of each token of supp p
-        width = max(int(rank[:, -1].max()), 1)
-        rows, tokens = supported.nonzero(as_tuple=True)
-        index = torch.full((batch, width), vocab, dtype=torch.long, device=rank.device)
-        index[rows, rank[rows, tokens] - 1] = tokens
+        count = supported.sum(-1)
+        width = max(int(count.max()), 1)
+        rows, tokens = supported.nonzero(as_tuple=True)  # row-major: tokens ascend within a row
+        first = count.cumsum(0) - count
+        index = torch.full((batch, width), vocab, dtype=torch.long, device=tokens.device)
+        index[rows, torch.arange(rows.shape[0], device=rows.device) - first[rows]] = tokens
         on = index < vocab
         gather_at = index.clamp_max(vocab - 1)
         p_s = torch.where(on, draft_probs.gather(1, gather_at).double(), 0)
@@ -209,7 +208,6 @@ class Optimal(Verifier):
         mass = torch.where(in_l, kept_l, kept_h * all_h[:, None])
         return RaceRule(
             index=index,
-            rank=rank,
             in_l=in_l,
             alpha=torch.where(in_l, alpha_l, alpha_h),
             accept=accept,
@@ -264,7 +262,7 @@ class Optimal(Verifier):
         # The slot of each draft; absent drafts and tokens off supp p take no part.
         clamped = draft_tokens.clamp_min(0)
         draft_on = present & (draft_probs.gather(1, clamped) > 0)
-        slot = torch.where(draft_on, rule.rank.gather(1, clamped) - 1, 0)
+        slot = torch.where(draft_on, torch.searchsorted(rule.index, clamped), 0)
         draft_l = draft_on & rule.in_l.gather(1, slot)
         racing = torch.where(draft_l.any(-1, keepdim=True), draft_l, draft_on)
         draft_alpha = torch.where(racing, rule.alpha.gather(1, slot), -math.inf)
