@@ -43,6 +43,20 @@ def block_efficiency(new_tokens: Sequence[int], target_forwards: Sequence[int]) 
     return sum(new_tokens) / forwards
 
 
+def block_efficiency_stderr(new_tokens: Sequence[int], target_forwards: Sequence[int]) -> float | None:
+    """Standard error of :func:`block_efficiency` over generations (delta method for a ratio of totals).
+
+    ``R = Σx / Σy``, ``SE = sqrt(Σ (x_i − R y_i)² / (m (m − 1))) / ȳ`` for m
+    generations with x_i tokens and y_i forwards; ``None`` for m < 2.
+    """
+    ratio = block_efficiency(new_tokens, target_forwards)
+    count = len(new_tokens)
+    if count < 2:
+        return None
+    spread = sum((x - ratio * y) ** 2 for x, y in zip(new_tokens, target_forwards, strict=True))
+    return math.sqrt(spread / (count * (count - 1))) / (sum(target_forwards) / count)
+
+
 def complete_block_efficiency(accepted_lengths: Sequence[Sequence[int]]) -> float | None:
     """Mean tokens per block over every generation's blocks but its last.
 
@@ -257,6 +271,7 @@ __all__ = [
     "acceptance_summary",
     "answer_match",
     "block_efficiency",
+    "block_efficiency_stderr",
     "complete_block_efficiency",
     "evaluate_info",
     "evaluate_module_path",

@@ -18,7 +18,15 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .metrics import DepthStats, answer_match, block_efficiency, complete_block_efficiency, speedup, within_noise
+from .metrics import (
+    DepthStats,
+    answer_match,
+    block_efficiency,
+    block_efficiency_stderr,
+    complete_block_efficiency,
+    speedup,
+    within_noise,
+)
 from .runner import EvalConfig, atomic_write
 
 REFERENCE_VERIFIER = "optimal"
@@ -31,6 +39,7 @@ COLUMNS = (
     ("prompts", "prompts", "{}"),
     ("new_tokens", "tokens", "{}"),
     ("block_efficiency", "blk eff", "{:.3f}"),
+    ("block_efficiency_stderr", "± se", "{:.3f}"),
     ("complete_block_efficiency", "full blk", "{:.3f}"),
     ("acceptance", "accept", "{:.3f}"),
     ("optimal_acceptance", "optimum", "{:.3f}"),
@@ -73,6 +82,7 @@ def _row(group: list[dict[str, Any]]) -> dict[str, Any]:
         target_forwards=sum(r["target_forwards"] for r in group),
         seconds=seconds,
         block_efficiency=block_efficiency(tokens, [r["target_forwards"] for r in group]),
+        block_efficiency_stderr=block_efficiency_stderr(tokens, [r["target_forwards"] for r in group]),
         tokens_per_s=sum(tokens) / seconds if seconds > 0 else None,
         peak_memory_gb=max((r["peak_memory_gb"] or 0.0 for r in group), default=0.0) or None,
     )
@@ -109,7 +119,8 @@ def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     - ``gain_over_single``: block efficiency of each multi-draft row (n > 1)
       over ``single`` (n = 1) at the same L, also on complete blocks;
     - ``best_verifier``: whether ``optimal`` has the highest block efficiency
-      among the verifiers at its n and L;
+      among the verifiers at its n and L (the difference to the best rival,
+      with the standard error of that difference over prompts);
     - ``acceptance_vs_optimum``: measured acceptance of each multi-draft row
       over the theoretical optimum on the same positions (the floor for
       ``optimal``: within 2 %);
@@ -154,6 +165,7 @@ def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ]
             if rivals and row["verifier"] == REFERENCE_VERIFIER:
                 best = max(rivals, key=lambda r: r["block_efficiency"])
+                errors = [r.get("block_efficiency_stderr") for r in (row, best)]
                 out.append(
                     {
                         **where,
@@ -161,6 +173,7 @@ def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "method": row["method"],
                         "against": best["method"],
                         "value": row["block_efficiency"] - best["block_efficiency"],
+                        "stderr": math.hypot(*errors) if None not in errors else None,
                         "passed": row["block_efficiency"] >= best["block_efficiency"],
                     }
                 )
@@ -220,7 +233,8 @@ def format_findings(items: list[dict[str, Any]]) -> str:
             continue
         against = f" vs {f['against']}" if "against" in f else ""
         verdict = "" if "passed" not in f else ("  [ok]" if f["passed"] else "  [FAILED]")
-        lines.append(f"- {where}: {f['check']} of {f['method']}{against}: {f['value']:.4f}{verdict}")
+        error = f" ± {f['stderr']:.4f}" if f.get("stderr") is not None else ""
+        lines.append(f"- {where}: {f['check']} of {f['method']}{against}: {f['value']:.4f}{error}{verdict}")
     for where, checks in accuracy.items():
         failed = [f"{f['method']} ({f['value']:+.3f})" for f in checks if not f["passed"]]
         line = f"- {where}: GSM8K accuracy within noise of autoregressive for {len(checks) - len(failed)}/{len(checks)}"

@@ -23,6 +23,14 @@ def test_block_efficiency_is_a_ratio_of_totals():
         metrics.block_efficiency([-1], [1])
 
 
+def test_block_efficiency_stderr_of_a_ratio_of_totals():
+    # Every generation at the same ratio: no spread.
+    assert metrics.block_efficiency_stderr([8, 4, 12], [2, 1, 3]) == 0.0
+    # x = (6, 2), y = (2, 2): R = 2, residuals (2, −2), SE = sqrt(8 / 2) / 2 = 1.
+    assert metrics.block_efficiency_stderr([6, 2], [2, 2]) == pytest.approx(1.0)
+    assert metrics.block_efficiency_stderr([5], [2]) is None
+
+
 def test_complete_block_efficiency_leaves_out_each_last_block():
     assert metrics.complete_block_efficiency([[5, 5, 2], [3, 1], [4]]) == pytest.approx((5 + 5 + 3) / 3)
     assert metrics.complete_block_efficiency([[4], [2]]) is None
