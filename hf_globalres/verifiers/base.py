@@ -72,12 +72,15 @@ class Verifier(ABC):
     Subclasses set ``name`` and ``draft_scheme`` and implement :meth:`plan`.
     ``max_drafts`` bounds the number of draft columns a rule accepts
     (``None``: any). With ``validate=False`` the input checks are skipped,
-    which avoids host-device synchronisation in hot loops.
+    which avoids host-device synchronisation in hot loops. :meth:`prepare`
+    renormalises q and p (two passes over V) unless ``normalizes_inputs`` is
+    False, for rules whose :meth:`plan` is invariant to the rows' scale.
     """
 
     name: ClassVar[str]
     draft_scheme: ClassVar[DraftScheme] = "iid"
     max_drafts: ClassVar[int | None] = None
+    normalizes_inputs: ClassVar[bool] = True
 
     def __init__(self, *, validate: bool = True) -> None:
         self.validate = validate
@@ -161,8 +164,9 @@ class Verifier(ABC):
             dtype = torch.float32
         q = target_probs.to(dtype)
         p = draft_probs.to(dtype)
-        q = q / q.sum(-1, keepdim=True)
-        p = p / p.sum(-1, keepdim=True)
+        if self.normalizes_inputs:
+            q = q / q.sum(-1, keepdim=True)
+            p = p / p.sum(-1, keepdim=True)
         return q, p, draft_tokens.long()
 
     def __repr__(self) -> str:

@@ -124,6 +124,7 @@ class Optimal(Verifier):
 
     name = "optimal"
     draft_scheme = "iid"
+    normalizes_inputs = False  # the solve works on q / Σq and p restricted to supp p, renormalised there
 
     def __init__(
         self,
