@@ -196,10 +196,24 @@ class Optimal(Verifier):
         # H tier conditioned on all drafts in H*: draft law p/p(H*), target q/p(H*)^n.
         h_mass = torch.where(in_h & solve_h[:, None], p_s / p_h.clamp_min(1e-300)[:, None], 0)
         h_target = torch.where(h_mass > 0, q_s / all_h.clamp_min(1e-300)[:, None], 0)
-        # Each tier is its own batch of race problems, packed to its own width.
-        boxed = torch.ones_like(solve_h)
-        alpha_l, law_l, residual_l = self._solve_tier(in_l, p_s, a_l, p_h, n, ~boxed)
-        alpha_h, law_h, residual_h = self._solve_tier(h_mass > 0, h_mass, h_target, torch.zeros_like(p_h), n, boxed)
+        # The tiers' race problems, packed to their own widths: one batch when both are narrow
+        # (fewer, larger tensor operations), apart when one is wide (no padding to its width).
+        in_h_tier = h_mass > 0
+        boxed = torch.cat([torch.zeros_like(solve_h), torch.ones_like(solve_h)])
+        tiers = (
+            torch.cat([in_l, in_h_tier]),
+            torch.cat([p_s, h_mass]),
+            torch.cat([a_l, h_target]),
+            torch.cat([p_h, torch.zeros_like(p_h)]),
+            torch.cat([n, n]),
+        )
+        if self.bins > 0 and int(tiers[0].sum(-1).max()) > 2 * self.bins:
+            alpha_l, law_l, residual_l = self._solve_tier(*(t[:batch] for t in tiers), boxed[:batch])
+            alpha_h, law_h, residual_h = self._solve_tier(*(t[batch:] for t in tiers), boxed[batch:])
+        else:
+            alpha, law, residual = self._solve_tier(*tiers, boxed)
+            (alpha_l, alpha_h), (law_l, law_h) = alpha.split(batch), law.split(batch)
+            residual_l, residual_h = residual.split(batch)
 
         # Accepted mass per tier and its acceptance probability γ = min(a, b) / b.
         kept_l, kept_h = torch.minimum(a_l, law_l), torch.minimum(h_target, law_h)
