@@ -18,7 +18,7 @@ so the weights whose race has a prescribed law ``c`` minimise ``Φ(α) − c·α
 ``α > 0`` minimise it over the box ``α ≥ 0`` (a box problem).
 
 Integrals are trapezoid sums over nodes ``t_k`` with weights ``ω_k`` (for
-``∫ · d log t``, see :func:`race_terms`; error ~ exp(−π²/h) for step ``h``).
+``∫ · d log t``, see :func:`quadrature_nodes`; error ~ exp(−π²/h) for step ``h``).
 The Hessian of ``Φ`` is
 
     ∇²Φ = diag(b − e) − U C Uᵀ,   U_yk = p_y w_y e^{−t_k w_y},
