@@ -234,6 +234,8 @@ def format_findings(items: list[dict[str, Any]]) -> str:
         against = f" vs {f['against']}" if "against" in f else ""
         verdict = "" if "passed" not in f else ("  [ok]" if f["passed"] else "  [FAILED]")
         error = f" ± {f['stderr']:.4f}" if f.get("stderr") is not None else ""
+        if not f.get("passed", True) and f.get("stderr") is not None and f["value"] >= -2 * f["stderr"]:
+            verdict = "  [below, within 2 standard errors]"
         lines.append(f"- {where}: {f['check']} of {f['method']}{against}: {f['value']:.4f}{error}{verdict}")
     for where, checks in accuracy.items():
         failed = [f"{f['method']} ({f['value']:+.3f})" for f in checks if not f["passed"]]

@@ -116,3 +116,14 @@ def test_evaluate_modules_load_offline_and_agree(monkeypatch):
     assert match.compute(predictions=["#### 1,000", "2"], references=["#### 1000", "3"])["accuracy"] == 0.5
     with pytest.raises(ValueError, match="unknown metric"):
         metrics.evaluate_module_path("bleu")
+
+
+def test_best_verifier_finding_names_a_shortfall_within_noise():
+    from hf_globalres.eval.report import format_findings
+
+    base = {"dataset": "gsm8k", "temperature": 1.0, "check": "best_verifier", "method": "optimal n=4 L=4"}
+    within = {**base, "against": "spectr n=4 L=4", "value": -0.1, "stderr": 0.2, "passed": False}
+    beyond = {**within, "value": -0.5}
+    assert "within 2 standard errors" in format_findings([within])
+    assert "[FAILED]" in format_findings([beyond])
+    assert "[ok]" in format_findings([{**within, "value": 0.1, "passed": True}])
