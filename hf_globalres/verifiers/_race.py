@@ -296,7 +296,11 @@ def solve_race(
             max_halvings=max_halvings,
         )
         alpha = alpha.index_put((coarse,), sub_alpha)
-    law = race_law(problems, alpha, step)
+    # A single draw always wins its race (b = p); only problems with two or more draws integrate.
+    law = torch.where(problems.num_draws[:, None] >= 1, problems.draft_mass, 0)
+    racing = solvable.nonzero()[:, 0]
+    if racing.numel() > 0:
+        law[racing] = race_law(problems.select(racing), alpha[racing], step)
     residual = kkt_residual(problems, alpha, law)
     residual = torch.where(solvable & ~wide, residual, 0)  # wide problems keep their binned weights
     alpha, law, residual = _newton_loop(
