@@ -273,6 +273,7 @@ def solve_race(
     """
     tier, boxed = problems.tier, problems.boxed[:, None]
     wide = tier.sum(-1) > 2 * bins if bins > 0 and max_iters > 0 else torch.zeros_like(problems.boxed)
+    wide &= problems.num_draws >= 2  # a lone draw needs no weights
     if bool(wide.any()):
         chosen = wide.nonzero()[:, 0]
         alpha = alpha.index_put((chosen,), binned_start(problems.select(chosen), bins, tol=tol, step=step))
