@@ -276,7 +276,8 @@ def solve_race(
     wide &= problems.num_draws >= 2  # a lone draw needs no weights
     if bool(wide.any()):
         chosen = wide.nonzero()[:, 0]
-        alpha = alpha.index_put((chosen,), binned_start(problems.select(chosen), bins, tol=tol, step=step))
+        binned = binned_start(problems.select(chosen), bins, tol=tol, step=step, max_iters=max_iters)
+        alpha = alpha.index_put((chosen,), binned)
     alpha = _normalise(problems, torch.where(boxed, alpha.clamp_min(0), alpha))
     solvable = (problems.num_draws >= 2) & tier.any(-1)
     # Most iterations run on a coarser quadrature (half the nodes, a quarter of the Woodbury

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from scipy.stats import chisquare
 
 CASE_KINDS = ("random", "sparse", "equal", "disjoint", "one_hot_p", "one_hot_q", "q_zero_where_p")
 
@@ -58,3 +59,18 @@ def draw_drafts(
     drawn = torch.multinomial(draft_probs, min(num_drafts, support), replacement=False, generator=generator)
     pad = torch.full((draft_probs.shape[0], num_drafts - drawn.shape[1]), -1, dtype=torch.long)
     return torch.cat([drawn, pad], dim=1)
+
+
+def chi_square_pvalue(tokens: torch.Tensor, law: torch.Tensor) -> float:
+    """Goodness of fit of sampled ``tokens`` [S] to ``law`` [V], pooling cells with tiny expectation."""
+    observed = torch.bincount(tokens, minlength=law.shape[0]).double()
+    expected = law.double() * tokens.shape[0]
+    assert float(observed[expected == 0].sum()) == 0, "sampled a token of probability 0"
+    keep = expected >= 5
+    obs = torch.cat([observed[keep], observed[~keep].sum(0, keepdim=True)])
+    exp = torch.cat([expected[keep], expected[~keep].sum(0, keepdim=True)])
+    if float(exp[-1]) == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    if len(obs) == 1:
+        return 1.0  # a one-point law: every sample is that point (checked above)
+    return float(chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue)

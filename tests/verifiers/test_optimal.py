@@ -21,8 +21,7 @@ from hf_globalres.reference import draft_tuples, enumerate_law, transport_lp
 from hf_globalres.verifiers._race import RaceProblems, race_law, race_terms
 from hf_globalres.verifiers.optimal import Optimal, water_fill
 
-from .cases import CASE_KINDS, make_case
-from .test_sampling import chi_square_pvalue
+from .cases import CASE_KINDS, chi_square_pvalue, make_case
 
 EXACT = 1e-10
 LP_MATCH = 1e-7

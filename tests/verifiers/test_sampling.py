@@ -4,32 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from hf_globalres import verifiers
 from hf_globalres.reference import enumerate_law
 from hf_globalres.verifiers.base import EmissionPlan, Verifier, first_match, sample_categorical
 
-from .cases import draw_drafts, make_case
+from .cases import chi_square_pvalue, draw_drafts, make_case
 
 SAMPLES = 120_000
 #: Chi-square p-value below which the sampled law is declared different (fixed seeds).
 LEVEL = 1e-4
-
-
-def chi_square_pvalue(tokens: torch.Tensor, law: torch.Tensor) -> float:
-    """Goodness of fit of sampled ``tokens`` [S] to ``law`` [V], pooling cells with tiny expectation."""
-    observed = torch.bincount(tokens, minlength=law.shape[0]).double()
-    expected = law.double() * tokens.shape[0]
-    assert float(observed[expected == 0].sum()) == 0, "sampled a token of probability 0"
-    keep = expected >= 5
-    obs = torch.cat([observed[keep], observed[~keep].sum(0, keepdim=True)])
-    exp = torch.cat([expected[keep], expected[~keep].sum(0, keepdim=True)])
-    if float(exp[-1]) == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    if len(obs) == 1:
-        return 1.0  # a one-point law: every sample is that point (checked above)
-    return float(chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue)
 
 
 @pytest.mark.parametrize("name", verifiers.available())
