@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from hf_globalres import rates, verifiers
 from hf_globalres.reference import draft_tuples, enumerate_law, transport_lp
+from hf_globalres.verifiers import _race
 from hf_globalres.verifiers._race import RaceProblems, race_law, race_terms
 from hf_globalres.verifiers.optimal import Optimal, water_fill
 
@@ -250,6 +251,16 @@ def test_race_quadrature_matches_the_enumerated_race(n: int, spread: float, back
     # The chunked law-only evaluation (here one slot per chunk) gives the same law.
     chunked = race_law(problems, alpha[None], step=0.3, chunk=1)[0]
     assert float((chunked - exact).abs().max()) <= 1e-13
+
+
+def test_coarse_quadrature_phase_stays_exact_and_optimal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiers iterated first on the coarse quadrature (here from 4 tokens on): law q (1e-10), acceptance α*."""
+    monkeypatch.setattr(_race, "COARSE_MIN_WIDTH", 4)
+    for vocab, n, seed in ((30, 2, 5), (11, 3, 6)):
+        q, p = random_case(vocab, seed, zero_fraction=0.2)
+        marginal, acceptance, _ = enumerate_law(Optimal(), q, p, n)
+        assert float((marginal - q).abs().max()) <= EXACT
+        assert float(acceptance) == pytest.approx(optimum(q, p, n), abs=CLOSED_FORM_MATCH)
 
 
 def test_tiers_solved_on_bins_stay_exact_and_near_optimal() -> None:
