@@ -2,6 +2,7 @@
 
     python eval/bench_generate.py                                   # full grid (hours on a 2-core CPU)
     python eval/bench_generate.py --prompts 2 --max-new-tokens 32 --drafts 1,4 --lengths 2,4 --verifiers spectr
+    python eval/bench_generate.py --drafts 1,2 --lengths 12 --confidence 0.4 --tree on   # confidence-stopped drafts
 
 Real pair (default: the built-in Qwen2.5-Coder-1.5B/0.5B-Instruct, fp32 on CPU),
 GSM8K prompts, temperature 1. For every method it reports tokens/s, block
@@ -19,6 +20,7 @@ efficiencies, labelled as projected. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -226,6 +228,11 @@ def main() -> None:
     parser.add_argument("--drafts", default="1,2,4,8")
     parser.add_argument("--lengths", default="2,4,8")
     parser.add_argument("--tree", default="on,off")
+    parser.add_argument(
+        "--confidence",
+        default="none",
+        help="assistant_confidence_threshold values for ours ('none': every branch drafts L tokens)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=Path("eval/results/bench_generate.json"))
@@ -240,6 +247,10 @@ def main() -> None:
     with torch.no_grad():  # page both models' weights in, so every method's peak counts both models
         target(prompts[0])
         draft(prompts[0])
+    assisted_config = {
+        key: getattr(draft.generation_config, key, None)
+        for key in ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+    }
     results = [
         run_method("plain sampling", lambda ids: target.generate(ids, **sample), prompts, target, args.seed),
         run_method(
@@ -248,28 +259,29 @@ def main() -> None:
             prompts, target, args.seed,
         ),
     ]  # fmt: skip
+    results[1]["assistant_generation_config"] = assisted_config
+    thresholds = [None if x == "none" else float(x) for x in args.confidence.split(",")]
     for name in args.verifiers.split(","):
         rule = verifiers.get(name)
         for n in (int(x) for x in args.drafts.split(",")):
             if rule.max_drafts is not None and n > rule.max_drafts:
                 continue
-            for length in (int(x) for x in args.lengths.split(",")):
-                for tree in args.tree.split(","):
-                    options = {"num_drafts": n, "num_assistant_tokens": length, "verifier": name}
-                    options["tree_attention"] = tree == "on"
+            for length, tree, tau in itertools.product(
+                (int(x) for x in args.lengths.split(",")), args.tree.split(","), thresholds
+            ):
+                options = {"num_drafts": n, "num_assistant_tokens": length, "verifier": name}
+                options.update(tree_attention=tree == "on", assistant_confidence_threshold=tau)
 
-                    def fn(ids, options=options):
-                        return hf_globalres.generate(
-                            target, ids, assistant_model=draft, return_dict_in_generate=True, **options, **sample
-                        )
-
-                    label = f"ours {name} n={n} L={length} tree={tree}"
-                    r = run_method(label, fn, prompts, target, args.seed)
-                    r.update(n=n, L=length, tree=tree == "on", verifier=name)
-                    r["overhead_s_per_block"] = (
-                        r.get("overhead_share", 0.0) * r["seconds"] / max(r["target_forwards"], 1)
+                def fn(ids, options=options):
+                    return hf_globalres.generate(
+                        target, ids, assistant_model=draft, return_dict_in_generate=True, **options, **sample
                     )
-                    results.append(r)
+
+                label = f"ours {name} n={n} L={length} tree={tree}" + ("" if tau is None else f" τ={tau}")
+                r = run_method(label, fn, prompts, target, args.seed)
+                r.update(n=n, L=length, tree=tree == "on", verifier=name, confidence_threshold=tau)
+                r["overhead_s_per_block"] = r.get("overhead_share", 0.0) * r["seconds"] / max(r["target_forwards"], 1)
+                results.append(r)
     plain, assisted = results[0], results[1]
     ours = [r for r in results if "n" in r]
     best = max(ours, key=lambda r: r["tokens_per_s"]) if ours else None

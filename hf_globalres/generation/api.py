@@ -64,10 +64,20 @@ class MultiDraftGenerateOutput(ModelOutput):
 DEFAULT_VERIFIER = "optimal"
 
 
-def _check_options(num_drafts: Any, num_assistant_tokens: Any, tree_attention: Any, rule: Verifier) -> None:
+def _check_options(
+    num_drafts: Any, num_assistant_tokens: Any, confidence_threshold: Any, tree_attention: Any, rule: Verifier
+) -> None:
     for label, value in (("num_drafts", num_drafts), ("num_assistant_tokens", num_assistant_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be an integer ≥ 1, got {value!r}")
+    if confidence_threshold is not None and (
+        isinstance(confidence_threshold, bool)
+        or not isinstance(confidence_threshold, int | float)
+        or not 0 <= confidence_threshold <= 1
+    ):
+        raise ValueError(
+            f"assistant_confidence_threshold must be a number in [0, 1] or None, got {confidence_threshold!r}"
+        )
     if tree_attention not in (True, False, "auto"):
         raise ValueError(f"tree_attention must be True, False or 'auto', got {tree_attention!r}")
     if rule.max_drafts is not None and num_drafts > rule.max_drafts:
@@ -125,6 +135,7 @@ def generate(
     *,
     num_drafts: int = 4,
     num_assistant_tokens: int | None = None,
+    assistant_confidence_threshold: float | None = None,
     verifier: str | Verifier | None = None,
     tree_attention: bool | str = "auto",
     verification_callback: VerificationCallback | None = None,
@@ -138,7 +149,13 @@ def generate(
         assistant_model: the draft model; it must share the target's tokenizer
             (logit widths may differ: both work on the common token ids).
         num_drafts: n ≥ 1 draft branches per block.
-        num_assistant_tokens: L ≥ 1 draft tokens per branch (default 4).
+        num_assistant_tokens: L ≥ 1 draft tokens per branch (default 4); with a confidence threshold,
+            the most a branch drafts.
+        assistant_confidence_threshold: τ in [0, 1] or None (default). A branch stops drafting after
+            a token its draft gave probability below τ, and a block ends when every branch has
+            stopped, so drafts run long where the draft is sure and short where it is not
+            (transformers' assisted generation uses 0.4 with L = 20). The output law is unchanged:
+            whether a node is extended depends on that node's prefix alone.
         verifier: a registered verifier name or instance (default: "optimal" when registered, else "spectr").
         tree_attention: True verifies all branches in one row with a tree mask; False uses n
             rows per sequence; "auto" picks the tree.
@@ -154,7 +171,7 @@ def generate(
     rule = verifiers.get(verifier if verifier is not None else DEFAULT_VERIFIER)
     if num_assistant_tokens is None:
         num_assistant_tokens = DEFAULT_NUM_ASSISTANT_TOKENS
-    _check_options(num_drafts, num_assistant_tokens, tree_attention, rule)
+    _check_options(num_drafts, num_assistant_tokens, assistant_confidence_threshold, tree_attention, rule)
     _check_models(model, assistant_model)
     tokenizer = kwargs.pop("tokenizer", None)
     _check_tokenizers(tokenizer, kwargs.pop("assistant_tokenizer", None))
@@ -183,6 +200,7 @@ def generate(
         bound_streamer=streamer,
         num_drafts=num_drafts,
         num_assistant_tokens=num_assistant_tokens,
+        confidence_threshold=assistant_confidence_threshold,
         verifier_rule=rule,
         use_tree=tree_attention in (True, "auto"),
         verification_callback=verification_callback,
@@ -212,6 +230,7 @@ def _decode(
     bound_streamer: Any,
     num_drafts: int,
     num_assistant_tokens: int,
+    confidence_threshold: float | None,
     verifier_rule: Verifier,
     use_tree: bool,
     verification_callback: VerificationCallback | None,
@@ -242,6 +261,7 @@ def _decode(
         pad_token_id=int(pad),
         num_drafts=num_drafts,
         num_assistant_tokens=num_assistant_tokens,
+        confidence_threshold=confidence_threshold,
         verifier=verifier_rule,
         tree_attention=use_tree,
         streamer=bound_streamer,

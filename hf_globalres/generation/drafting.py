@@ -18,6 +18,16 @@ per branch). Sampling follows the verifier's ``draft_scheme``:
 Branches sharing a prefix are sampled from the distribution computed for the
 smallest such branch (its canonical copy), so the p handed to the verifier is
 exactly the law the drafts were drawn from, bit for bit.
+
+With a ``confidence_threshold`` τ a branch stops drafting after a token the
+draft itself found unlikely: after x_d it drafts x_{d+1} only if
+p(x_d | x_1..x_{d−1}) ≥ τ (in greedy mode p is the softmax of the processed
+scores), and the block ends at the first depth where no branch goes on. The
+decision to draft at a node depends only on the node's own prefix, so every
+branch through a node stops or goes on together, and the drafts the verifier
+sees at a node are still draws from p(·|node) under the draft scheme: the
+output law is unchanged. Drafting stops where the draft's tokens stop paying
+for the target tokens they cost.
 """
 
 from __future__ import annotations
@@ -50,6 +60,27 @@ class DraftBlock:
     alive: torch.Tensor
     probs: list[torch.Tensor]
     state: KVState
+
+
+def keeps_drafting(
+    processor: SpeculativeLogitsProcessor,
+    scores: torch.Tensor,
+    probs: torch.Tensor,
+    tokens: torch.Tensor,
+    alive: torch.Tensor,
+    threshold: float | None,
+) -> torch.Tensor:
+    """[B, n]: branches that draft another token after ``tokens`` [B, n].
+
+    A branch goes on while it is ``alive`` and, with a ``threshold`` τ, the
+    draft gave its last token probability ≥ τ under ``probs`` [B, n, V]
+    (sampling) or under ``softmax(scores)`` [B, n, V] (greedy, where ``probs`` is one-hot).
+    """
+    if threshold is None:
+        return alive
+    law = probs if processor.do_sample else torch.softmax(scores, dim=-1, dtype=torch.float64)
+    confidence = law.gather(-1, tokens[..., None])[..., 0]
+    return alive & (confidence >= threshold)
 
 
 def sample_children(
@@ -110,9 +141,10 @@ def draft_block(
     depth: int,
     scheme: DraftScheme,
     timer: PhaseTimer,
+    confidence_threshold: float | None = None,
     generator: torch.Generator | None = None,
 ) -> DraftBlock:
-    """Draw ``num_drafts`` branches of ``depth`` ≥ 1 tokens.
+    """Draw ``num_drafts`` branches of at most ``depth`` ≥ 1 tokens.
 
     Args:
         state: draft cache with B rows (committed context minus ``pending``).
@@ -139,16 +171,21 @@ def draft_block(
         )[:, -1]
     state = KVState(cache=state.cache, valid=torch.cat([state.valid, pending_valid], dim=1))
     committed = state.valid
-    _, root_probs = processor.ragged_distribution(contexts, lengths, logits, batch_rows, background)
+    root_scores, root_probs = processor.ragged_distribution(contexts, lengths, logits, batch_rows, background)
     probs = root_probs[:, None].expand(-1, n, -1)
     parent = torch.zeros(batch, n, dtype=torch.long, device=device)
     alive = torch.ones(batch, n, dtype=torch.bool, device=device)
     tokens_d, alive_d = sample_children(probs, parent, alive, scheme, generator)
+    going = keeps_drafting(
+        processor, root_scores[:, None].expand(-1, n, -1), probs, tokens_d, alive_d, confidence_threshold
+    )
     all_tokens, all_alive, all_probs = [tokens_d], [alive_d], [probs]
     branch = torch.arange(n, device=device)
     own_branch = branch[:, None] == branch[None, :]  # [n(query), n(key)]
     rows = torch.arange(batch, device=device)
     for d in range(2, depth + 1):
+        if not bool(going.any()):
+            break
         fed = torch.stack(all_tokens, dim=-1)  # [B, n, d − 1]
         fed_alive = torch.stack(all_alive, dim=-1)
         block_columns = own_branch[None, :, None, :].expand(batch, n, d - 2, n).reshape(batch, n, (d - 2) * n)
@@ -165,18 +202,20 @@ def draft_block(
         state = KVState(cache=state.cache, valid=torch.cat([state.valid, fed_alive[:, :, -1]], dim=1))
         # Distributions for canonical nodes only: processors run once per distinct prefix.
         parent = canonical_branches(fed, fed_alive)[:, :, -1]
-        is_canonical = (parent == branch) & fed_alive[:, :, -1]
+        is_canonical = (parent == branch) & going
         node_b, node_i = is_canonical.nonzero(as_tuple=True)
         node_contexts = contexts[node_b].clone()
         offsets = lengths[node_b, None] + torch.arange(d - 1, device=device)
         node_contexts.scatter_(1, offsets, fed[node_b, node_i])
-        _, node_probs = processor.ragged_distribution(
+        node_scores, node_probs = processor.ragged_distribution(
             node_contexts, lengths[node_b] + d - 1, logits[node_b, node_i], batch_rows[node_b], background
         )
         slot = torch.zeros(batch, n, dtype=torch.long, device=device)
         slot[node_b, node_i] = torch.arange(node_b.shape[0], device=device)
-        probs = node_probs[slot[rows[:, None], parent]]  # [B, n, V]
-        tokens_d, alive_d = sample_children(probs, parent, fed_alive[:, :, -1], scheme, generator)
+        branch_slot = slot[rows[:, None], parent]
+        probs = node_probs[branch_slot]  # [B, n, V]; rows of stopped branches are never read
+        tokens_d, alive_d = sample_children(probs, parent, going, scheme, generator)
+        going = keeps_drafting(processor, node_scores[branch_slot], probs, tokens_d, alive_d, confidence_threshold)
         all_tokens.append(tokens_d)
         all_alive.append(alive_d)
         all_probs.append(probs)
@@ -188,4 +227,4 @@ def draft_block(
     )
 
 
-__all__ = ["DraftBlock", "draft_block", "sample_children"]
+__all__ = ["DraftBlock", "draft_block", "keeps_drafting", "sample_children"]

@@ -15,9 +15,10 @@ NOTES §5):
    depth-d tokens (absent branches −1) and q(·|prefix) into one token Y with
    law q(·|prefix). If Y is one of the drafts, it is accepted and the walk goes
    on along the branches carrying it; otherwise Y (the recovered token) ends
-   the block. After L accepted tokens a bonus token is drawn from
-   q(·|a_1..a_L). By induction over d the emitted tokens have exactly the
-   target's joint law.
+   the block. Where the accepted path has no drafts left (after L accepted
+   tokens, or where its branches stopped drafting on low confidence) a bonus
+   token is drawn from q(·|a_1..a_d). By induction over d the emitted tokens
+   have exactly the target's joint law.
 4. Stopping criteria (EOS, max length, stop strings, user criteria) run after
    every emitted token, on exactly the ``input_ids`` plain ``generate``
    would show them; tokens after a stop are dropped (truncating a sample of
@@ -106,6 +107,7 @@ def multi_draft_decode(
     tree_attention: bool,
     streamer=None,
     verification_callback: VerificationCallback | None = None,
+    confidence_threshold: float | None = None,
     generator: torch.Generator | None = None,
 ) -> DecodeResult:
     """Generate with multi-draft speculative sampling; see the module docstring.
@@ -115,7 +117,9 @@ def multi_draft_decode(
         logits_processor: applied once per prefix to target and draft logits alike.
         stopping_criteria: evaluated after every emitted token.
         max_length: total length cap (prompt included).
-        num_drafts: n ≥ 1 branches; num_assistant_tokens: L ≥ 1 draft tokens per branch.
+        num_drafts: n ≥ 1 branches; num_assistant_tokens: L ≥ 1 draft tokens per branch (at most,
+            with ``confidence_threshold``: a branch stops after a token its draft gave probability
+            below the threshold, see :mod:`.drafting`).
     """
     device = input_ids.device
     batch, prompt_len = input_ids.shape
@@ -173,9 +177,11 @@ def multi_draft_decode(
                 depth=depth,
                 scheme=verifier.draft_scheme,
                 timer=timer,
+                confidence_threshold=confidence_threshold,
                 generator=generator,
             )
             draft_state = drafts.state
+            depth = drafts.tokens.shape[2]  # shallower when every branch stopped on low confidence
 
         # 2. One target forward over the pending tokens and the tree.
         tokens, valid, positions = _pending(work, work_mask, cumulative, length, target_cached)
@@ -400,12 +406,28 @@ def _walk(
     all_rows = torch.arange(batch, device=device)
     surviving = drafts.alive[:, :, 0].clone() if drafts is not None else None
     for d in range(1, depth + 1):
-        rows = (~stopped).nonzero()[:, 0]
-        if rows.numel() == 0:
+        walking = (~stopped).nonzero()[:, 0]
+        if walking.numel() == 0:
             break
         step_scores, q = processor.ragged_distribution(
-            work[rows], length[rows] + d - 1, target.logits_at(rows, cur, d - 1), batch_rows[rows], background
+            work[walking],
+            length[walking] + d - 1,
+            target.logits_at(walking, cur, d - 1),
+            batch_rows[walking],
+            background,
         )
+        # A path whose branches all stopped drafting before depth d ends with a bonus token from q.
+        drafted = surviving[walking].any(-1)
+        ended = walking[~drafted]
+        if ended.numel() > 0:
+            token = sample_categorical(q[~drafted], generator)
+            work[ended, length[ended] + d - 1] = token
+            emitted[ended, d - 1] = token
+            scores[ended, d - 1] = step_scores[~drafted]
+            stopped[ended] = True
+        rows, q, step_scores = walking[drafted], q[drafted], step_scores[drafted]
+        if rows.numel() == 0:
+            break
         p = drafts.probs[d - 1][rows, cur[rows]]
         present = surviving[rows]
         order = torch.sort((~present).to(torch.int8), dim=-1, stable=True).indices  # present drafts first

@@ -13,8 +13,12 @@ from transformers.generation.logits_process import (
 )
 
 from hf_globalres.generation import SpeculativeLogitsProcessor
+from hf_globalres.generation.drafting import draft_block
 from hf_globalres.generation.processors import call_as_batch
+from hf_globalres.generation.timing import PhaseTimer
 from hf_globalres.generation.tree import additive_mask, forward_tokens, new_state, pack_tree, select_positions
+
+from .conftest import VOCAB
 
 
 def test_processor_is_a_logits_processor(generator):
@@ -140,3 +144,70 @@ def test_tree_forward_and_compaction_match_plain_forwards(target):
     )[0, -1]  # fmt: skip
     plain = target(torch.tensor([[1, 5, 7, 3, 4, 6]])).logits[0, -1]
     assert torch.allclose(after, plain, atol=1e-5)
+
+
+def _draft(draft, prompt, *, n, depth, threshold, scheme="iid", do_sample=True, seed=0, **warpers):
+    """One :func:`draft_block` call on a fresh cache for one prompt."""
+    ids = torch.tensor([prompt])
+    width = len(prompt)
+    contexts = torch.nn.functional.pad(ids, (0, depth + 1))
+    processors = LogitsProcessorList([TopKLogitsWarper(warpers["top_k"])]) if "top_k" in warpers else None
+    return draft_block(
+        draft,
+        new_state(draft, 1, ids.device),
+        SpeculativeLogitsProcessor(processors, do_sample=do_sample, vocab_size=VOCAB),
+        pending=ids,
+        pending_valid=torch.ones_like(ids, dtype=torch.bool),
+        pending_positions=torch.arange(width)[None],
+        next_position=torch.tensor([width]),
+        contexts=contexts,
+        lengths=torch.tensor([width]),
+        batch_rows=torch.tensor([0]),
+        background=contexts,
+        num_drafts=n,
+        depth=depth,
+        scheme=scheme,
+        timer=PhaseTimer(ids.device),
+        confidence_threshold=threshold,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("n", "threshold", "scheme", "warpers"),
+    [
+        (4, 0.09, "iid", {}),
+        (2, 0.14, "iid", {"top_k": 8}),
+        (4, 0.35, "without_replacement", {"top_k": 3}),
+        (1, 0.09, "iid", {}),
+    ],
+)
+def test_confidence_stop_follows_the_rule(draft, n, threshold, scheme, warpers):
+    """A branch drafts depth d + 1 only after a depth-d token of draft probability ≥ τ; both outcomes occur."""
+    depth, stops, goes = 3, 0, 0
+    for seed in range(40):
+        block = _draft(draft, [1, 5, 7, 3], n=n, depth=depth, threshold=threshold, scheme=scheme, seed=seed, **warpers)
+        drafted = block.tokens.shape[2]
+        assert 1 <= drafted <= depth
+        for d in range(drafted):
+            confidence = block.probs[d][0].gather(-1, block.tokens[0, :, d, None])[:, 0]
+            going = block.alive[0, :, d] & (confidence >= threshold)
+            if d + 1 < drafted:
+                following = block.alive[0, :, d + 1]
+                # i.i.d. branches all go on; without replacement a going branch may still die (rank beyond support)
+                assert torch.equal(following, going) if scheme == "iid" else not (following & ~going).any()
+            elif drafted < depth:
+                assert not going.any(), "drafting ended while a branch was still confident"
+            if d + 1 < depth:
+                goes += int(going.sum())
+                stops += int((block.alive[0, :, d] & ~going).sum())
+    assert stops > 0 and goes > 0
+
+
+@torch.no_grad()
+def test_confidence_stop_extremes(draft):
+    assert _draft(draft, [1, 9], n=3, depth=4, threshold=0.0).tokens.shape[2] == 4
+    assert _draft(draft, [1, 9], n=3, depth=4, threshold=1.0).tokens.shape[2] == 1
+    greedy = _draft(draft, [1, 9], n=1, depth=4, threshold=1.0, do_sample=False)
+    assert greedy.tokens.shape[2] == 1  # greedy confidence is the softmax, not the one-hot law

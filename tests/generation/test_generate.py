@@ -67,6 +67,17 @@ def test_greedy_equals_plain_generate(target, draft, n, depth, tree):
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize(("n", "tree", "threshold"), [(1, True, 0.5), (2, False, 0.8), (3, True, 1.0)])
+def test_greedy_with_confidence_stop_equals_plain_generate(target, draft, n, tree, threshold):
+    inputs = batch()
+    expected = target.generate(**inputs, do_sample=False, max_new_tokens=20)
+    out = hf_globalres.generate(
+        target, **inputs, assistant_model=draft, num_drafts=n, num_assistant_tokens=6, tree_attention=tree,
+        assistant_confidence_threshold=threshold, do_sample=False, max_new_tokens=20,
+    )  # fmt: skip
+    assert torch.equal(out, expected)
+
+
 def test_greedy_equals_plain_generate_qwen2_with_processors(qwen_pair):
     target, draft = qwen_pair
     inputs = batch()
@@ -252,6 +263,8 @@ def test_entry_points_agree(target, draft):
         ({"num_drafts": 1.5}, "num_drafts"),
         ({"num_assistant_tokens": 0}, "num_assistant_tokens"),
         ({"tree_attention": "yes"}, "tree_attention"),
+        ({"assistant_confidence_threshold": 1.5}, "assistant_confidence_threshold"),
+        ({"assistant_confidence_threshold": "high"}, "assistant_confidence_threshold"),
         ({"verifier": "no-such-rule"}, "unknown verifier"),
         ({"verifier": "single", "num_drafts": 2}, "at most 1"),
         ({"assistant_model": None}, "assistant_model"),

@@ -100,6 +100,32 @@ def test_lossless(target, draft, verifier, n, depth, tree, batch4, sampling):
     assert p > LEVEL, f"output law differs from the target's (chi-square p = {p:.2e})"
 
 
+@pytest.mark.parametrize(
+    ("verifier", "n", "tree", "batch4", "sampling", "threshold"),
+    [
+        ("optimal", 4, True, True, {}, 0.09),
+        ("spectr", 2, False, False, {"temperature": 0.7, "top_k": 8}, 0.2),
+        ("rrs_without_replacement", 4, True, False, {"top_k": 3}, 0.35),
+        ("single", 1, True, True, {"temperature": 1.3, "top_p": 0.85}, 0.07),
+    ],
+)
+def test_lossless_with_confidence_stop(target, draft, verifier, n, tree, batch4, sampling, threshold):
+    """Branches stop drafting after a token the draft gave probability below τ (τ near the median there)."""
+    prompts = PROMPTS if batch4 else PROMPTS[:1]
+    p = lossless_pvalue(
+        target,
+        draft,
+        prompts,
+        sampling,
+        verifier=verifier,
+        num_drafts=n,
+        num_assistant_tokens=3,
+        assistant_confidence_threshold=threshold,
+        tree_attention=tree,
+    )
+    assert p > LEVEL, f"output law differs from the target's (chi-square p = {p:.2e})"
+
+
 @pytest.mark.parametrize("draft_vocab", [12, 20])
 def test_lossless_with_different_logit_widths(target, draft_vocab):
     """A draft whose embedding matrix is narrower or padded wider still gives the target's law."""
