@@ -3,10 +3,12 @@
 Depth 1 feeds the tokens the draft cache has not seen yet (the prompt at the
 first block, then the last one or two committed tokens) on one row per
 sequence; every branch then samples its first token from that one
-distribution p(·|context). Depth d ≥ 2 feeds the n tokens of depth d − 1 as
-n columns of the same row, each attending to the committed context and to its
-own branch (a tree layout over the draft cache, so the cache is never copied
-per branch). Sampling follows the verifier's ``draft_scheme``:
+distribution p(·|context). Depth d ≥ 2 feeds the distinct depth-(d − 1)
+nodes that still draft (branches sharing a prefix share one node) as columns
+of the same row, each attending to the committed context and to its own
+ancestors (a tree layout over the draft cache, so the cache is never copied
+per branch, and a confident draft whose branches agree costs one column, not
+n). Sampling follows the verifier's ``draft_scheme``:
 
 - ``"iid"``: each branch draws its next token independently from
   p(·|its prefix). Given the prefix, branches that share it are i.i.d. from it.
@@ -51,15 +53,36 @@ class DraftBlock:
         alive: [B, n, L] the branch holds a token at that depth.
         probs: L tensors [B, n, V]; ``probs[d − 1][b, i]`` is the law branch
             ``i`` drew its depth-d token from.
-        state: the draft cache after the block: committed positions valid,
-            then (L − 1)·n branch columns, column ``(d − 1)·n + i`` holding the
-            key/values of token ``x[i, d]``.
+        state: the draft cache after the block: ``committed`` positions, then
+            the block's node columns.
+        committed: [B, S_c] validity of the positions before the block's node columns.
+        columns: [B, n, L − 1] block column (0-based, after ``committed``) holding the
+            key/values of token ``x[i, d]``, −1 where that token was never fed
+            (the branch stopped drafting there, or it is the last depth).
     """
 
     tokens: torch.Tensor
     alive: torch.Tensor
     probs: list[torch.Tensor]
     state: KVState
+    committed: torch.Tensor
+    columns: torch.Tensor
+
+    def keep_path(self, accepted: torch.Tensor, branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the draft cache keeps when branch ``branch`` [B] had its first ``accepted`` [B] tokens accepted.
+
+        Returns:
+            keep [B, S]: committed positions and the fed tokens of the accepted path;
+            cached [B]: how many accepted tokens are now in the cache (a prefix of them).
+        """
+        batch, _, fed_depth = self.columns.shape
+        path = self.columns[torch.arange(batch, device=branch.device), branch]  # [B, L − 1]
+        depth_index = torch.arange(fed_depth, device=branch.device)
+        on_path = (path >= 0) & (depth_index[None, :] < accepted[:, None])
+        block = torch.zeros(batch, self.state.valid.shape[1] - self.committed.shape[1] + 1, dtype=torch.bool,
+                            device=branch.device)  # fmt: skip
+        block.scatter_(1, torch.where(on_path, path, block.shape[1] - 1), on_path)
+        return torch.cat([self.committed, block[:, :-1]], dim=1), on_path.sum(-1)
 
 
 def keeps_drafting(
@@ -181,49 +204,62 @@ def draft_block(
     )
     all_tokens, all_alive, all_probs = [tokens_d], [alive_d], [probs]
     branch = torch.arange(n, device=device)
-    own_branch = branch[:, None] == branch[None, :]  # [n(query), n(key)]
     rows = torch.arange(batch, device=device)
+    columns = torch.full((batch, n, max(depth - 1, 0)), -1, dtype=torch.long, device=device)
     for d in range(2, depth + 1):
         if not bool(going.any()):
             break
         fed = torch.stack(all_tokens, dim=-1)  # [B, n, d − 1]
         fed_alive = torch.stack(all_alive, dim=-1)
-        block_columns = own_branch[None, :, None, :].expand(batch, n, d - 2, n).reshape(batch, n, (d - 2) * n)
+        parent = canonical_branches(fed, fed_alive)[:, :, -1]
+        # One column per distinct node that drafts on, carried by its canonical branch.
+        is_node = (parent == branch) & going
+        width = int(is_node.sum(-1).max())
+        carrier = torch.sort((~is_node).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # [B, m]
+        fed_valid = is_node.gather(1, carrier)
+        start = state.valid.shape[1] - committed.shape[1]
+        slot = torch.full((batch, n), -1, dtype=torch.long, device=device)
+        slot.scatter_(1, carrier, torch.where(fed_valid, start + torch.arange(width, device=device), -1))
+        columns[:, :, d - 2] = torch.where(going, slot.gather(1, parent), -1)
+        ancestors = columns[rows[:, None], carrier, : d - 2]  # [B, m, d − 2]
+        block_allowed = (ancestors[..., None] == torch.arange(start, device=device)).any(-2)
         with timer.phase("draft_forward"):
             logits = forward_tokens(
                 model,
                 state,
-                fed[:, :, -1],
-                past_allowed=torch.cat([committed[:, None, :].expand(-1, n, -1), block_columns], dim=-1),
-                new_allowed=torch.zeros(batch, n, n, dtype=torch.bool, device=device),
-                positions=(next_position + d - 2)[:, None].expand(-1, n),
-                logits_to_keep=n,
+                fed[:, :, -1].gather(1, carrier),
+                past_allowed=torch.cat([committed[:, None, :].expand(-1, width, -1), block_allowed], dim=-1),
+                new_allowed=torch.zeros(batch, width, width, dtype=torch.bool, device=device),
+                positions=(next_position + d - 2)[:, None].expand(-1, width),
+                logits_to_keep=width,
             )
-        state = KVState(cache=state.cache, valid=torch.cat([state.valid, fed_alive[:, :, -1]], dim=1))
-        # Distributions for canonical nodes only: processors run once per distinct prefix.
-        parent = canonical_branches(fed, fed_alive)[:, :, -1]
-        is_canonical = (parent == branch) & going
-        node_b, node_i = is_canonical.nonzero(as_tuple=True)
+        state = KVState(cache=state.cache, valid=torch.cat([state.valid, fed_valid], dim=1))
+        # Distributions for fed nodes only: processors run once per distinct prefix.
+        node_b, node_j = fed_valid.nonzero(as_tuple=True)
+        node_i = carrier[node_b, node_j]
         node_contexts = contexts[node_b].clone()
         offsets = lengths[node_b, None] + torch.arange(d - 1, device=device)
         node_contexts.scatter_(1, offsets, fed[node_b, node_i])
         node_scores, node_probs = processor.ragged_distribution(
-            node_contexts, lengths[node_b] + d - 1, logits[node_b, node_i], batch_rows[node_b], background
+            node_contexts, lengths[node_b] + d - 1, logits[node_b, node_j], batch_rows[node_b], background
         )
-        slot = torch.zeros(batch, n, dtype=torch.long, device=device)
-        slot[node_b, node_i] = torch.arange(node_b.shape[0], device=device)
-        branch_slot = slot[rows[:, None], parent]
-        probs = node_probs[branch_slot]  # [B, n, V]; rows of stopped branches are never read
+        node_of = torch.zeros(batch, n, dtype=torch.long, device=device)
+        node_of[node_b, node_i] = torch.arange(node_b.shape[0], device=device)
+        branch_node = node_of[rows[:, None], parent]
+        probs = node_probs[branch_node]  # [B, n, V]; rows of stopped branches are never read
         tokens_d, alive_d = sample_children(probs, parent, going, scheme, generator)
-        going = keeps_drafting(processor, node_scores[branch_slot], probs, tokens_d, alive_d, confidence_threshold)
+        going = keeps_drafting(processor, node_scores[branch_node], probs, tokens_d, alive_d, confidence_threshold)
         all_tokens.append(tokens_d)
         all_alive.append(alive_d)
         all_probs.append(probs)
+    drafted = len(all_tokens)
     return DraftBlock(
         tokens=torch.stack(all_tokens, dim=-1),
         alive=torch.stack(all_alive, dim=-1),
         probs=all_probs,
         state=state,
+        committed=committed,
+        columns=columns[:, :, : drafted - 1],
     )
 
 

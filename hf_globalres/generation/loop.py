@@ -234,13 +234,9 @@ def multi_draft_decode(
         survivors = (~finished).nonzero()[:, 0]
         target_state = select_positions(target_state, *_target_keep(target, accepted, cur, survivors, n))
         if drafts is not None:
-            committed = draft_state.valid.shape[1] - (depth - 1) * n
-            branch_depth = torch.arange(1, depth, device=device).repeat_interleave(n)  # column (d−1)·n + i
-            branch = torch.arange(n, device=device).repeat(depth - 1)
-            branch_keep = (branch[None, :] == cur[:, None]) & (branch_depth[None, :] <= accepted[:, None])
-            draft_keep = torch.cat([draft_state.valid[:, :committed], branch_keep], dim=1)
+            draft_keep, path_cached = drafts.keep_path(accepted, cur)
             draft_state = select_positions(draft_state, draft_keep, survivors)
-            draft_cached = (length + torch.minimum(accepted, torch.full_like(accepted, depth - 1)))[survivors]
+            draft_cached = (length + path_cached)[survivors]
         else:
             draft_state = select_positions(draft_state, draft_state.valid, survivors)
             draft_cached = draft_cached[survivors]

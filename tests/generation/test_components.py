@@ -211,3 +211,29 @@ def test_confidence_stop_extremes(draft):
     assert _draft(draft, [1, 9], n=3, depth=4, threshold=1.0).tokens.shape[2] == 1
     greedy = _draft(draft, [1, 9], n=1, depth=4, threshold=1.0, do_sample=False)
     assert greedy.tokens.shape[2] == 1  # greedy confidence is the softmax, not the one-hot law
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("n", "threshold", "scheme"), [(4, None, "iid"), (4, 0.09, "iid"), (3, None, "without_replacement")]
+)
+def test_draft_laws_match_plain_forwards(draft, n, threshold, scheme):
+    """Every branch's law at every depth equals a plain forward over its own prefix (tree masks and node columns)."""
+    prompt = [1, 5, 7, 3]
+    for seed in range(4):
+        block = _draft(draft, prompt, n=n, depth=4, threshold=threshold, scheme=scheme, seed=seed)
+        for i in range(n):
+            for d in range(block.tokens.shape[2]):
+                if block.alive[0, i, d]:
+                    ids = torch.tensor([prompt + block.tokens[0, i, :d].tolist()])
+                    expected = torch.softmax(draft(ids).logits[0, -1].double(), dim=-1)
+                    assert torch.allclose(block.probs[d][0, i], expected, atol=1e-5)
+
+
+@torch.no_grad()
+def test_agreeing_branches_share_draft_columns(draft):
+    """With top_k = 1 all n branches carry the same tokens: one draft column per depth, not n."""
+    block = _draft(draft, [1, 9], n=4, depth=5, threshold=None, top_k=1)
+    assert (block.tokens == block.tokens[:, :1]).all()
+    assert block.state.valid.shape[1] - block.committed.shape[1] == 4
+    assert (block.columns == torch.arange(4)).all()

@@ -103,6 +103,21 @@ def test_perfect_draft_gives_l_plus_one_tokens_per_forward(target, depth):
     assert out.target_forwards.tolist() == [-(-13 // (depth + 1))]
 
 
+@pytest.mark.parametrize(("n", "tree"), [(4, True), (3, False)])
+def test_perfect_draft_with_confidence_stop_accepts_every_draft(target, n, tree):
+    """The target as its own draft: every verified draft is accepted and each block ends with its bonus token,
+    which also checks that the draft cache holds exactly the accepted path after shallow blocks."""
+    results = []
+    out = hf_globalres.generate(
+        target, **batch(PROMPTS[:2]), assistant_model=target, num_drafts=n, num_assistant_tokens=4, do_sample=True,
+        assistant_confidence_threshold=0.09, tree_attention=tree, max_new_tokens=24, suppress_tokens=[EOS],
+        return_dict_in_generate=True, verification_callback=lambda *args: results.append(args[-1].accepted),
+    )  # fmt: skip
+    assert torch.cat(results).all()
+    lengths = [length for row in out.accepted_lengths for length in row[:-1]]
+    assert set(lengths) > {5}  # some blocks stopped early, some ran the full L = 4 (+ bonus)
+
+
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 5, 7])
 def test_max_new_tokens_exact(target, draft, max_new_tokens):
     inputs = batch()
