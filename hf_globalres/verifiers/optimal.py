@@ -44,6 +44,7 @@ from ..rates import optimal_subset
 from . import register
 from ._race import RaceProblems, solve_race
 from .base import EmissionPlan, Verifier, distinct_rows, normalize_rows
+from .rrs import recursive_rejection_plan
 
 #: Below this ``p(H*)^n`` the drafts essentially never all fall in ``H*``; its
 #: tier is not solved and accepts nothing (its mass ≤ p(H*)^n goes to the residual).
@@ -100,6 +101,18 @@ class RaceRule:
     q_total: torch.Tensor
     optimum: torch.Tensor
     residual: torch.Tensor
+
+
+def _single_draft_plan(
+    target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor
+) -> EmissionPlan:
+    """Leviathan et al.'s rule for rows with at most one draft; it reaches α*(p, q, 1) = Σ min(p, q).
+
+    The rows are renormalised first, because ``optimal`` receives them as given.
+    """
+    q = target_probs / target_probs.sum(-1, keepdim=True)
+    p = draft_probs / draft_probs.sum(-1, keepdim=True)
+    return recursive_rejection_plan(q, p, draft_tokens, without_replacement=False)
 
 
 @register
@@ -270,6 +283,27 @@ class Optimal(Verifier):
         return unpack(alpha), unpack(law), residual
 
     def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
+        """Rows with at most one draft take the single-draft plan (optimal for k = 1); the rest race."""
+        lone = (draft_tokens >= 0).sum(-1) <= 1
+        if not bool(lone.any()):
+            return self._race_plan(target_probs, draft_probs, draft_tokens)
+        if bool(lone.all()):
+            return _single_draft_plan(target_probs, draft_probs, draft_tokens)
+        one, many = lone.nonzero()[:, 0], (~lone).nonzero()[:, 0]
+        parts = [
+            (one, _single_draft_plan(target_probs[one], draft_probs[one], draft_tokens[one])),
+            (many, self._race_plan(target_probs[many], draft_probs[many], draft_tokens[many])),
+        ]
+        draft_emit = target_probs.new_zeros(draft_tokens.shape)
+        residual = torch.empty_like(target_probs)
+        for rows, part in parts:
+            draft_emit[rows] = part.draft_emit
+            residual[rows] = part.residual
+        return EmissionPlan(draft_emit=draft_emit, residual=residual)
+
+    def _race_plan(
+        self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor
+    ) -> EmissionPlan:
         batch, vocab = target_probs.shape
         present = draft_tokens >= 0
         rule = self.solve(target_probs, draft_probs, present.sum(-1))
