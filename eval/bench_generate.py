@@ -2,7 +2,7 @@
 
     python eval/bench_generate.py                                   # full grid (hours on a 2-core CPU)
     python eval/bench_generate.py --prompts 2 --max-new-tokens 32 --drafts 1,4 --lengths 2,4 --verifiers spectr
-    python eval/bench_generate.py --drafts 1,2 --lengths 12 --confidence 0.4 --tree on   # confidence-stopped drafts
+    python eval/bench_generate.py --drafts 1,4 --lengths 12 --confidence 0.4 --shapes tree,spine --tree on
 
 Real pair (default: the built-in Qwen2.5-Coder-1.5B/0.5B-Instruct, fp32 on CPU),
 GSM8K prompts, temperature 1. For every method it reports tokens/s, block
@@ -233,6 +233,7 @@ def main() -> None:
         default="none",
         help="assistant_confidence_threshold values for ours ('none': every branch drafts L tokens)",
     )
+    parser.add_argument("--shapes", default="tree", help="draft_shape values for ours: tree, spine")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=Path("eval/results/bench_generate.json"))
@@ -266,11 +267,12 @@ def main() -> None:
         for n in (int(x) for x in args.drafts.split(",")):
             if rule.max_drafts is not None and n > rule.max_drafts:
                 continue
-            for length, tree, tau in itertools.product(
-                (int(x) for x in args.lengths.split(",")), args.tree.split(","), thresholds
+            shapes = args.shapes.split(",") if n > 1 else args.shapes.split(",")[:1]  # one shape at n = 1
+            for length, tree, tau, shape in itertools.product(
+                (int(x) for x in args.lengths.split(",")), args.tree.split(","), thresholds, shapes
             ):
                 options = {"num_drafts": n, "num_assistant_tokens": length, "verifier": name}
-                options.update(tree_attention=tree == "on", assistant_confidence_threshold=tau)
+                options.update(tree_attention=tree == "on", assistant_confidence_threshold=tau, draft_shape=shape)
 
                 def fn(ids, options=options):
                     return hf_globalres.generate(
@@ -278,8 +280,9 @@ def main() -> None:
                     )
 
                 label = f"ours {name} n={n} L={length} tree={tree}" + ("" if tau is None else f" τ={tau}")
+                label += "" if shape == "tree" else f" {shape}"
                 r = run_method(label, fn, prompts, target, args.seed)
-                r.update(n=n, L=length, tree=tree == "on", verifier=name, confidence_threshold=tau)
+                r.update(n=n, L=length, tree=tree == "on", verifier=name, confidence_threshold=tau, draft_shape=shape)
                 r["overhead_s_per_block"] = r.get("overhead_share", 0.0) * r["seconds"] / max(r["target_forwards"], 1)
                 results.append(r)
     plain, assisted = results[0], results[1]

@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput
 
 from .. import verifiers
 from ..verifiers.base import Verifier
+from .drafting import DRAFT_SHAPES, DraftShape
 from .loop import VerificationCallback, multi_draft_decode
 
 _ORIGINAL_GENERATE = GenerationMixin.generate
@@ -65,7 +66,12 @@ DEFAULT_VERIFIER = "optimal"
 
 
 def _check_options(
-    num_drafts: Any, num_assistant_tokens: Any, confidence_threshold: Any, tree_attention: Any, rule: Verifier
+    num_drafts: Any,
+    num_assistant_tokens: Any,
+    confidence_threshold: Any,
+    draft_shape: Any,
+    tree_attention: Any,
+    rule: Verifier,
 ) -> None:
     for label, value in (("num_drafts", num_drafts), ("num_assistant_tokens", num_assistant_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -78,6 +84,8 @@ def _check_options(
         raise ValueError(
             f"assistant_confidence_threshold must be a number in [0, 1] or None, got {confidence_threshold!r}"
         )
+    if draft_shape not in DRAFT_SHAPES:
+        raise ValueError(f"draft_shape must be one of {DRAFT_SHAPES}, got {draft_shape!r}")
     if tree_attention not in (True, False, "auto"):
         raise ValueError(f"tree_attention must be True, False or 'auto', got {tree_attention!r}")
     if rule.max_drafts is not None and num_drafts > rule.max_drafts:
@@ -136,6 +144,7 @@ def generate(
     num_drafts: int = 4,
     num_assistant_tokens: int | None = None,
     assistant_confidence_threshold: float | None = None,
+    draft_shape: str = "tree",
     verifier: str | Verifier | None = None,
     tree_attention: bool | str = "auto",
     verification_callback: VerificationCallback | None = None,
@@ -156,6 +165,10 @@ def generate(
             stopped, so drafts run long where the draft is sure and short where it is not
             (transformers' assisted generation uses 0.4 with L = 20). The output law is unchanged:
             whether a node is extended depends on that node's prefix alone.
+        draft_shape: "tree" (default): every branch drafts on; "spine": only the first branch's path
+            drafts on and the other branches end where they leave it, so drafting costs one draft
+            column per depth (as n = 1) and the extra branches are alternatives checked in the same
+            target forward.
         verifier: a registered verifier name or instance (default: "optimal" when registered, else "spectr").
         tree_attention: True verifies all branches in one row with a tree mask; False uses n
             rows per sequence; "auto" picks the tree.
@@ -171,7 +184,7 @@ def generate(
     rule = verifiers.get(verifier if verifier is not None else DEFAULT_VERIFIER)
     if num_assistant_tokens is None:
         num_assistant_tokens = DEFAULT_NUM_ASSISTANT_TOKENS
-    _check_options(num_drafts, num_assistant_tokens, assistant_confidence_threshold, tree_attention, rule)
+    _check_options(num_drafts, num_assistant_tokens, assistant_confidence_threshold, draft_shape, tree_attention, rule)
     _check_models(model, assistant_model)
     tokenizer = kwargs.pop("tokenizer", None)
     _check_tokenizers(tokenizer, kwargs.pop("assistant_tokenizer", None))
@@ -201,6 +214,7 @@ def generate(
         num_drafts=num_drafts,
         num_assistant_tokens=num_assistant_tokens,
         confidence_threshold=assistant_confidence_threshold,
+        draft_shape=draft_shape,
         verifier_rule=rule,
         use_tree=tree_attention in (True, "auto"),
         verification_callback=verification_callback,
@@ -231,6 +245,7 @@ def _decode(
     num_drafts: int,
     num_assistant_tokens: int,
     confidence_threshold: float | None,
+    draft_shape: DraftShape,
     verifier_rule: Verifier,
     use_tree: bool,
     verification_callback: VerificationCallback | None,
@@ -262,6 +277,7 @@ def _decode(
         num_drafts=num_drafts,
         num_assistant_tokens=num_assistant_tokens,
         confidence_threshold=confidence_threshold,
+        draft_shape=draft_shape,
         verifier=verifier_rule,
         tree_attention=use_tree,
         streamer=bound_streamer,

@@ -30,11 +30,23 @@ branch through a node stops or goes on together, and the drafts the verifier
 sees at a node are still draws from p(·|node) under the draft scheme: the
 output law is unchanged. Drafting stops where the draft's tokens stop paying
 for the target tokens they cost.
+
+The ``shape`` of the draft tree says which nodes draft on:
+
+- ``"tree"``: every branch drafts on (while confident), so the tree can be n
+  nodes wide at every depth.
+- ``"spine"``: only the nodes on the first branch's path draft on; a branch
+  that leaves that path ends at the depth where it leaves it. Each depth then
+  costs one draft column, as n = 1 does, while the verifier still sees, at each
+  node of the spine, every branch that agreed with the first one so far. Which
+  nodes draft on is again decided before their children are drawn, from
+  earlier draws only, so the output law is unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -42,6 +54,9 @@ from ..verifiers.base import DraftScheme, sample_categorical
 from .processors import SpeculativeLogitsProcessor
 from .timing import PhaseTimer
 from .tree import KVState, canonical_branches, forward_tokens
+
+DraftShape = Literal["tree", "spine"]
+DRAFT_SHAPES: tuple[DraftShape, ...] = ("tree", "spine")
 
 
 @dataclass
@@ -165,6 +180,7 @@ def draft_block(
     scheme: DraftScheme,
     timer: PhaseTimer,
     confidence_threshold: float | None = None,
+    shape: DraftShape = "tree",
     generator: torch.Generator | None = None,
 ) -> DraftBlock:
     """Draw ``num_drafts`` branches of at most ``depth`` ≥ 1 tokens.
@@ -178,6 +194,11 @@ def draft_block(
         lengths: [B] committed lengths.
         batch_rows, background: each row's index in the caller's batch and that
             batch's committed tokens, for the processors (see ``call_as_batch``).
+        confidence_threshold: τ of the module docstring (None: every branch drafts ``depth`` tokens).
+        shape: ``"tree"`` or ``"spine"``, which nodes draft on (module docstring).
+
+    Returns:
+        the drafts, ``tokens.shape[2]`` ≤ ``depth`` deep (shallower when every branch stopped early).
     """
     batch, n = pending.shape[0], num_drafts
     device = pending.device
@@ -202,6 +223,9 @@ def draft_block(
     going = keeps_drafting(
         processor, root_scores[:, None].expand(-1, n, -1), probs, tokens_d, alive_d, confidence_threshold
     )
+    on_spine = alive_d & (tokens_d == tokens_d[:, :1])  # [B, n] the branch's path is the first branch's
+    if shape == "spine":
+        going = going & on_spine
     all_tokens, all_alive, all_probs = [tokens_d], [alive_d], [probs]
     branch = torch.arange(n, device=device)
     rows = torch.arange(batch, device=device)
@@ -249,6 +273,9 @@ def draft_block(
         probs = node_probs[branch_node]  # [B, n, V]; rows of stopped branches are never read
         tokens_d, alive_d = sample_children(probs, parent, going, scheme, generator)
         going = keeps_drafting(processor, node_scores[branch_node], probs, tokens_d, alive_d, confidence_threshold)
+        on_spine = on_spine & alive_d & (tokens_d == tokens_d[:, :1])
+        if shape == "spine":
+            going = going & on_spine
         all_tokens.append(tokens_d)
         all_alive.append(alive_d)
         all_probs.append(probs)
@@ -263,4 +290,4 @@ def draft_block(
     )
 
 
-__all__ = ["DraftBlock", "draft_block", "keeps_drafting", "sample_children"]
+__all__ = ["DRAFT_SHAPES", "DraftBlock", "DraftShape", "draft_block", "keeps_drafting", "sample_children"]

@@ -36,7 +36,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from ..verifiers.base import VerificationResult, Verifier, sample_categorical
-from .drafting import DraftBlock, draft_block
+from .drafting import DraftBlock, DraftShape, draft_block
 from .processors import SpeculativeLogitsProcessor, call_as_batch
 from .timing import PhaseTimer
 from .tree import KVState, Tree, forward_tokens, new_state, pack_tree, select_positions
@@ -108,6 +108,7 @@ def multi_draft_decode(
     streamer=None,
     verification_callback: VerificationCallback | None = None,
     confidence_threshold: float | None = None,
+    draft_shape: DraftShape = "tree",
     generator: torch.Generator | None = None,
 ) -> DecodeResult:
     """Generate with multi-draft speculative sampling; see the module docstring.
@@ -120,6 +121,8 @@ def multi_draft_decode(
         num_drafts: n ≥ 1 branches; num_assistant_tokens: L ≥ 1 draft tokens per branch (at most,
             with ``confidence_threshold``: a branch stops after a token its draft gave probability
             below the threshold, see :mod:`.drafting`).
+        draft_shape: ``"tree"`` (every branch drafts on) or ``"spine"`` (only the first branch's path
+            does; the others end where they leave it), see :mod:`.drafting`.
     """
     device = input_ids.device
     batch, prompt_len = input_ids.shape
@@ -178,6 +181,7 @@ def multi_draft_decode(
                 scheme=verifier.draft_scheme,
                 timer=timer,
                 confidence_threshold=confidence_threshold,
+                shape=draft_shape,
                 generator=generator,
             )
             draft_state = drafts.state

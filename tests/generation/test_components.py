@@ -146,7 +146,7 @@ def test_tree_forward_and_compaction_match_plain_forwards(target):
     assert torch.allclose(after, plain, atol=1e-5)
 
 
-def _draft(draft, prompt, *, n, depth, threshold, scheme="iid", do_sample=True, seed=0, **warpers):
+def _draft(draft, prompt, *, n, depth, threshold, scheme="iid", shape="tree", do_sample=True, seed=0, **warpers):
     """One :func:`draft_block` call on a fresh cache for one prompt."""
     ids = torch.tensor([prompt])
     width = len(prompt)
@@ -169,6 +169,7 @@ def _draft(draft, prompt, *, n, depth, threshold, scheme="iid", do_sample=True, 
         scheme=scheme,
         timer=PhaseTimer(ids.device),
         confidence_threshold=threshold,
+        shape=shape,
         generator=torch.Generator().manual_seed(seed),
     )
 
@@ -237,3 +238,27 @@ def test_agreeing_branches_share_draft_columns(draft):
     assert (block.tokens == block.tokens[:, :1]).all()
     assert block.state.valid.shape[1] - block.committed.shape[1] == 4
     assert (block.columns == torch.arange(4)).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("threshold", [None, 0.09])
+def test_spine_drafts_on_along_the_first_branch_only(draft, threshold):
+    """ "spine": a branch holds a depth-(d + 1) token iff its first d tokens are the first branch's (and it is
+    confident); one draft column per depth; the laws still match plain forwards."""
+    prompt = [1, 5, 7, 3]
+    widths = []
+    for seed in range(20):
+        block = _draft(draft, prompt, n=4, depth=4, threshold=threshold, shape="spine", seed=seed, top_k=4)
+        tokens, alive = block.tokens[0], block.alive[0]
+        for d in range(1, tokens.shape[1]):
+            same_path = (tokens[:, :d] == tokens[:1, :d]).all(-1) & alive[:, d - 1]
+            assert not (alive[:, d] & ~same_path).any()
+            if threshold is None:
+                assert torch.equal(alive[:, d], same_path)
+        assert block.state.valid.shape[1] - block.committed.shape[1] == tokens.shape[1] - 1
+        widths.append(int(alive[:, -1].sum()))
+        i = int(alive[:, -1].nonzero()[-1])
+        ids = torch.tensor([prompt + tokens[i, :-1].tolist()])
+        expected = torch.softmax(TopKLogitsWarper(4)(ids, draft(ids).logits[:, -1]).double(), dim=-1)[0]
+        assert torch.allclose(block.probs[-1][0, i], expected, atol=1e-5)
+    assert max(widths) > 1  # the spine carried several agreeing branches somewhere

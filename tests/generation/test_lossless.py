@@ -101,16 +101,20 @@ def test_lossless(target, draft, verifier, n, depth, tree, batch4, sampling):
 
 
 @pytest.mark.parametrize(
-    ("verifier", "n", "tree", "batch4", "sampling", "threshold"),
+    ("verifier", "n", "tree", "batch4", "sampling", "threshold", "shape"),
     [
-        ("optimal", 4, True, True, {}, 0.09),
-        ("spectr", 2, False, False, {"temperature": 0.7, "top_k": 8}, 0.2),
-        ("rrs_without_replacement", 4, True, False, {"top_k": 3}, 0.35),
-        ("single", 1, True, True, {"temperature": 1.3, "top_p": 0.85}, 0.07),
+        ("optimal", 4, True, True, {}, 0.09, "tree"),
+        ("spectr", 2, False, False, {"temperature": 0.7, "top_k": 8}, 0.2, "tree"),
+        ("rrs_without_replacement", 4, True, False, {"top_k": 3}, 0.35, "tree"),
+        ("single", 1, True, True, {"temperature": 1.3, "top_p": 0.85}, 0.07, "tree"),
+        ("optimal", 4, True, False, {"top_k": 4}, None, "spine"),
+        ("spectr", 3, False, True, {}, 0.09, "spine"),
+        ("rrs", 4, True, False, {"temperature": 0.7, "top_k": 8}, 0.2, "spine"),
     ],
 )
-def test_lossless_with_confidence_stop(target, draft, verifier, n, tree, batch4, sampling, threshold):
-    """Branches stop drafting after a token the draft gave probability below τ (τ near the median there)."""
+def test_lossless_with_confidence_stop_and_spine(target, draft, verifier, n, tree, batch4, sampling, threshold, shape):
+    """Branches stop drafting after a token the draft gave probability below τ (τ near the median there);
+    with the spine shape only the first branch's path drafts on."""
     prompts = PROMPTS if batch4 else PROMPTS[:1]
     p = lossless_pvalue(
         target,
@@ -121,6 +125,7 @@ def test_lossless_with_confidence_stop(target, draft, verifier, n, tree, batch4,
         num_drafts=n,
         num_assistant_tokens=3,
         assistant_confidence_threshold=threshold,
+        draft_shape=shape,
         tree_attention=tree,
     )
     assert p > LEVEL, f"output law differs from the target's (chi-square p = {p:.2e})"
