@@ -98,6 +98,7 @@ def run_method(name: str, fn, prompts, target, seed: int) -> dict:
     counter = ForwardCounter(target)
     reset_peak_memory()
     tokens, seconds, overhead, total_blocks = 0, 0.0, 0.0, 0.0
+    phases: dict[str, float] = {}
     try:
         for i, ids in enumerate(prompts):
             torch.manual_seed(seed + i)
@@ -110,6 +111,8 @@ def run_method(name: str, fn, prompts, target, seed: int) -> dict:
                 t = out.timings
                 overhead += t["total"] - t["target_forward"] - t["draft_forward"]
                 total_blocks += t["total"]
+                for phase, value in t.items():
+                    phases[phase] = phases.get(phase, 0.0) + value
     finally:
         counter.handle.remove()
     result = {
@@ -123,6 +126,7 @@ def run_method(name: str, fn, prompts, target, seed: int) -> dict:
     }
     if total_blocks:
         result["overhead_share"] = overhead / total_blocks
+        result["phase_seconds"] = phases
     print(
         f"{name:<44} {result['tokens_per_s']:7.2f} tok/s  eff {result['block_efficiency']:5.2f}  "
         f"overhead {result.get('overhead_share', float('nan')):6.1%}  peak {result['peak_memory_gb']:.2f} GB",
