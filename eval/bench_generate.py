@@ -94,8 +94,9 @@ def peak_memory_gb() -> float:
     return float("nan")
 
 
-def run_method(name: str, fn, prompts, target, seed: int) -> dict:
+def run_method(name: str, fn, prompts, target, seed: int, draft=None) -> dict:
     counter = ForwardCounter(target)
+    draft_counter = ForwardCounter(draft) if draft is not None else None
     reset_peak_memory()
     tokens, seconds, overhead, total_blocks = 0, 0.0, 0.0, 0.0
     phases: dict[str, float] = {}
@@ -115,6 +116,8 @@ def run_method(name: str, fn, prompts, target, seed: int) -> dict:
                     phases[phase] = phases.get(phase, 0.0) + value
     finally:
         counter.handle.remove()
+        if draft_counter is not None:
+            draft_counter.handle.remove()
     result = {
         "method": name,
         "tokens": tokens,
@@ -122,6 +125,7 @@ def run_method(name: str, fn, prompts, target, seed: int) -> dict:
         "tokens_per_s": tokens / seconds,
         "target_forwards": counter.calls,
         "block_efficiency": tokens / max(counter.calls, 1),
+        "draft_forwards": draft_counter.calls if draft_counter is not None else 0,
         "peak_memory_gb": peak_memory_gb(),
     }
     if total_blocks:
@@ -170,9 +174,10 @@ def forward_costs(target, draft, device, context: int = 200, repeats: int = 3) -
 def projected_speedups(costs: dict, results: list[dict], overhead_s: float) -> list[dict]:
     """Speedup over plain decoding implied by forward costs at each measured (n, L) block efficiency.
 
-    Per block: L draft steps at batch n (tree layout: n tokens per step, timed as batch n), one
-    target forward over ≈ n·L + 1 tokens (interpolated), the package overhead; plain decoding
-    costs one 1-token target forward per token.
+    Per block: the measured draft forwards per block (L without a confidence stop) at batch n
+    (tree layout: up to n tokens per step, timed as batch n), one target forward over ≈ n·L + 1
+    tokens (interpolated; an upper bound), the package overhead; plain decoding costs one
+    1-token target forward per token.
     """
     sizes = sorted(int(k) for k in costs["target_forward_s"])
     target = [costs["target_forward_s"][str(k)] for k in sizes]
@@ -189,7 +194,8 @@ def projected_speedups(costs: dict, results: list[dict], overhead_s: float) -> l
         if "n" not in r:
             continue
         n, length = r["n"], r["L"]
-        block = length * interp(n, batches, draft) + interp(n * length + 1, sizes, target) + overhead_s
+        steps = r["draft_forwards"] / r["target_forwards"] if r.get("draft_forwards") else length
+        block = steps * interp(n, batches, draft) + interp(n * length + 1, sizes, target) + overhead_s
         speedup = r["block_efficiency"] * target[0] / block
         out.append({"method": r["method"], "projected_speedup": speedup})
         print(f"projected  {r['method']:<44} {speedup:5.2f}x")
@@ -261,7 +267,7 @@ def main() -> None:
         run_method(
             "transformers assisted generation",
             lambda ids: target.generate(ids, assistant_model=draft, **sample),
-            prompts, target, args.seed,
+            prompts, target, args.seed, draft,
         ),
     ]  # fmt: skip
     results[1]["assistant_generation_config"] = assisted_config
@@ -285,7 +291,7 @@ def main() -> None:
 
                 label = f"ours {name} n={n} L={length} tree={tree}" + ("" if tau is None else f" τ={tau}")
                 label += "" if shape == "tree" else f" {shape}"
-                r = run_method(label, fn, prompts, target, args.seed)
+                r = run_method(label, fn, prompts, target, args.seed, draft)
                 r.update(n=n, L=length, tree=tree == "on", verifier=name, confidence_threshold=tau, draft_shape=shape)
                 r["overhead_s_per_block"] = r.get("overhead_share", 0.0) * r["seconds"] / max(r["target_forwards"], 1)
                 results.append(r)

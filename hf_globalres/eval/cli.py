@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--temperatures", type=_floats, help="comma-separated; 0 = greedy")
     grid.add_argument("--max-new-tokens", type=int)
     grid.add_argument("--tree-attention", choices=["auto", "on", "off"])
+    grid.add_argument(
+        "--confidence",
+        type=float,
+        dest="assistant_confidence_threshold",
+        help="τ: drafts stop after a token the draft gave probability < τ (ours and transformers' assisted alike)",
+    )
+    grid.add_argument("--draft-shape", choices=["tree", "spine"], help="which draft nodes draft on (default tree)")
     grid.add_argument("--no-acceptance", action="store_true", help="skip acceptance-per-depth measurement")
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", help="parent of run directories")
@@ -133,6 +140,8 @@ _OVERRIDES = (
     "lengths",
     "temperatures",
     "max_new_tokens",
+    "assistant_confidence_threshold",
+    "draft_shape",
     "output_dir",
     "run_name",
 )

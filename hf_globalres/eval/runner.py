@@ -99,6 +99,9 @@ class EvalConfig:
     device_map: str | None = None
     threads: int | None = None
     tree_attention: bool | str = "auto"
+    #: τ for multi-draft decoding and transformers' assisted generation alike (None: fixed L for both).
+    assistant_confidence_threshold: float | None = None
+    draft_shape: str = "tree"
     measure_acceptance: bool = True
 
     #: Fields that change results: a run directory refuses to resume under different values.
@@ -111,6 +114,8 @@ class EvalConfig:
         "seed",
         "dtype",
         "tree_attention",
+        "assistant_confidence_threshold",
+        "draft_shape",
     )
 
     @classmethod
@@ -142,6 +147,11 @@ class EvalConfig:
             )
         if any(n < 1 for n in self.num_drafts) or any(L < 1 for L in self.lengths):
             raise ValueError("num_drafts and lengths must be ≥ 1")
+        tau = self.assistant_confidence_threshold
+        if tau is not None and not 0 <= tau <= 1:
+            raise ValueError(f"assistant_confidence_threshold must be in [0, 1] or null, got {tau}")
+        if self.draft_shape not in ("tree", "spine"):
+            raise ValueError(f"draft_shape must be 'tree' or 'spine', got {self.draft_shape!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if "multidraft" in self.methods:
@@ -388,6 +398,8 @@ def generate_once(
         elif method.kind == "assisted":
             draft.generation_config.num_assistant_tokens = method.length
             draft.generation_config.num_assistant_tokens_schedule = "constant"
+            # transformers' own default τ is 0.4; 0 turns its confidence stop off, as None does for ours.
+            draft.generation_config.assistant_confidence_threshold = config.assistant_confidence_threshold or 0.0
             sequences = target.generate(input_ids, assistant_model=draft, **kwargs)
         else:
             out = generation.generate(
@@ -396,6 +408,8 @@ def generate_once(
                 assistant_model=draft,
                 num_drafts=method.num_drafts,
                 num_assistant_tokens=method.length,
+                assistant_confidence_threshold=config.assistant_confidence_threshold,
+                draft_shape=config.draft_shape,
                 verifier=method.verifier,
                 tree_attention=config.tree_attention,
                 verification_callback=callback,
@@ -576,7 +590,8 @@ def _check_resumable(run_dir: Path, config: EvalConfig) -> None:
     path = run_dir / "config.json"
     if path.is_file():
         previous = json.loads(path.read_text())
-        changed = [k for k in EvalConfig.RESULT_FIELDS if previous.get(k) != getattr(config, k)]
+        defaults = EvalConfig()
+        changed = [k for k in EvalConfig.RESULT_FIELDS if previous.get(k, getattr(defaults, k)) != getattr(config, k)]
         if changed:
             raise ValueError(
                 f"run directory {run_dir} holds results made with different {', '.join(changed)}; "

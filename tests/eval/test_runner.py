@@ -176,6 +176,8 @@ def test_grid_and_config_errors():
         ({"methods": ["beam"]}, "unknown method"),
         ({"temperatures": [-1.0]}, "temperatures"),
         ({"lengths": [0]}, "must be ≥ 1"),
+        ({"assistant_confidence_threshold": 1.5}, "assistant_confidence_threshold"),
+        ({"draft_shape": "bush"}, "draft_shape"),
     ):
         with pytest.raises(ValueError, match=message):
             runner.EvalConfig(**settings).validate()
@@ -190,7 +192,25 @@ def test_cli_help_dump_and_errors(capsys, tmp_path):
     assert cli.main(["--dump-config", "--limit", "7", "--verifiers", "spectr:2"]) == 0
     dumped = json.loads(capsys.readouterr().out)
     assert dumped["limit"] == 7 and dumped["verifiers"] == ["spectr:2"]
+    assert dumped["assistant_confidence_threshold"] is None and dumped["draft_shape"] == "tree"
+    assert cli.main(["--dump-config", "--confidence", "0.4", "--draft-shape", "spine"]) == 0
+    dumped = json.loads(capsys.readouterr().out)
+    assert dumped["assistant_confidence_threshold"] == 0.4 and dumped["draft_shape"] == "spine"
     assert cli.main(["--config", "no-such-config"]) == 2
     assert "not found" in capsys.readouterr().err
     assert cli.main(["--target", "./no/such/dir", "--output-dir", str(tmp_path), "--no-progress"]) == 2
     assert "model './no/such/dir' not found" in capsys.readouterr().err
+
+
+def test_confidence_stopped_spine_run(tiny_pair_dirs, tmp_path):
+    """τ and the spine shape reach both drafting methods; a rerun under another τ is refused."""
+    files = {"gsm8k": tmp_path / "gsm8k.jsonl", "mtbench": tmp_path / "mt.jsonl"}
+    files["gsm8k"].write_text('{"question": "what is 2 + 3?", "answer": "#### 5"}\n')
+    files["mtbench"].write_text('{"question_id": 1, "category": "x", "turns": ["say hi.", "again."]}\n')
+    args = _args(tiny_pair_dirs, files, tmp_path / "out", "--datasets", "gsm8k", "--temperatures", "1")
+    args += ["--methods", "assisted,multidraft", "--verifiers", "spectr:3", "--lengths", "4"]
+    assert cli.main([*args, "--confidence", "0.1", "--draft-shape", "spine"]) == 0
+    records = runner.RecordStore(tmp_path / "out" / "tiny").records()
+    assert {r["method"] for r in records} == {"hf-assisted L=4", "spectr n=3 L=4"}
+    assert all(1 <= turn["new_tokens"] <= 6 for r in records for turn in r["turns"])
+    assert cli.main([*args, "--confidence", "0.2", "--draft-shape", "spine"]) == 2
