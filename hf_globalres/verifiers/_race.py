@@ -54,6 +54,14 @@ ALPHA_SPAN = 40.0
 COARSE_STEP = 0.6
 COARSE_TOL = 1e-6
 COARSE_MIN_WIDTH = 256
+#: On problems of at least ``EXPANSION_MIN_WIDTH`` slots, :func:`race_law` groups the slots into
+#: buckets of α-width ``EXPANSION_WIDTH`` and expands each clock in α about its bucket's centre to
+#: order ``EXPANSION_ORDER`` (:func:`expanded_race_law`): the remainder, ~ sup|D^{J+1} e^{−s}|
+#: (Δ/2)^{J+1} / (J+1)!, stays under the quadrature's own error (measured: relative ≤ 1e-14 per slot
+#: at V = 150k, α spans up to 40). It replaces S·K exponentials by O(S·J + (span/Δ)·K·J) work.
+EXPANSION_MIN_WIDTH = 16384
+EXPANSION_WIDTH = 0.1
+EXPANSION_ORDER = 10
 
 
 @dataclass
@@ -140,6 +148,8 @@ def race_law(problems: RaceProblems, alpha: torch.Tensor, step: float, chunk: in
     tier = problems.tier
     alpha = torch.where(tier, alpha, 0)
     t, quad = quadrature_nodes(problems, alpha, step)
+    if alpha.shape[1] >= EXPANSION_MIN_WIDTH:
+        return expanded_race_law(problems, alpha, t, quad)
     rate = torch.exp(alpha)
     p = problems.draft_mass
     n = problems.num_draws[:, None]
@@ -157,6 +167,74 @@ def race_law(problems: RaceProblems, alpha: torch.Tensor, step: float, chunk: in
         x_clock = torch.exp(x.neg()).mul_(x)
         law[:, block] = p[:, block] * torch.bmm(x_clock, weight[:, :, None])[..., 0]
     return law
+
+
+def clock_derivatives(s: torch.Tensor, order: int) -> torch.Tensor:
+    """[..., order + 1]: ``D^j e^{−s}`` for j = 0..order, with ``D = s d/ds``.
+
+    With ``s = t e^α``, ``D = d/dα``; ``D^j e^{−s} = e^{−s} Σ_i S(j, i) (−s)^i`` with
+    Stirling numbers of the second kind ``S(j, i)``.
+    """
+    stirling = torch.zeros(order + 1, order + 1, dtype=s.dtype, device=s.device)
+    stirling[0, 0] = 1
+    for j in range(1, order + 1):
+        for i in range(1, j + 1):
+            stirling[j, i] = i * stirling[j - 1, i] + stirling[j - 1, i - 1]
+    powers = torch.stack([(-s) ** i for i in range(order + 1)], dim=-1)
+    return torch.exp(-s)[..., None] * (powers @ stirling.T)
+
+
+def expanded_race_law(
+    problems: RaceProblems,
+    alpha: torch.Tensor,
+    t: torch.Tensor,
+    quad: torch.Tensor,
+    *,
+    width: float = EXPANSION_WIDTH,
+    order: int = EXPANSION_ORDER,
+    chunk: int = 1 << 22,
+) -> torch.Tensor:
+    """The race law b(α) [P, S] of :func:`race_law` at the nodes ``t``, ``ω`` [P, K], in O(S·J + G·K·J).
+
+    Slots are grouped into G buckets of α-width ``width`` with centres ``a_g``;
+    with ``δ_y = α_y − a_g`` and ``s_gk = t_k e^{a_g}``, Taylor's formula in α gives
+
+        e^{−t_k w_y} = Σ_j D^j e^{−s_gk} δ_y^j / j!,   t_k w_y e^{−t_k w_y} = −Σ_j D^{j+1} e^{−s_gk} δ_y^j / j!,
+
+    so ``M_k = r + Σ_g Σ_j D^j e^{−s_gk} m_gj / j!`` with the bucket moments
+    ``m_gj = Σ_{y∈g} p_y δ_y^j``, and ``b_y = p_y Σ_j H_gj δ_y^j / j!`` with
+    ``H_gj = −Σ_k n ω_k M_k^{n−1} D^{j+1} e^{−s_gk}``. The truncation after
+    ``order`` terms errs by less than the quadrature (see ``EXPANSION_WIDTH``).
+    """
+    tier = problems.tier
+    p = problems.draft_mass
+    n = problems.num_draws[:, None]
+    size, nodes = p.shape[0], t.shape[1]
+    low = torch.where(tier, alpha, math.inf).amin(-1, keepdim=True)
+    low = torch.where(torch.isfinite(low), low, 0)
+    high = torch.where(tier, alpha, -math.inf).amax(-1, keepdim=True)
+    high = torch.where(torch.isfinite(high), high, 0)
+    groups = int(((high - low) / width).max()) + 1
+    bucket = ((alpha - low) / width).floor().clamp(0, groups - 1).long()
+    centre = low + (torch.arange(groups, dtype=alpha.dtype, device=alpha.device) + 0.5) * width  # [P, G]
+    delta = torch.where(tier, alpha - centre.gather(1, bucket), 0)
+    factorial = torch.tensor([math.factorial(j) for j in range(order + 1)], dtype=alpha.dtype, device=alpha.device)
+    scaled_powers = torch.stack([delta**j for j in range(order + 1)], dim=-1) / factorial  # δ^j / j!, [P, S, J+1]
+    moments = p.new_zeros(size, groups, order + 1)
+    moments.scatter_add_(1, bucket[..., None].expand(-1, -1, order + 1), p[..., None] * scaled_powers)
+    survive = problems.background[:, None].expand(size, nodes).clone()  # M_k
+    per_chunk = max(1, chunk // max(1, size * nodes * (order + 2)))
+    blocks = [slice(start, start + per_chunk) for start in range(0, groups, per_chunk)]
+    for block in blocks:
+        derivs = clock_derivatives(t[:, None, :] * torch.exp(centre[:, block, None]), order)  # [P, g, K, J+1]
+        survive += torch.einsum("pgkj,pgj->pk", derivs, moments[:, block])
+    weight = n * quad * survive.pow(n - 1)  # n ω M^{n−1}, [P, K]
+    level = p.new_empty(size, groups, order + 1)  # H_gj
+    for block in blocks:
+        derivs = clock_derivatives(t[:, None, :] * torch.exp(centre[:, block, None]), order + 1)
+        level[:, block] = -torch.einsum("pgkj,pk->pgj", derivs[..., 1:], weight)
+    per_slot = level.gather(1, bucket[..., None].expand(-1, -1, order + 1))
+    return p * (per_slot * scaled_powers).sum(-1)
 
 
 def race_terms(problems: RaceProblems, alpha: torch.Tensor, step: float) -> RaceTerms:

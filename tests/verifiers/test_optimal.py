@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hf_globalres import rates, verifiers
 from hf_globalres.reference import draft_tuples, enumerate_law, transport_lp
 from hf_globalres.verifiers import _race
-from hf_globalres.verifiers._race import RaceProblems, race_law, race_terms
+from hf_globalres.verifiers._race import RaceProblems, expanded_race_law, quadrature_nodes, race_law, race_terms
 from hf_globalres.verifiers.optimal import Optimal, water_fill
 
 from .cases import CASE_KINDS, chi_square_pvalue, make_case
@@ -248,9 +248,46 @@ def test_race_quadrature_matches_the_enumerated_race(n: int, spread: float, back
     exact = enumerated_race_law(p, background, alpha, n)
     assert float((law - exact).abs().max()) <= 1e-13
     assert float(law.sum()) == pytest.approx(1 - background**n, abs=1e-13)
-    # The chunked law-only evaluation (here one slot per chunk) gives the same law.
+    # The chunked law-only evaluation (here one slot per chunk) gives the same law; so does the expansion in α.
     chunked = race_law(problems, alpha[None], step=0.3, chunk=1)[0]
     assert float((chunked - exact).abs().max()) <= 1e-13
+    expanded = expanded_race_law(problems, alpha[None], *quadrature_nodes(problems, alpha[None], 0.3))[0]
+    assert float((expanded - exact).abs().max()) <= 1e-13
+
+
+@pytest.mark.parametrize(("n", "span", "background"), [(2, 5.0, 0.1), (4, 20.0, 0.0), (8, 39.0, 0.3)])
+def test_expanded_race_law_matches_the_direct_law_on_wide_tiers(
+    monkeypatch: pytest.MonkeyPatch, n: int, span: float, background: float
+) -> None:
+    """Tiers of ≥ EXPANSION_MIN_WIDTH slots take the bucketed Taylor expansion: same law to 1e-13 per slot."""
+    g = torch.Generator().manual_seed(n)
+    width = _race.EXPANSION_MIN_WIDTH + 1000
+    p = torch.rand(2, width, generator=g, dtype=torch.float64) ** 3
+    p[:, ::7] = 0  # padding slots
+    p = (1 - background) * p / p.sum(-1, keepdim=True)
+    alpha = torch.where(p > 0, span * (torch.rand(2, width, generator=g, dtype=torch.float64) - 0.5), 0)
+    problems = RaceProblems(
+        draft_mass=p,
+        target=p,
+        background=torch.full((2,), background, dtype=torch.float64),
+        num_draws=torch.full((2,), float(n), dtype=torch.float64),
+        boxed=torch.tensor([False, True]),
+    )
+    expanded = race_law(problems, alpha, step=0.3)
+    monkeypatch.setattr(_race, "EXPANSION_MIN_WIDTH", 10**9)
+    direct = race_law(problems, alpha, step=0.3)
+    assert float(((expanded - direct).abs() / direct.clamp_min(1e-300)).max()) <= 1e-12
+    assert float((expanded - direct).abs().sum(-1).max()) <= 1e-13
+
+
+def test_expanded_race_law_keeps_the_rule_exact_and_optimal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every race evaluation through the expansion (solver steps included): law q (1e-10), acceptance α*."""
+    monkeypatch.setattr(_race, "EXPANSION_MIN_WIDTH", 1)
+    for vocab, n, seed in ((30, 2, 5), (11, 3, 6), (9, 4, 7)):
+        q, p = random_case(vocab, seed, zero_fraction=0.2)
+        marginal, acceptance, _ = enumerate_law(Optimal(), q, p, n)
+        assert float((marginal - q).abs().max()) <= EXACT
+        assert float(acceptance) == pytest.approx(optimum(q, p, n), abs=CLOSED_FORM_MATCH)
 
 
 def test_coarse_quadrature_phase_stays_exact_and_optimal(monkeypatch: pytest.MonkeyPatch) -> None:
