@@ -165,8 +165,9 @@ def generate(
             stopped, so drafts run long where the draft is sure and short where it is not
             (transformers' assisted generation uses 0.4 with L = 20). The output law is unchanged:
             whether a node is extended depends on that node's prefix alone.
-        draft_shape: "tree" (default): every branch drafts on; "spine": only the first branch's path
-            drafts on and the other branches end where they leave it, so drafting costs one draft
+        draft_shape: "tree" (default): every branch drafts on; "spine": only one path drafts on
+            (through the token most branches drew at each depth) and the other branches end where they
+            leave it, so drafting costs one draft
             column per depth (as n = 1) and the extra branches are alternatives checked in the same
             target forward.
         verifier: a registered verifier name or instance (default: "optimal" when registered, else "spectr").

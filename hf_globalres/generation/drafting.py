@@ -35,12 +35,14 @@ The ``shape`` of the draft tree says which nodes draft on:
 
 - ``"tree"``: every branch drafts on (while confident), so the tree can be n
   nodes wide at every depth.
-- ``"spine"``: only the nodes on the first branch's path draft on; a branch
-  that leaves that path ends at the depth where it leaves it. Each depth then
-  costs one draft column, as n = 1 does, while the verifier still sees, at each
-  node of the spine, every branch that agreed with the first one so far. Which
-  nodes draft on is again decided before their children are drawn, from
-  earlier draws only, so the output law is unchanged.
+- ``"spine"``: only one path drafts on: at each depth, the spine continues
+  through the child of the current spine node that most of its branches drew
+  (ties: the lowest branch's), and a branch that leaves the spine ends at the
+  depth where it leaves it. Each depth then costs one draft column, as n = 1
+  does, while the verifier still sees, at each spine node, every branch that
+  stayed on the spine so far. Which nodes draft on is again decided before
+  their children are drawn, from earlier draws only, so the output law is
+  unchanged.
 """
 
 from __future__ import annotations
@@ -98,6 +100,20 @@ class DraftBlock:
                             device=branch.device)  # fmt: skip
         block.scatter_(1, torch.where(on_path, path, block.shape[1] - 1), on_path)
         return torch.cat([self.committed, block[:, :-1]], dim=1), on_path.sum(-1)
+
+
+def heaviest_child(tokens: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """[B, n]: the ``members`` whose token is the one most of them drew (ties: the lowest branch's).
+
+    Args:
+        tokens: [B, n] tokens the branches just drew; members: [B, n] branches on the spine so far.
+    """
+    same = (tokens[:, :, None] == tokens[:, None, :]) & members[:, :, None] & members[:, None, :]
+    votes = same.sum(-1)  # [B, n], 0 for non-members
+    # The earliest branch holding the largest vote count names the spine's token.
+    leader = (votes * (tokens.shape[1] + 1) - torch.arange(tokens.shape[1], device=tokens.device)).argmax(-1)
+    chosen = tokens.gather(1, leader[:, None])
+    return members & (tokens == chosen)
 
 
 def keeps_drafting(
@@ -223,7 +239,7 @@ def draft_block(
     going = keeps_drafting(
         processor, root_scores[:, None].expand(-1, n, -1), probs, tokens_d, alive_d, confidence_threshold
     )
-    on_spine = alive_d & (tokens_d == tokens_d[:, :1])  # [B, n] the branch's path is the first branch's
+    on_spine = heaviest_child(tokens_d, alive_d)  # [B, n] the branch's path is the spine
     if shape == "spine":
         going = going & on_spine
     all_tokens, all_alive, all_probs = [tokens_d], [alive_d], [probs]
@@ -273,7 +289,7 @@ def draft_block(
         probs = node_probs[branch_node]  # [B, n, V]; rows of stopped branches are never read
         tokens_d, alive_d = sample_children(probs, parent, going, scheme, generator)
         going = keeps_drafting(processor, node_scores[branch_node], probs, tokens_d, alive_d, confidence_threshold)
-        on_spine = on_spine & alive_d & (tokens_d == tokens_d[:, :1])
+        on_spine = heaviest_child(tokens_d, on_spine & alive_d)
         if shape == "spine":
             going = going & on_spine
         all_tokens.append(tokens_d)
@@ -290,4 +306,12 @@ def draft_block(
     )
 
 
-__all__ = ["DRAFT_SHAPES", "DraftBlock", "DraftShape", "draft_block", "keeps_drafting", "sample_children"]
+__all__ = [
+    "DRAFT_SHAPES",
+    "DraftBlock",
+    "DraftShape",
+    "draft_block",
+    "heaviest_child",
+    "keeps_drafting",
+    "sample_children",
+]

@@ -121,8 +121,8 @@ def multi_draft_decode(
         num_drafts: n ≥ 1 branches; num_assistant_tokens: L ≥ 1 draft tokens per branch (at most,
             with ``confidence_threshold``: a branch stops after a token its draft gave probability
             below the threshold, see :mod:`.drafting`).
-        draft_shape: ``"tree"`` (every branch drafts on) or ``"spine"`` (only the first branch's path
-            does; the others end where they leave it), see :mod:`.drafting`.
+        draft_shape: ``"tree"`` (every branch drafts on) or ``"spine"`` (only one path does, through
+            the token most branches drew at each depth; the others end where they leave it), see :mod:`.drafting`.
     """
     device = input_ids.device
     batch, prompt_len = input_ids.shape
