@@ -34,8 +34,21 @@ SAMPLINGS = [
 ]
 
 
+#: Confidence-stopped and spine-shaped drafts (τ near the median draft confidence under each sampling,
+#: so that branches both stop and go on): (verifier, n, L, tree, batch of 4, sampling, τ, shape).
+CONFIDENCE_CASES = [
+    ("optimal", 4, 3, True, True, {}, 0.09, "tree"),
+    ("spectr", 2, 3, False, False, {"temperature": 0.7, "top_k": 8}, 0.2, "tree"),
+    ("rrs_without_replacement", 4, 3, True, False, {"top_k": 3}, 0.35, "tree"),
+    ("single", 1, 3, True, True, {"temperature": 1.3, "top_p": 0.85}, 0.07, "tree"),
+    ("optimal", 4, 3, True, False, {"top_k": 4}, None, "spine"),
+    ("spectr", 3, 3, False, True, {}, 0.09, "spine"),
+    ("rrs", 4, 3, True, False, {"temperature": 0.7, "top_k": 8}, 0.2, "spine"),
+]
+
+
 def _cases() -> list[tuple]:
-    """A covering design over verifiers, n, L, layout, batch and sampling.
+    """A covering design over verifiers, n, L, layout, batch and sampling, plus ``CONFIDENCE_CASES``.
 
     Rules fitted row by row (:class:`FittedVerifier`: the paper reproductions)
     cost seconds per thousand rows, so they get one case each (n = 2, L = 3);
@@ -51,8 +64,10 @@ def _cases() -> list[tuple]:
                 continue
             for depth in (3,) if fitted else (1, 3):
                 i = next(counter)
-                cases.append((name, n, depth, i % 2 == 0, (i // 2) % 2 == 0, SAMPLINGS[i % len(SAMPLINGS)]))
-    return cases
+                cases.append(
+                    (name, n, depth, i % 2 == 0, (i // 2) % 2 == 0, SAMPLINGS[i % len(SAMPLINGS)], None, "tree")
+                )
+    return cases + CONFIDENCE_CASES
 
 
 def left_pad(prompts: list[list[int]], repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,8 +99,8 @@ def lossless_pvalue(target, draft, prompts, sampling, **kwargs) -> float:
     return pvalue(parts)
 
 
-@pytest.mark.parametrize(("verifier", "n", "depth", "tree", "batch4", "sampling"), _cases())
-def test_lossless(target, draft, verifier, n, depth, tree, batch4, sampling):
+@pytest.mark.parametrize(("verifier", "n", "depth", "tree", "batch4", "sampling", "threshold", "shape"), _cases())
+def test_lossless(target, draft, verifier, n, depth, tree, batch4, sampling, threshold, shape):
     prompts = PROMPTS if batch4 else PROMPTS[:1]
     p = lossless_pvalue(
         target,
@@ -96,37 +111,8 @@ def test_lossless(target, draft, verifier, n, depth, tree, batch4, sampling):
         num_drafts=n,
         num_assistant_tokens=depth,
         tree_attention=tree,
-    )
-    assert p > LEVEL, f"output law differs from the target's (chi-square p = {p:.2e})"
-
-
-@pytest.mark.parametrize(
-    ("verifier", "n", "tree", "batch4", "sampling", "threshold", "shape"),
-    [
-        ("optimal", 4, True, True, {}, 0.09, "tree"),
-        ("spectr", 2, False, False, {"temperature": 0.7, "top_k": 8}, 0.2, "tree"),
-        ("rrs_without_replacement", 4, True, False, {"top_k": 3}, 0.35, "tree"),
-        ("single", 1, True, True, {"temperature": 1.3, "top_p": 0.85}, 0.07, "tree"),
-        ("optimal", 4, True, False, {"top_k": 4}, None, "spine"),
-        ("spectr", 3, False, True, {}, 0.09, "spine"),
-        ("rrs", 4, True, False, {"temperature": 0.7, "top_k": 8}, 0.2, "spine"),
-    ],
-)
-def test_lossless_with_confidence_stop_and_spine(target, draft, verifier, n, tree, batch4, sampling, threshold, shape):
-    """Branches stop drafting after a token the draft gave probability below τ (τ near the median there);
-    with the spine shape only the first branch's path drafts on."""
-    prompts = PROMPTS if batch4 else PROMPTS[:1]
-    p = lossless_pvalue(
-        target,
-        draft,
-        prompts,
-        sampling,
-        verifier=verifier,
-        num_drafts=n,
-        num_assistant_tokens=3,
         assistant_confidence_threshold=threshold,
         draft_shape=shape,
-        tree_attention=tree,
     )
     assert p > LEVEL, f"output law differs from the target's (chi-square p = {p:.2e})"
 
