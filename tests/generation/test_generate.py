@@ -233,10 +233,13 @@ def test_verification_callback_sees_verified_rows(target, draft):
     assert calls[0][1][0] == len(PROMPTS)
 
 
-def test_entry_points_agree(target, draft):
+@pytest.mark.parametrize(
+    "extra", [{}, {"num_assistant_tokens": 4, "assistant_confidence_threshold": 0.09, "draft_shape": "spine"}]
+)
+def test_entry_points_agree(target, draft, extra):
     inputs = batch()
     options = {"assistant_model": draft, "num_drafts": 3, "num_assistant_tokens": 2, "do_sample": True}
-    options.update(max_new_tokens=9, temperature=0.9)
+    options.update(max_new_tokens=9, temperature=0.9, **extra)
 
     def run(fn):
         torch.manual_seed(11)
