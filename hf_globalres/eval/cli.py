@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="assistant_confidence_threshold",
         help="τ: drafts stop after a token the draft gave probability < τ (ours and transformers' assisted alike)",
     )
-    grid.add_argument("--draft-shape", choices=["tree", "spine"], help="which draft nodes draft on (default tree)")
+    grid.add_argument("--draft-shape", help="which draft nodes draft on: tree (default) or spine")
     grid.add_argument("--no-acceptance", action="store_true", help="skip acceptance-per-depth measurement")
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", help="parent of run directories")

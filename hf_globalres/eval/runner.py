@@ -147,11 +147,9 @@ class EvalConfig:
             )
         if any(n < 1 for n in self.num_drafts) or any(L < 1 for L in self.lengths):
             raise ValueError("num_drafts and lengths must be ≥ 1")
-        tau = self.assistant_confidence_threshold
-        if tau is not None and not 0 <= tau <= 1:
-            raise ValueError(f"assistant_confidence_threshold must be in [0, 1] or null, got {tau}")
-        if self.draft_shape not in ("tree", "spine"):
-            raise ValueError(f"draft_shape must be 'tree' or 'spine', got {self.draft_shape!r}")
+        from ..generation.drafting import check_drafting_options
+
+        check_drafting_options(self.assistant_confidence_threshold, self.draft_shape)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if "multidraft" in self.methods:

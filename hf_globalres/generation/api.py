@@ -28,7 +28,7 @@ from transformers.utils import ModelOutput
 
 from .. import verifiers
 from ..verifiers.base import Verifier
-from .drafting import DRAFT_SHAPES, DraftShape
+from .drafting import DraftShape, check_drafting_options
 from .loop import VerificationCallback, multi_draft_decode
 
 _ORIGINAL_GENERATE = GenerationMixin.generate
@@ -76,16 +76,7 @@ def _check_options(
     for label, value in (("num_drafts", num_drafts), ("num_assistant_tokens", num_assistant_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be an integer ≥ 1, got {value!r}")
-    if confidence_threshold is not None and (
-        isinstance(confidence_threshold, bool)
-        or not isinstance(confidence_threshold, int | float)
-        or not 0 <= confidence_threshold <= 1
-    ):
-        raise ValueError(
-            f"assistant_confidence_threshold must be a number in [0, 1] or None, got {confidence_threshold!r}"
-        )
-    if draft_shape not in DRAFT_SHAPES:
-        raise ValueError(f"draft_shape must be one of {DRAFT_SHAPES}, got {draft_shape!r}")
+    check_drafting_options(confidence_threshold, draft_shape)
     if tree_attention not in (True, False, "auto"):
         raise ValueError(f"tree_attention must be True, False or 'auto', got {tree_attention!r}")
     if rule.max_drafts is not None and num_drafts > rule.max_drafts:

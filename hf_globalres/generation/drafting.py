@@ -116,9 +116,24 @@ def heaviest_child(tokens: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
     return members & (tokens == chosen)
 
 
+def check_drafting_options(confidence_threshold: object, shape: object) -> None:
+    """Raise ValueError naming a confidence threshold outside [0, 1] or an unknown draft shape."""
+    if confidence_threshold is not None and (
+        isinstance(confidence_threshold, bool)
+        or not isinstance(confidence_threshold, int | float)
+        or not 0 <= confidence_threshold <= 1
+    ):
+        raise ValueError(
+            f"assistant_confidence_threshold must be a number in [0, 1] or None, got {confidence_threshold!r}"
+        )
+    if shape not in DRAFT_SHAPES:
+        raise ValueError(f"draft_shape must be one of {DRAFT_SHAPES}, got {shape!r}")
+
+
 def keeps_drafting(
     processor: SpeculativeLogitsProcessor,
     scores: torch.Tensor,
+    node: torch.Tensor,
     probs: torch.Tensor,
     tokens: torch.Tensor,
     alive: torch.Tensor,
@@ -128,11 +143,14 @@ def keeps_drafting(
 
     A branch goes on while it is ``alive`` and, with a ``threshold`` τ, the
     draft gave its last token probability ≥ τ under ``probs`` [B, n, V]
-    (sampling) or under ``softmax(scores)`` [B, n, V] (greedy, where ``probs`` is one-hot).
+    (sampling) or, in greedy mode where ``probs`` is one-hot, under
+    ``softmax(scores[node])``: ``scores`` [N, V] are the processed scores of
+    the N distinct nodes and ``node`` [B, n] each branch's row among them
+    (gathered only then, so sampling never copies scores per branch).
     """
     if threshold is None:
         return alive
-    law = probs if processor.do_sample else torch.softmax(scores, dim=-1, dtype=torch.float64)
+    law = probs if processor.do_sample else torch.softmax(scores[node], dim=-1, dtype=torch.float64)
     confidence = law.gather(-1, tokens[..., None])[..., 0]
     return alive & (confidence >= threshold)
 
@@ -236,15 +254,15 @@ def draft_block(
     parent = torch.zeros(batch, n, dtype=torch.long, device=device)
     alive = torch.ones(batch, n, dtype=torch.bool, device=device)
     tokens_d, alive_d = sample_children(probs, parent, alive, scheme, generator)
+    rows = torch.arange(batch, device=device)
     going = keeps_drafting(
-        processor, root_scores[:, None].expand(-1, n, -1), probs, tokens_d, alive_d, confidence_threshold
+        processor, root_scores, rows[:, None].expand(-1, n), probs, tokens_d, alive_d, confidence_threshold
     )
     on_spine = heaviest_child(tokens_d, alive_d)  # [B, n] the branch's path is the spine
     if shape == "spine":
         going = going & on_spine
     all_tokens, all_alive, all_probs = [tokens_d], [alive_d], [probs]
     branch = torch.arange(n, device=device)
-    rows = torch.arange(batch, device=device)
     columns = torch.full((batch, n, max(depth - 1, 0)), -1, dtype=torch.long, device=device)
     for d in range(2, depth + 1):
         if not bool(going.any()):
@@ -288,7 +306,7 @@ def draft_block(
         branch_node = node_of[rows[:, None], parent]
         probs = node_probs[branch_node]  # [B, n, V]; rows of stopped branches are never read
         tokens_d, alive_d = sample_children(probs, parent, going, scheme, generator)
-        going = keeps_drafting(processor, node_scores[branch_node], probs, tokens_d, alive_d, confidence_threshold)
+        going = keeps_drafting(processor, node_scores, branch_node, probs, tokens_d, alive_d, confidence_threshold)
         on_spine = heaviest_child(tokens_d, on_spine & alive_d)
         if shape == "spine":
             going = going & on_spine
@@ -310,6 +328,7 @@ __all__ = [
     "DRAFT_SHAPES",
     "DraftBlock",
     "DraftShape",
+    "check_drafting_options",
     "draft_block",
     "heaviest_child",
     "keeps_drafting",
