@@ -143,17 +143,20 @@ def spectr_acceptance(
     return 1 - (1 - beta).clamp(0, 1).pow(n.double())
 
 
-def optimal_subset(
+def optimal_prefix(
     target_probs: torch.Tensor,
     draft_probs: torch.Tensor,
     num_drafts: int | torch.Tensor,
     scheme: Scheme = "iid",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The optimal acceptance and the largest minimising subset ``H*``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The optimal acceptance and ``H*`` as a prefix of the tokens sorted by ``q/p``.
 
-    Returns ``(alpha [B] float64, in_subset [B, V] bool)``. ``H*`` is the
-    largest prefix (by ``q/p`` ascending; ``p = 0`` tokens last) minimising
-    ``ψ(H) = q(H) − P(all drafts ∈ H)``; ``α* = 1 + ψ(H*)``.
+    Returns ``(alpha [B] float64, order [B, V], size [B])``: ``order`` sorts
+    the tokens by ``q/p`` ascending (``p = 0`` tokens last) and ``H* =
+    order[:, :size]`` is the largest prefix minimising ``ψ(H) = q(H) −
+    P(all drafts ∈ H)``; ``α* = 1 + ψ(H*)``. Tokens of equal ``q/p`` may come
+    in any order: along a run of them ``ψ`` is concave in ``p(H)`` (``q = ρ p``
+    there), so no minimiser ends inside the run.
     """
     q, p = _as_float64(target_probs, draft_probs)
     batch, vocab = q.shape
@@ -161,7 +164,7 @@ def optimal_subset(
     if scheme not in ("iid", "without_replacement"):
         raise ValueError(f"scheme must be 'iid' or 'without_replacement', got {scheme!r}")
     ratio = torch.where(p > 0, q / p.clamp_min(1e-300), math.inf)
-    order = torch.argsort(ratio, dim=-1, stable=True)
+    order = ratio.sort(-1).indices
     q_sorted, p_sorted = q.gather(1, order), p.gather(1, order)
     zero = q.new_zeros(batch, 1)
     q_prefix = torch.cat([zero, q_sorted.cumsum(-1)], dim=-1)  # [B, V+1], prefix k = first k tokens
@@ -172,11 +175,23 @@ def optimal_subset(
     psi = q_prefix - all_inside
     best = psi.amin(-1)
     # Largest minimiser: the last prefix length attaining the minimum.
-    last = (vocab - torch.flip(psi == best[:, None], dims=[-1]).float().argmax(-1)).clamp_max(vocab)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(vocab, device=q.device).expand(batch, vocab))
-    in_subset = rank < last[:, None]
-    return (1 + best).clamp(0, 1), in_subset
+    size = (vocab - torch.flip(psi == best[:, None], dims=[-1]).float().argmax(-1)).clamp_max(vocab)
+    return (1 + best).clamp(0, 1), order, size
+
+
+def optimal_subset(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    num_drafts: int | torch.Tensor,
+    scheme: Scheme = "iid",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The optimal acceptance and the largest minimising subset ``H*`` (see :func:`optimal_prefix`).
+
+    Returns ``(alpha [B] float64, in_subset [B, V] bool)``.
+    """
+    alpha, order, size = optimal_prefix(target_probs, draft_probs, num_drafts, scheme)
+    in_prefix = torch.arange(order.shape[1], device=order.device) < size[:, None]
+    return alpha, torch.zeros_like(in_prefix).scatter(1, order, in_prefix)
 
 
 def optimal_acceptance(
@@ -248,6 +263,7 @@ def _all_in_prefix_without_replacement(p_sorted: torch.Tensor, num_drafts: torch
 
 __all__ = [
     "optimal_acceptance",
+    "optimal_prefix",
     "optimal_subset",
     "rrs_acceptance",
     "single_acceptance",

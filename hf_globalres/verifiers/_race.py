@@ -62,6 +62,9 @@ COARSE_MIN_WIDTH = 256
 EXPANSION_MIN_WIDTH = 16384
 EXPANSION_WIDTH = 0.1
 EXPANSION_ORDER = 10
+#: A wide problem is solved on groups of slots (:func:`slot_groups`) when merging its light slots
+#: costs at most this much acceptance; otherwise it takes per-slot weights from :func:`binned_start`.
+MERGE_LOSS = 1e-5
 
 
 @dataclass
@@ -343,20 +346,39 @@ def solve_race(
     iteration works on the problems still above ``tol`` only, trimmed to their
     widest tier; a problem stops when no step size helps.
 
-    With ``bins > 0``, a problem wider than ``2 · bins`` slots takes the
-    weights of :func:`binned_start` as its answer instead: Newton steps at
-    full width cost O(|S| K²) each, while the binned weights miss the optimum
-    only to second order in the bin width (~1e-5 of acceptance at V = 152k).
-    The returned law is always the law at the returned α.
+    With ``bins > 0``, a problem wider than ``2 · bins`` slots takes no Newton
+    steps at full width (O(|S| K²) each). When merging its light slots costs at
+    most ``MERGE_LOSS`` of acceptance (:func:`slot_groups`; LLM rows, whose
+    mass sits on a few hundred tokens), it is solved on groups of slots
+    (:func:`grouped_race`), whose law needs no quadrature over all slots;
+    otherwise it takes the per-slot weights of :func:`binned_start`, which
+    miss the optimum to second order in the bin width. The returned law is
+    always the law at the returned α.
     """
     tier, boxed = problems.tier, problems.boxed[:, None]
     wide = tier.sum(-1) > 2 * bins if bins > 0 and max_iters > 0 else torch.zeros_like(problems.boxed)
     wide &= problems.num_draws >= 2  # a lone draw needs no weights
+    grouped = torch.zeros_like(wide)
     if bool(wide.any()):
         chosen = wide.nonzero()[:, 0]
-        binned = binned_start(problems.select(chosen), bins, tol=tol, step=step, max_iters=max_iters)
-        alpha = alpha.index_put((chosen,), binned)
+        spread = problems.select(chosen)
+        group, reduced, loss = slot_groups(spread, bins)
+        fits = loss <= MERGE_LOSS
+        grouped[chosen] = fits
+        apart = (~fits).nonzero()[:, 0]
+        if apart.numel() > 0:
+            binned = binned_start(spread.select(apart), bins, tol=tol, step=step, max_iters=max_iters)
+            alpha = alpha.index_put((chosen[apart],), binned)
     alpha = _normalise(problems, torch.where(boxed, alpha.clamp_min(0), alpha))
+    # A single draw always wins its race (b = p); only problems with two or more draws integrate.
+    law = torch.where(problems.num_draws[:, None] >= 1, problems.draft_mass, 0)
+    if bool(grouped.any()):
+        # Already in their gauge (solved and normalised on the groups).
+        kept = fits.nonzero()[:, 0]
+        group_alpha, group_law = grouped_race(
+            reduced.select(kept), group[kept], spread.draft_mass[kept], tol=tol, step=step, max_iters=max_iters
+        )
+        alpha[chosen[kept]], law[chosen[kept]] = group_alpha, group_law
     solvable = (problems.num_draws >= 2) & tier.any(-1)
     # Most iterations run on a coarser quadrature (half the nodes, a quarter of the Woodbury
     # cost); its solution is within ~exp(−π²/h) of the fine one, which the last steps remove.
@@ -376,13 +398,11 @@ def solve_race(
             max_halvings=max_halvings,
         )
         alpha = alpha.index_put((coarse,), sub_alpha)
-    # A single draw always wins its race (b = p); only problems with two or more draws integrate.
-    law = torch.where(problems.num_draws[:, None] >= 1, problems.draft_mass, 0)
-    racing = solvable.nonzero()[:, 0]
+    racing = (solvable & ~grouped).nonzero()[:, 0]
     if racing.numel() > 0:
         law[racing] = race_law(problems.select(racing), alpha[racing], step)
     residual = kkt_residual(problems, alpha, law)
-    residual = torch.where(solvable & ~wide, residual, 0)  # wide problems keep their binned weights
+    residual = torch.where(solvable & ~wide, residual, 0)  # wide problems keep their grouped or binned weights
     alpha, law, residual = _newton_loop(
         problems, alpha, law, residual, tol=tol, max_iters=max_iters, step=step, max_halvings=max_halvings
     )
@@ -505,3 +525,61 @@ def binned_start(problems: RaceProblems, bins: int, *, tol: float, step: float, 
     alpha = coarse.gather(1, which)
     step_to_slot = (log_ratio - log_level.gather(1, which)) * slope.gather(1, which)
     return torch.where(positive, alpha + step_to_slot, torch.where(tier, alpha, 0))
+
+
+def slot_groups(problems: RaceProblems, bins: int) -> tuple[torch.Tensor, RaceProblems, torch.Tensor]:
+    """Groups of slots that share one weight: ``(group [P, S], reduced problems [P, 2 · bins + 1], loss [P])``.
+
+    The ``bins`` slots of largest target mass ``c`` keep a group each; the
+    others are binned uniformly in ``log(τ / (n − τ))``, ``τ = c / p``, as in
+    :func:`binned_start` (slots with ``c = 0`` share one more bin). A group
+    becomes one token with the group's total ``p`` and ``c``. ``loss`` bounds
+    what the merging costs: ``Σ_y (c_y − p_y C_g / P_g)_+``, the target mass
+    a group's race cannot give its slots when the group meets its own total
+    ``b_g ≥ C_g``.
+    """
+    tier = problems.tier
+    p, c = problems.draft_mass, problems.target
+    heavy = min(bins, p.shape[1])
+    top = c.topk(heavy, dim=-1).indices
+    merged = tier & (c > 0)
+    merged.scatter_(1, top, False)
+    ratio = torch.where(merged, c / torch.where(tier, p, 1), 1)
+    key = torch.log(ratio) - torch.log((problems.num_draws[:, None] - ratio).clamp_min(1e-300))
+    low = torch.where(merged, key, math.inf).amin(-1, keepdim=True)
+    high = torch.where(merged, key, -math.inf).amax(-1, keepdim=True)
+    low = torch.where(torch.isfinite(low), low, 0)
+    span = (high - low).clamp_min(1e-12)
+    group = ((key - low) / span * bins).floor().clamp(0, bins - 1).long() + heavy
+    group = torch.where(merged, group, heavy + bins)
+    group.scatter_(1, top, torch.arange(heavy, device=p.device).expand_as(top))
+    zeros = p.new_zeros(p.shape[0], heavy + bins + 1)
+    reduced = RaceProblems(
+        draft_mass=zeros.scatter_add(1, group, torch.where(tier, p, 0)),
+        target=zeros.scatter_add(1, group, torch.where(tier, c, 0)),
+        background=problems.background,
+        num_draws=problems.num_draws,
+        boxed=problems.boxed,
+    )
+    level = (reduced.target / torch.where(reduced.tier, reduced.draft_mass, 1)).gather(1, group)
+    loss = torch.where(tier, c - p * level, 0).clamp_min(0).sum(-1)
+    return group, reduced, loss
+
+
+def grouped_race(
+    reduced: RaceProblems, group: torch.Tensor, draft_mass: torch.Tensor, *, tol: float, step: float, max_iters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights α [P, S], constant on the groups of :func:`slot_groups`, and their exact race law b(α) [P, S].
+
+    Slots sharing a weight race like one token of their summed mass: ``M(t)``
+    only sees ``Σ_{y∈g} p_y = P_g``, so once the reduced problem is solved,
+    ``b_y = p_y b_g / P_g`` is the law of the full race at these weights, with
+    no pass over all slots and quadrature nodes.
+    """
+    reduced_tier = reduced.tier
+    mass = torch.where(reduced_tier, reduced.draft_mass, 1)
+    start = torch.where(reduced_tier, torch.log(reduced.target / mass), 0)
+    alpha, _, law = solve_race(reduced, start, tol=tol, max_iters=max_iters, step=step)
+    tier = draft_mass > 0
+    share = (law / mass).gather(1, group)
+    return torch.where(tier, alpha.gather(1, group), 0), torch.where(tier, draft_mass * share, 0)

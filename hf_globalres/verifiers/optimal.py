@@ -7,7 +7,7 @@ Reaches the transport-LP optimum (Thomas & Pal 2025, "Global Resolution")
 with no truncation of the vocabulary (NOTES §3):
 
 1. **Acceptance masses.** ``H*`` is the largest minimiser
-   (:func:`hf_globalres.rates.optimal_subset`), ``L = supp p \\ H*``. The mass
+   (:func:`hf_globalres.rates.optimal_prefix`), ``L = supp p \\ H*``. The mass
    ``a_y = P(Y = y, y accepted)`` is ``a_y = q_y`` on ``H*`` and
    ``a_y = min(q_y, λ p_y)`` on ``L`` with ``Σ_L a = 1 − p(H*)^n``
    (water-filling: ``λ`` from one sort of ``L`` by ``q/p``). ``Σ a = α*``.
@@ -30,7 +30,7 @@ so every row is its own pair of problems; a batch of rows with different
 supports and ``k`` is solved in one padded call per tier, on ``supp p`` only
 (the cost scales with ``|supp p|``, not ``V``), in float64. Newton
 iterations run only on the rows not yet converged; tiers of many thousand
-tokens are solved on groups of tokens (option ``bins``).
+tokens are solved on groups of tokens that share one weight (option ``bins``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..rates import optimal_subset
+from ..rates import optimal_prefix
 from . import register
 from ._race import RaceProblems, solve_race
 from .base import EmissionPlan, Verifier, distinct_rows, normalize_rows
@@ -52,18 +52,29 @@ NEGLIGIBLE_TIER = 1e-250
 
 
 def water_fill(
-    target_probs: torch.Tensor, draft_probs: torch.Tensor, tier: torch.Tensor, total: torch.Tensor
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    tier: torch.Tensor,
+    total: torch.Tensor,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``a_y = min(q_y, λ p_y)`` on ``tier`` with ``Σ_tier a = total`` (0 off the tier).
 
-    Shapes: q, p, tier [B, S]; total [B]. Sorting the tier by ``ρ = q/p``,
+    Shapes: q, p, tier, order [B, S]; total [B]. Sorting the tier by ``ρ = q/p``,
     ``F(λ) = Σ_{ρ ≤ λ} q + λ Σ_{ρ > λ} p`` is piecewise linear and increasing;
     ``λ`` lies on the first piece whose right end ``F(ρ_j)`` reaches ``total``.
     If even ``F(∞) = q(tier)`` does not, every token is capped (``a = q``).
+    ``order`` may give a slot order that sorts the tier by ``ρ`` and puts the
+    other slots with ``p > 0`` before it and those with ``p = 0`` last (as
+    :func:`hf_globalres.rates.optimal_prefix` does for ``L``); they count as
+    ``ρ = 0`` and ``ρ = ∞`` with no mass. Sorts when None.
     """
     q, p = target_probs, draft_probs
-    ratio = torch.where(tier, q / torch.where(tier, p, 1), math.inf)
-    ratio, order = ratio.sort(-1)
+    ratio = torch.where(tier, q / torch.where(tier, p, 1), torch.where(p > 0, 0, math.inf))
+    if order is None:
+        ratio, order = ratio.sort(-1)
+    else:
+        ratio = ratio.gather(1, order)
     q_sorted = torch.where(tier, q, 0).gather(1, order)
     p_sorted = torch.where(tier, p, 0).gather(1, order)
     valid = torch.isfinite(ratio)
@@ -126,13 +137,18 @@ class Optimal(Verifier):
         step: quadrature step in ``log t``; the quadrature error of the race
             law, and so the deviation of the output law from q, is
             ~ exp(−π²/step) (1e-13 at the default 0.3).
-        bins: a tier wider than ``2 · bins`` tokens is solved with its tokens
-            merged into ``bins`` groups of nearly equal ``q/p``, and each
-            token's weight then follows from its group's by one Newton step in
-            its own coordinate (no full-width Newton iterations, which cost
-            O(|tier| K²) each). The acceptance misses the optimum by a
-            second-order amount in the group width (~1e-7 to 1e-5 at
-            V = 152k); exactness is unaffected. 0: Newton at full width.
+        bins: a tier wider than ``2 · bins`` tokens takes no Newton
+            iterations at full width (O(|tier| K²) each). Its ``bins`` tokens
+            of largest target mass keep their own weight and the others share
+            one weight per group of nearly equal ``q/p`` (``bins`` groups), so
+            that the race law is exact at these weights without a quadrature
+            over the whole tier; the acceptance then misses the optimum by at
+            most the merged target mass times the groups' width in ``log q/p``
+            (mean ~1e-7 on LLM rows at V = 152k). Where that bound exceeds
+            ``MERGE_LOSS`` (1e-5; flat rows), each token's weight instead
+            follows from its group's by one Newton step in its own coordinate,
+            and the law is evaluated over the whole tier. Exactness is
+            unaffected either way. 0: Newton at full width.
     """
 
     name = "optimal"
@@ -145,7 +161,7 @@ class Optimal(Verifier):
         tol: float = 1e-10,
         max_iters: int = 50,
         step: float = 0.3,
-        bins: int = 2048,
+        bins: int = 512,
         validate: bool = True,
     ) -> None:
         super().__init__(validate=validate)
@@ -194,17 +210,19 @@ class Optimal(Verifier):
         q_s = q_s / q_total
         # One extra column holds q outside supp p: p = 0 there, so it never joins H*.
         outside = (1 - q_s.sum(-1, keepdim=True)).clamp_min(0)
-        optimum, in_subset = optimal_subset(
-            torch.cat([q_s, outside], -1), torch.cat([p_s, torch.zeros_like(outside)], -1), k
-        )
-        in_h = in_subset[:, :width] & on
+        q_all, p_all = torch.cat([q_s, outside], -1), torch.cat([p_s, torch.zeros_like(outside)], -1)
+        optimum, order, size = optimal_prefix(q_all, p_all, k)
+        in_prefix = torch.arange(width + 1, device=order.device) < size[:, None]
+        in_h = torch.zeros_like(in_prefix).scatter(1, order, in_prefix)[:, :width] & on
         in_l = on & ~in_h
 
         p_h = torch.where(in_h, p_s, 0).sum(-1)
         p_l = torch.where(in_l, p_s, 0).sum(-1)
         all_h = p_h.pow(n)  # P(every draft in H*)
         any_l = torch.where(k > 0, -torch.expm1(n * torch.log1p(-p_l.clamp_max(1))), 0)  # 1 − p(H*)^n
-        a_l = water_fill(q_s, p_s, in_l, any_l)
+        # The prefix order sorts L = supp p \ H* by q/p, after H* and before p = 0.
+        in_l_all = torch.cat([in_l, torch.zeros_like(outside, dtype=torch.bool)], -1)
+        a_l = water_fill(q_all, p_all, in_l_all, any_l, order)[:, :width]
         solve_h = (all_h > NEGLIGIBLE_TIER) & (k > 0)
         # H tier conditioned on all drafts in H*: draft law p/p(H*), target q/p(H*)^n.
         h_mass = torch.where(in_h & solve_h[:, None], p_s / p_h.clamp_min(1e-300)[:, None], 0)
@@ -262,7 +280,10 @@ class Optimal(Verifier):
         batch, width = tier.shape
         count = tier.sum(-1)
         packed_width = max(int(count.max()), 1)
-        order = torch.argsort((~tier).byte(), dim=1, stable=True)[:, :packed_width]  # tier slots first
+        # Each tier slot's packed position; the other slots go to a spare column, cut off after.
+        position = torch.where(tier, tier.cumsum(-1) - 1, packed_width)
+        slots = torch.arange(width, device=tier.device).expand(batch, width)
+        order = slots.new_zeros(batch, packed_width + 1).scatter(1, position, slots)[:, :packed_width]
         in_tier = torch.arange(packed_width, device=tier.device) < count[:, None]
         problems = RaceProblems(
             draft_mass=torch.where(in_tier, draft_mass.gather(1, order), 0),
@@ -278,7 +299,7 @@ class Optimal(Verifier):
         )
 
         def unpack(values: torch.Tensor) -> torch.Tensor:
-            return values.new_zeros(batch, width).scatter(1, order, torch.where(in_tier, values, 0))
+            return torch.where(tier, values.gather(1, position.clamp_max(packed_width - 1)), 0)
 
         return unpack(alpha), unpack(law), residual
 

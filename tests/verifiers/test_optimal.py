@@ -125,8 +125,8 @@ def test_batch_of_different_rows_matches_each_row_alone() -> None:
 
 
 def test_acceptance_reaches_the_optimum_on_larger_vocabularies() -> None:
-    """Correlated logits, V = 3000, top-k supports up to V: Σ ā = α* (solver converged)."""
-    rule = Optimal()
+    """Correlated logits, V = 3000, top-k supports up to V: Σ ā = α* (Newton at full width converged)."""
+    rule = Optimal(bins=0)
     g = torch.Generator().manual_seed(3)
     base = 2 * torch.randn(6, 3000, generator=g, dtype=torch.float64)
     q = torch.softmax(base + 0.7 * torch.randn(base.shape, generator=g, dtype=torch.float64), -1)
@@ -318,6 +318,59 @@ def test_tiers_solved_on_bins_stay_exact_and_near_optimal() -> None:
     assert float((best - accepted).max()) <= 5e-5
 
 
+def test_grouped_tiers_stay_exact_and_within_their_loss_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every wide tier solved on groups of slots sharing a weight: law q (1e-10), acceptance ≥ α* − merge loss."""
+    monkeypatch.setattr(_race, "MERGE_LOSS", math.inf)
+    bounds: list[torch.Tensor] = []
+    grouping = _race.slot_groups
+
+    def recorded(problems: RaceProblems, bins: int) -> tuple[torch.Tensor, RaceProblems, torch.Tensor]:
+        group, reduced, loss = grouping(problems, bins)
+        bounds.append(loss)
+        return group, reduced, loss
+
+    monkeypatch.setattr(_race, "slot_groups", recorded)
+    for vocab, n, seed in ((30, 2, 5), (11, 3, 6), (9, 4, 7)):
+        q, p = random_case(vocab, seed, zero_fraction=0.2)
+        bounds.clear()
+        marginal, acceptance, _ = enumerate_law(Optimal(bins=1), q, p, n)  # 1 token apart, 1 group
+        assert bounds, "no tier was solved on groups"
+        assert float((marginal - q).abs().max()) <= EXACT
+        best = optimum(q, p, n)
+        # Each tier's bound is in its own units (the H tier's scaled up by 1 / p(H*)^n): their sum bounds the gap.
+        assert best - float(sum(b.max() for b in bounds)) - 1e-9 <= float(acceptance) <= best + EXACT
+
+
+def test_grouped_race_law_is_the_race_law_at_its_weights() -> None:
+    """The law assembled from the groups equals the direct quadrature at the group-constant weights (1e-13)."""
+    g = torch.Generator().manual_seed(12)
+    width = 3000
+    base = 3 * torch.randn(2, width, generator=g, dtype=torch.float64)
+    p = torch.softmax(base, -1)
+    c = torch.softmax(base + 0.5 * torch.randn(2, width, generator=g, dtype=torch.float64), -1)
+    p[:, ::11] = 0  # padding slots
+    c = torch.where(p > 0, c, 0)
+    p, c = 0.9 * p / p.sum(-1, keepdim=True), 0.6 * c / c.sum(-1, keepdim=True)
+    problems = RaceProblems(
+        draft_mass=p,
+        target=c,
+        background=torch.full((2,), 0.1, dtype=torch.float64),
+        num_draws=torch.tensor([3.0, 4.0], dtype=torch.float64),
+        boxed=torch.tensor([False, True]),
+    )
+    group, reduced, loss = _race.slot_groups(problems, 64)
+    assert reduced.draft_mass.shape == (2, 2 * 64 + 1)
+    assert torch.allclose(reduced.draft_mass.sum(-1), p.sum(-1), atol=1e-15)
+    alpha, law = _race.grouped_race(reduced, group, p, tol=1e-10, step=0.3, max_iters=50)
+    direct = race_law(problems, alpha, step=0.3)
+    assert float((law - direct).abs().max()) <= 1e-13
+    # The 64 heaviest target slots have their own weights, so they lose nothing: the bound is over the rest.
+    kept = torch.minimum(c, law)
+    lost = (c - kept).sum(-1)
+    equality = ~problems.boxed
+    assert bool((lost[equality] <= loss[equality] + 1e-9).all())
+
+
 def test_water_fill_caps_at_q_and_meets_the_total() -> None:
     q = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0]], dtype=torch.float64)
     p = torch.tensor([[0.4, 0.1, 0.1, 0.2, 0.2]], dtype=torch.float64)
@@ -331,6 +384,9 @@ def test_water_fill_caps_at_q_and_meets_the_total() -> None:
         if bool(uncapped.any()):
             levels = a[uncapped] / p[uncapped]
             assert float(levels.max() - levels.min()) <= 1e-15
+        # An order as rates.optimal_prefix gives (other p > 0 slots first, the tier by ρ) gives the same masses.
+        order = torch.tensor([[4, 0, 1, 3, 2]])  # ρ: 0 (no tier), 0 (no tier), 2, 2, 3
+        assert torch.equal(water_fill(q, p, tier, torch.tensor([total], dtype=torch.float64), order), a)
 
 
 def test_float32_inputs_give_a_float32_law_close_to_q() -> None:
