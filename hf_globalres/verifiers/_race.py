@@ -478,39 +478,54 @@ def _newton_iteration(
     return alpha, law, residual, ~searching
 
 
-def binned_start(problems: RaceProblems, bins: int, *, tol: float, step: float, max_iters: int = 50) -> torch.Tensor:
-    """Weights α [P, S] for wide problems from a reduced problem of ``bins`` super-tokens.
+def ratio_bins(problems: RaceProblems, binned: torch.Tensor, bins: int) -> torch.Tensor:
+    """[P, S] long: each ``binned`` slot's bin 0..bins − 1, uniform in ``log(τ / (n − τ))``; ``bins`` elsewhere.
 
-    At the solution ``b_y = p_y G(α_y)`` with one increasing function ``G`` per
-    problem, so ``α_y`` depends on the slot only through ``τ_y = c_y / p_y``.
-    Slots are binned uniformly in ``log(τ / (n − τ))`` (slots with ``c = 0``
-    share one more bin); each bin becomes one token with the bin's total ``p`` and
-    ``c``, which is exact for slots sharing one α. The reduced problem is
-    solved, and each slot's α follows from its bin's by one Newton step on
-    ``log G(α) = log τ_y``: ``d log G / dα = G'/G = (b − e)/b`` (the diagonal of
-    the Hessian over the law). The error is second order in the bin width.
+    ``τ = c / p``. At the solution ``b_y = p_y G(α_y)`` with one increasing
+    ``G`` per problem rising from 0 to ``n``, so ``α_y`` depends on the slot
+    only through ``τ_y``, and grows like ``log(τ / (n − τ))`` as ``τ → n``.
+    ``binned`` slots need ``c > 0``.
     """
-    tier = problems.tier
     p, c = problems.draft_mass, problems.target
-    positive = tier & (c > 0)
-    ratio = torch.where(positive, c / torch.where(tier, p, 1), 1)
-    log_ratio = torch.log(ratio)
-    # G rises from 0 to n, and α → ∞ as τ → n: bin in log(τ / (n − τ)), which grows like α.
-    key = log_ratio - torch.log((problems.num_draws[:, None] - ratio).clamp_min(1e-300))
-    low = torch.where(positive, key, math.inf).amin(-1, keepdim=True)
-    high = torch.where(positive, key, -math.inf).amax(-1, keepdim=True)
+    ratio = torch.where(binned, c / torch.where(binned, p, 1), 1)
+    key = torch.log(ratio) - torch.log((problems.num_draws[:, None] - ratio).clamp_min(1e-300))
+    low = torch.where(binned, key, math.inf).amin(-1, keepdim=True)
+    high = torch.where(binned, key, -math.inf).amax(-1, keepdim=True)
     low = torch.where(torch.isfinite(low), low, 0)
     span = (high - low).clamp_min(1e-12)
     which = ((key - low) / span * bins).floor().clamp(0, bins - 1).long()
-    which = torch.where(positive, which, bins)
-    zeros = p.new_zeros(p.shape[0], bins + 1)
-    reduced = RaceProblems(
-        draft_mass=zeros.scatter_add(1, which, torch.where(tier, p, 0)),
-        target=zeros.scatter_add(1, which, torch.where(tier, c, 0)),
+    return torch.where(binned, which, bins)
+
+
+def merge_slots(problems: RaceProblems, group: torch.Tensor, width: int) -> RaceProblems:
+    """The problems over ``width`` groups [P, width]: each group one token with its slots' total ``p`` and ``c``.
+
+    Exact for slots that share one weight: ``M(t)`` only sees their summed mass.
+    """
+    tier = problems.tier
+    zeros = problems.draft_mass.new_zeros(group.shape[0], width)
+    return RaceProblems(
+        draft_mass=zeros.scatter_add(1, group, torch.where(tier, problems.draft_mass, 0)),
+        target=zeros.scatter_add(1, group, torch.where(tier, problems.target, 0)),
         background=problems.background,
         num_draws=problems.num_draws,
         boxed=problems.boxed,
     )
+
+
+def binned_start(problems: RaceProblems, bins: int, *, tol: float, step: float, max_iters: int = 50) -> torch.Tensor:
+    """Weights α [P, S] for wide problems from a reduced problem of ``bins`` super-tokens.
+
+    Slots are binned by :func:`ratio_bins` (slots with ``c = 0`` share one
+    more bin) and merged (:func:`merge_slots`). The reduced problem is solved,
+    and each slot's α follows from its bin's by one Newton step on ``log G(α)
+    = log τ_y``: ``d log G / dα = G'/G = (b − e)/b`` (the diagonal of the
+    Hessian over the law). The error is second order in the bin width.
+    """
+    tier = problems.tier
+    positive = tier & (problems.target > 0)
+    which = ratio_bins(problems, positive, bins)
+    reduced = merge_slots(problems, which, bins + 1)
     reduced_tier = reduced.tier
     mass = torch.where(reduced_tier, reduced.draft_mass, 1)
     start = torch.where(reduced_tier, torch.log(reduced.target / mass), 0)
@@ -523,6 +538,7 @@ def binned_start(problems: RaceProblems, bins: int, *, tol: float, step: float, 
     log_level = torch.log((terms.law / mass).clamp_min(1e-300))  # log G(α) of each bin
     slope = torch.where(reduced_tier & (terms.diagonal > 0), terms.law / terms.diagonal, 0)
     alpha = coarse.gather(1, which)
+    log_ratio = torch.log(torch.where(positive, problems.target / torch.where(tier, problems.draft_mass, 1), 1))
     step_to_slot = (log_ratio - log_level.gather(1, which)) * slope.gather(1, which)
     return torch.where(positive, alpha + step_to_slot, torch.where(tier, alpha, 0))
 
@@ -531,38 +547,21 @@ def slot_groups(problems: RaceProblems, bins: int) -> tuple[torch.Tensor, RacePr
     """Groups of slots that share one weight: ``(group [P, S], reduced problems [P, 2 · bins + 1], loss [P])``.
 
     The ``bins`` slots of largest target mass ``c`` keep a group each; the
-    others are binned uniformly in ``log(τ / (n − τ))``, ``τ = c / p``, as in
-    :func:`binned_start` (slots with ``c = 0`` share one more bin). A group
-    becomes one token with the group's total ``p`` and ``c``. ``loss`` bounds
-    what the merging costs: ``Σ_y (c_y − p_y C_g / P_g)_+``, the target mass
-    a group's race cannot give its slots when the group meets its own total
-    ``b_g ≥ C_g``.
+    others are binned by :func:`ratio_bins` (slots with ``c = 0`` share one
+    more bin) and merged (:func:`merge_slots`). ``loss`` bounds what the
+    merging costs: ``Σ_y (c_y − p_y C_g / P_g)_+``, the target mass a group's
+    race cannot give its slots when the group meets its own total ``b_g ≥ C_g``.
     """
-    tier = problems.tier
-    p, c = problems.draft_mass, problems.target
-    heavy = min(bins, p.shape[1])
+    tier, c = problems.tier, problems.target
+    heavy = min(bins, c.shape[1])
     top = c.topk(heavy, dim=-1).indices
     merged = tier & (c > 0)
     merged.scatter_(1, top, False)
-    ratio = torch.where(merged, c / torch.where(tier, p, 1), 1)
-    key = torch.log(ratio) - torch.log((problems.num_draws[:, None] - ratio).clamp_min(1e-300))
-    low = torch.where(merged, key, math.inf).amin(-1, keepdim=True)
-    high = torch.where(merged, key, -math.inf).amax(-1, keepdim=True)
-    low = torch.where(torch.isfinite(low), low, 0)
-    span = (high - low).clamp_min(1e-12)
-    group = ((key - low) / span * bins).floor().clamp(0, bins - 1).long() + heavy
-    group = torch.where(merged, group, heavy + bins)
-    group.scatter_(1, top, torch.arange(heavy, device=p.device).expand_as(top))
-    zeros = p.new_zeros(p.shape[0], heavy + bins + 1)
-    reduced = RaceProblems(
-        draft_mass=zeros.scatter_add(1, group, torch.where(tier, p, 0)),
-        target=zeros.scatter_add(1, group, torch.where(tier, c, 0)),
-        background=problems.background,
-        num_draws=problems.num_draws,
-        boxed=problems.boxed,
-    )
+    own = torch.arange(heavy, device=top.device).expand_as(top)
+    group = (ratio_bins(problems, merged, bins) + heavy).scatter(1, top, own)
+    reduced = merge_slots(problems, group, heavy + bins + 1)
     level = (reduced.target / torch.where(reduced.tier, reduced.draft_mass, 1)).gather(1, group)
-    loss = torch.where(tier, c - p * level, 0).clamp_min(0).sum(-1)
+    loss = torch.where(tier, c - problems.draft_mass * level, 0).clamp_min(0).sum(-1)
     return group, reduced, loss
 
 
@@ -571,10 +570,10 @@ def grouped_race(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights α [P, S], constant on the groups of :func:`slot_groups`, and their exact race law b(α) [P, S].
 
-    Slots sharing a weight race like one token of their summed mass: ``M(t)``
-    only sees ``Σ_{y∈g} p_y = P_g``, so once the reduced problem is solved,
-    ``b_y = p_y b_g / P_g`` is the law of the full race at these weights, with
-    no pass over all slots and quadrature nodes.
+    Slots sharing a weight race like one token of their summed mass
+    (:func:`merge_slots`), so once the reduced problem is solved, ``b_y = p_y
+    b_g / P_g`` is the law of the full race at these weights, with no pass over
+    all slots and quadrature nodes.
     """
     reduced_tier = reduced.tier
     mass = torch.where(reduced_tier, reduced.draft_mass, 1)
