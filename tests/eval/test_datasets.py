@@ -112,7 +112,7 @@ def test_repo_configs_are_valid():
 
     directory = Path(__file__).resolve().parents[2] / "eval" / "configs"
     names = sorted(p.stem for p in directory.glob("*.json"))
-    assert {"default", "gsm8k-grid", "mtbench-grid", "floors"} <= set(names)
+    assert {"default", "gsm8k-grid", "mtbench-grid", "floors", "accuracy"} <= set(names)
     for name in names:
         config = cli.config_from_args(cli.build_parser().parse_args(["--config", name]))
         assert config.grid(), name
