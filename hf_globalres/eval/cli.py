@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
             "table. Results are appended per prompt, so an interrupted run resumes where it stopped."
         ),
     )
-    parser.add_argument("--config", help="config name in eval/configs (default, floors, accuracy, gsm8k-grid, mtbench-grid) or a path")
+    parser.add_argument(
+        "--config", help="config name in eval/configs (default, floors, accuracy, gsm8k-grid, mtbench-grid) or a path"
+    )
     models = parser.add_argument_group("models")
     models.add_argument("--target", help="built-in name, local directory, .gguf file or Hub id")
     models.add_argument("--draft", help="built-in name, local directory, .gguf file or Hub id (same tokenizer)")
