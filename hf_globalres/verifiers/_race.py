@@ -62,8 +62,8 @@ COARSE_MIN_WIDTH = 256
 EXPANSION_MIN_WIDTH = 16384
 EXPANSION_WIDTH = 0.1
 EXPANSION_ORDER = 10
-#: A wide problem is solved on groups of slots (:func:`slot_groups`) when merging its light slots
-#: costs at most this much acceptance; otherwise it takes per-slot weights from :func:`binned_start`.
+#: A wide problem whose grouped weights may lose more than this much acceptance also tries the
+#: per-slot weights of :func:`binned_start` (see :func:`wide_weights`).
 MERGE_LOSS = 1e-5
 
 
@@ -347,38 +347,20 @@ def solve_race(
     widest tier; a problem stops when no step size helps.
 
     With ``bins > 0``, a problem wider than ``2 · bins`` slots takes no Newton
-    steps at full width (O(|S| K²) each). When merging its light slots costs at
-    most ``MERGE_LOSS`` of acceptance (:func:`slot_groups`; LLM rows, whose
-    mass sits on a few hundred tokens), it is solved on groups of slots
-    (:func:`grouped_race`), whose law needs no quadrature over all slots;
-    otherwise it takes the per-slot weights of :func:`binned_start`, which
-    miss the optimum to second order in the bin width. The returned law is
-    always the law at the returned α.
+    steps at full width (O(|S| K²) each) but the weights of
+    :func:`wide_weights`. The returned law is always the law at the returned α.
     """
     tier, boxed = problems.tier, problems.boxed[:, None]
     wide = tier.sum(-1) > 2 * bins if bins > 0 and max_iters > 0 else torch.zeros_like(problems.boxed)
     wide &= problems.num_draws >= 2  # a lone draw needs no weights
-    grouped = torch.zeros_like(wide)
-    if bool(wide.any()):
-        chosen = wide.nonzero()[:, 0]
-        spread = problems.select(chosen)
-        group, reduced, loss = slot_groups(spread, bins)
-        fits = loss <= MERGE_LOSS
-        grouped[chosen] = fits
-        apart = (~fits).nonzero()[:, 0]
-        if apart.numel() > 0:
-            binned = binned_start(spread.select(apart), bins, tol=tol, step=step, max_iters=max_iters)
-            alpha = alpha.index_put((chosen[apart],), binned)
     alpha = _normalise(problems, torch.where(boxed, alpha.clamp_min(0), alpha))
     # A single draw always wins its race (b = p); only problems with two or more draws integrate.
     law = torch.where(problems.num_draws[:, None] >= 1, problems.draft_mass, 0)
-    if bool(grouped.any()):
-        # Already in their gauge (solved and normalised on the groups).
-        kept = fits.nonzero()[:, 0]
-        group_alpha, group_law = grouped_race(
-            reduced.select(kept), group[kept], spread.draft_mass[kept], tol=tol, step=step, max_iters=max_iters
+    if bool(wide.any()):
+        chosen = wide.nonzero()[:, 0]
+        alpha[chosen], law[chosen] = wide_weights(
+            problems.select(chosen), bins, tol=tol, step=step, max_iters=max_iters
         )
-        alpha[chosen[kept]], law[chosen[kept]] = group_alpha, group_law
     solvable = (problems.num_draws >= 2) & tier.any(-1)
     # Most iterations run on a coarser quadrature (half the nodes, a quarter of the Woodbury
     # cost); its solution is within ~exp(−π²/h) of the fine one, which the last steps remove.
@@ -398,11 +380,11 @@ def solve_race(
             max_halvings=max_halvings,
         )
         alpha = alpha.index_put((coarse,), sub_alpha)
-    racing = (solvable & ~grouped).nonzero()[:, 0]
+    racing = (solvable & ~wide).nonzero()[:, 0]
     if racing.numel() > 0:
         law[racing] = race_law(problems.select(racing), alpha[racing], step)
     residual = kkt_residual(problems, alpha, law)
-    residual = torch.where(solvable & ~wide, residual, 0)  # wide problems keep their grouped or binned weights
+    residual = torch.where(solvable & ~wide, residual, 0)  # wide problems keep their weights
     alpha, law, residual = _newton_loop(
         problems, alpha, law, residual, tol=tol, max_iters=max_iters, step=step, max_halvings=max_halvings
     )
@@ -582,3 +564,39 @@ def grouped_race(
     tier = draft_mass > 0
     share = (law / mass).gather(1, group)
     return torch.where(tier, alpha.gather(1, group), 0), torch.where(tier, draft_mass * share, 0)
+
+
+def wide_weights(
+    problems: RaceProblems, bins: int, *, tol: float, step: float, max_iters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights α [P, S] and their exact law b(α) [P, S] for problems wider than ``2 · bins``, without full-width Newton.
+
+    First the grouped weights (:func:`slot_groups`, :func:`grouped_race`): no
+    quadrature over all slots, and an acceptance loss of at most the merge
+    bound, which is tiny where the target mass sits on a few hundred slots (LLM
+    rows). Where the bound exceeds ``MERGE_LOSS`` (flat rows), the per-slot
+    weights of :func:`binned_start` are tried too, their law evaluated over all
+    slots, and the weights that keep more target mass ``Σ min(c, b)`` win.
+    """
+    group, reduced, loss = slot_groups(problems, bins)
+    alpha, law = grouped_race(reduced, group, problems.draft_mass, tol=tol, step=step, max_iters=max_iters)
+    loose = (loss > MERGE_LOSS).nonzero()[:, 0]
+    if loose.numel() > 0 and problems.draft_mass.shape[1] > 8 * bins:
+        # Four times the groups: the bound shrinks with the groups' width and the merged mass.
+        sub = problems.select(loose)
+        group, reduced, finer_loss = slot_groups(sub, 4 * bins)
+        alpha[loose], law[loose] = grouped_race(reduced, group, sub.draft_mass, tol=tol, step=step, max_iters=max_iters)
+        loose = loose[finer_loss > MERGE_LOSS]
+    if loose.numel() > 0:
+        sub = problems.select(loose)
+        binned = binned_start(sub, bins, tol=tol, step=step, max_iters=max_iters)
+        binned = _normalise(sub, torch.where(sub.boxed[:, None], binned.clamp_min(0), binned))
+        binned_law = race_law(sub, binned, step)
+
+        def kept(values: torch.Tensor) -> torch.Tensor:
+            return torch.where(sub.tier, torch.minimum(sub.target, values), 0).sum(-1)
+
+        better = kept(binned_law) > kept(law[loose])
+        rows = loose[better]
+        alpha[rows], law[rows] = binned[better], binned_law[better]
+    return alpha, law

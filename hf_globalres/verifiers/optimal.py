@@ -144,11 +144,11 @@ class Optimal(Verifier):
             that the race law is exact at these weights without a quadrature
             over the whole tier; the acceptance then misses the optimum by at
             most the merged target mass times the groups' width in ``log q/p``
-            (mean ~1e-7 on LLM rows at V = 152k). Where that bound exceeds
-            ``MERGE_LOSS`` (1e-5; flat rows), each token's weight instead
-            follows from its group's by one Newton step in its own coordinate,
-            and the law is evaluated over the whole tier. Exactness is
-            unaffected either way. 0: Newton at full width.
+            (≤ 2e-6 on LLM rows at V = 152k). Where that bound exceeds
+            ``MERGE_LOSS`` (1e-5), four times the groups are tried, and then
+            per-slot weights (each token's from its group's by one Newton step
+            in its own coordinate; flat rows), keeping the weights that accept
+            more. Exactness is unaffected either way. 0: Newton at full width.
     """
 
     name = "optimal"

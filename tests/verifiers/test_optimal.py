@@ -371,6 +371,39 @@ def test_grouped_race_law_is_the_race_law_at_its_weights() -> None:
     assert bool((lost[equality] <= loss[equality] + 1e-9).all())
 
 
+def test_wide_tiers_fall_back_to_per_slot_weights_where_they_keep_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grouped weights made poor on purpose (all equal): the per-slot binned weights win; law q, acceptance near α*."""
+    monkeypatch.setattr(_race, "MERGE_LOSS", -1.0)  # every grouping counts as loose
+
+    def equal_weights(
+        reduced: RaceProblems, group: torch.Tensor, draft_mass: torch.Tensor, **_: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha = torch.zeros_like(draft_mass)
+        whole = RaceProblems(draft_mass, draft_mass, reduced.background, reduced.num_draws, reduced.boxed)
+        return alpha, race_law(whole, alpha, 0.3)
+
+    monkeypatch.setattr(_race, "grouped_race", equal_weights)
+    q, p = random_case(30, 11, zero_fraction=0.0)
+    marginal, acceptance, _ = enumerate_law(Optimal(bins=6), q, p, 2)
+    assert float((marginal - q).abs().max()) <= EXACT
+    best = optimum(q, p, 2)
+    assert best - 1e-2 <= float(acceptance) <= best + EXACT
+    monkeypatch.setattr(_race, "MERGE_LOSS", math.inf)  # now the equal weights stand
+    _, equal_acceptance, _ = enumerate_law(Optimal(bins=6), q, p, 2)
+    assert float(equal_acceptance) < float(acceptance) - 1e-3
+
+
+def test_peaked_wide_rows_lose_almost_nothing() -> None:
+    """LLM-like rows (mass on a few hundred of 32k tokens): gap to α* ≤ MERGE_LOSS (per-slot binning alone: ~1e-2)."""
+    g = torch.Generator().manual_seed(1)
+    base = 6 * torch.randn(2, 32000, generator=g, dtype=torch.float64)
+    q = torch.softmax(base + 0.5 * torch.randn(base.shape, generator=g, dtype=torch.float64), -1)
+    p = torch.softmax(base + 0.5 * torch.randn(base.shape, generator=g, dtype=torch.float64), -1)
+    accepted, best = Optimal().acceptance(q, p, 4)
+    assert bool((accepted <= best + 1e-12).all())
+    assert float((best - accepted).max()) <= _race.MERGE_LOSS
+
+
 def test_water_fill_caps_at_q_and_meets_the_total() -> None:
     q = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0]], dtype=torch.float64)
     p = torch.tensor([[0.4, 0.1, 0.1, 0.2, 0.2]], dtype=torch.float64)
