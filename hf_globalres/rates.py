@@ -190,8 +190,13 @@ def optimal_subset(
     Returns ``(alpha [B] float64, in_subset [B, V] bool)``.
     """
     alpha, order, size = optimal_prefix(target_probs, draft_probs, num_drafts, scheme)
+    return alpha, prefix_members(order, size)
+
+
+def prefix_members(order: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """[B, V] bool: the tokens ``order[:, :size]`` of each row (``H*`` from :func:`optimal_prefix`)."""
     in_prefix = torch.arange(order.shape[1], device=order.device) < size[:, None]
-    return alpha, torch.zeros_like(in_prefix).scatter(1, order, in_prefix)
+    return torch.zeros_like(in_prefix).scatter(1, order, in_prefix)
 
 
 def optimal_acceptance(
@@ -265,6 +270,7 @@ __all__ = [
     "optimal_acceptance",
     "optimal_prefix",
     "optimal_subset",
+    "prefix_members",
     "rrs_acceptance",
     "single_acceptance",
     "spectr_acceptance",

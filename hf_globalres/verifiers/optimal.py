@@ -40,7 +40,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..rates import optimal_prefix
+from ..rates import optimal_prefix, prefix_members
 from . import register
 from ._race import RaceProblems, solve_race
 from .base import EmissionPlan, Verifier, distinct_rows, normalize_rows
@@ -212,8 +212,7 @@ class Optimal(Verifier):
         outside = (1 - q_s.sum(-1, keepdim=True)).clamp_min(0)
         q_all, p_all = torch.cat([q_s, outside], -1), torch.cat([p_s, torch.zeros_like(outside)], -1)
         optimum, order, size = optimal_prefix(q_all, p_all, k)
-        in_prefix = torch.arange(width + 1, device=order.device) < size[:, None]
-        in_h = torch.zeros_like(in_prefix).scatter(1, order, in_prefix)[:, :width] & on
+        in_h = prefix_members(order, size)[:, :width] & on
         in_l = on & ~in_h
 
         p_h = torch.where(in_h, p_s, 0).sum(-1)
