@@ -20,7 +20,7 @@ This module is pure tensor math and never imports transformers.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -143,20 +143,57 @@ def spectr_acceptance(
     return 1 - (1 - beta).clamp(0, 1).pow(n.double())
 
 
+class OptimalPrefix(NamedTuple):
+    """:func:`optimal_prefix`: α*, the tokens in ``q/p`` order and ``H*`` as their first ``size``.
+
+    Attributes:
+        alpha: [B] float64, the optimal acceptance α*.
+        order: [B, V], token ids by ``q/p`` ascending, ``p = 0`` tokens last.
+        size: [B], ``|H*|``: ``H* = order[:, :size]``.
+        ratio: [B, V] float64, ``q/p`` in that order (``inf`` where ``p = 0``).
+        q, p: [B, V] float64, the normalised rows in that order.
+    """
+
+    alpha: torch.Tensor
+    order: torch.Tensor
+    size: torch.Tensor
+    ratio: torch.Tensor
+    q: torch.Tensor
+    p: torch.Tensor
+
+
+def power(base: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """``base ** exponent`` for ``base`` [B, M] and integer-valued ``exponent`` [B].
+
+    One shared exponent up to 16 takes repeated squaring (a few multiplications
+    per element, where ``pow`` with a tensor exponent costs ~10× more).
+    """
+    values = exponent.unique()
+    if values.numel() != 1 or not 0 <= float(values) <= 16:
+        return base.pow(exponent.to(base.dtype)[:, None])
+    remaining, out, square = int(values), torch.ones_like(base), base
+    while remaining:
+        if remaining & 1:
+            out = out * square
+        remaining >>= 1
+        if remaining:
+            square = square * square
+    return out
+
+
 def optimal_prefix(
     target_probs: torch.Tensor,
     draft_probs: torch.Tensor,
     num_drafts: int | torch.Tensor,
     scheme: Scheme = "iid",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> OptimalPrefix:
     """The optimal acceptance and ``H*`` as a prefix of the tokens sorted by ``q/p``.
 
-    Returns ``(alpha [B] float64, order [B, V], size [B])``: ``order`` sorts
-    the tokens by ``q/p`` ascending (``p = 0`` tokens last) and ``H* =
-    order[:, :size]`` is the largest prefix minimising ``ψ(H) = q(H) −
-    P(all drafts ∈ H)``; ``α* = 1 + ψ(H*)``. Tokens of equal ``q/p`` may come
-    in any order: along a run of them ``ψ`` is concave in ``p(H)`` (``q = ρ p``
-    there), so no minimiser ends inside the run.
+    ``H*`` is the largest prefix of the order minimising ``ψ(H) = q(H) −
+    P(all drafts ∈ H)``; ``α* = 1 + ψ(H*)`` (see :class:`OptimalPrefix`).
+    Tokens of equal ``q/p`` may come in any order: along a run of them ``ψ``
+    is concave in ``p(H)`` (``q = ρ p`` there), so no minimiser ends inside
+    the run.
     """
     q, p = _as_float64(target_probs, draft_probs)
     batch, vocab = q.shape
@@ -164,19 +201,21 @@ def optimal_prefix(
     if scheme not in ("iid", "without_replacement"):
         raise ValueError(f"scheme must be 'iid' or 'without_replacement', got {scheme!r}")
     ratio = torch.where(p > 0, q / p.clamp_min(1e-300), math.inf)
-    order = ratio.sort(-1).indices
+    # Non-negative float64 values (inf included) order like their bit patterns, and integers sort faster.
+    ratio, order = ratio.view(torch.int64).sort(-1)
+    ratio = ratio.view(torch.float64)
     q_sorted, p_sorted = q.gather(1, order), p.gather(1, order)
     zero = q.new_zeros(batch, 1)
     q_prefix = torch.cat([zero, q_sorted.cumsum(-1)], dim=-1)  # [B, V+1], prefix k = first k tokens
     if scheme == "iid":
-        all_inside = torch.cat([zero, p_sorted.cumsum(-1)], dim=-1).clamp(0, 1).pow(n.double()[:, None])
+        all_inside = power(torch.cat([zero, p_sorted.cumsum(-1)], dim=-1).clamp(0, 1), n)
     else:
         all_inside = _all_in_prefix_without_replacement(p_sorted, n)
     psi = q_prefix - all_inside
     best = psi.amin(-1)
     # Largest minimiser: the last prefix length attaining the minimum.
     size = (vocab - torch.flip(psi == best[:, None], dims=[-1]).float().argmax(-1)).clamp_max(vocab)
-    return (1 + best).clamp(0, 1), order, size
+    return OptimalPrefix((1 + best).clamp(0, 1), order, size, ratio, q_sorted, p_sorted)
 
 
 def optimal_subset(
@@ -189,8 +228,8 @@ def optimal_subset(
 
     Returns ``(alpha [B] float64, in_subset [B, V] bool)``.
     """
-    alpha, order, size = optimal_prefix(target_probs, draft_probs, num_drafts, scheme)
-    return alpha, prefix_members(order, size)
+    prefix = optimal_prefix(target_probs, draft_probs, num_drafts, scheme)
+    return prefix.alpha, prefix_members(prefix.order, prefix.size)
 
 
 def prefix_members(order: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
@@ -267,9 +306,11 @@ def _all_in_prefix_without_replacement(p_sorted: torch.Tensor, num_drafts: torch
 
 
 __all__ = [
+    "OptimalPrefix",
     "optimal_acceptance",
     "optimal_prefix",
     "optimal_subset",
+    "power",
     "prefix_members",
     "rrs_acceptance",
     "single_acceptance",

@@ -88,7 +88,7 @@ def test_optimal_subset_is_a_largest_prefix_by_ratio() -> None:
         psi = q[row][inside[row]].sum() - p[row][inside[row]].sum() ** 4
         assert float(1 + psi) == pytest.approx(float(alpha[row]), abs=1e-12)
     # The same subset as a prefix of the q/p order.
-    prefix_alpha, order, size = rates.optimal_prefix(q, p, 4)
+    prefix_alpha, order, size, *_ = rates.optimal_prefix(q, p, 4)
     assert torch.equal(prefix_alpha, alpha)
     ratio_sorted = ratio.gather(1, order)
     assert bool((ratio_sorted[:, 1:] >= ratio_sorted[:, :-1]).all())

@@ -42,7 +42,7 @@ import torch
 
 from ..rates import optimal_prefix, prefix_members
 from . import register
-from ._race import RaceProblems, solve_race
+from ._race import RaceProblems, kkt_residual, solve_race, wide_weights
 from .base import EmissionPlan, Verifier, distinct_rows, normalize_rows
 from .rrs import recursive_rejection_plan
 
@@ -51,42 +51,41 @@ from .rrs import recursive_rejection_plan
 NEGLIGIBLE_TIER = 1e-250
 
 
-def water_fill(
-    target_probs: torch.Tensor,
-    draft_probs: torch.Tensor,
-    tier: torch.Tensor,
-    total: torch.Tensor,
-    order: torch.Tensor | None = None,
+def water_level(
+    ratio: torch.Tensor, target_mass: torch.Tensor, draft_mass: torch.Tensor, total: torch.Tensor
 ) -> torch.Tensor:
-    """``a_y = min(q_y, λ p_y)`` on ``tier`` with ``Σ_tier a = total`` (0 off the tier).
+    """[B]: the level ``λ`` with ``Σ_tier min(q, λ p) = total`` (``inf`` when even ``q(tier)`` falls short).
 
-    Shapes: q, p, tier, order [B, S]; total [B]. Sorting the tier by ``ρ = q/p``,
-    ``F(λ) = Σ_{ρ ≤ λ} q + λ Σ_{ρ > λ} p`` is piecewise linear and increasing;
+    Shapes [B, S]: ``ratio`` = ``q/p`` non-decreasing along each row (``inf``
+    where ``p = 0``), ``target_mass``/``draft_mass`` the tier's q and p in that
+    order, 0 off the tier; slots off the tier may lie anywhere before it. With
+    ``F(λ) = Σ_{ρ ≤ λ} q + λ Σ_{ρ > λ} p``, piecewise linear and increasing,
     ``λ`` lies on the first piece whose right end ``F(ρ_j)`` reaches ``total``.
-    If even ``F(∞) = q(tier)`` does not, every token is capped (``a = q``).
-    ``order`` may give a slot order that sorts the tier by ``ρ`` and puts the
-    other slots with ``p > 0`` before it and those with ``p = 0`` last (as
-    :func:`hf_globalres.rates.optimal_prefix` does for ``L``); they count as
-    ``ρ = 0`` and ``ρ = ∞`` with no mass. Sorts when None.
     """
-    q, p = target_probs, draft_probs
-    ratio = torch.where(tier, q / torch.where(tier, p, 1), torch.where(p > 0, 0, math.inf))
-    if order is None:
-        ratio, order = ratio.sort(-1)
-    else:
-        ratio = ratio.gather(1, order)
-    q_sorted = torch.where(tier, q, 0).gather(1, order)
-    p_sorted = torch.where(tier, p, 0).gather(1, order)
     valid = torch.isfinite(ratio)
-    q_before = q_sorted.cumsum(-1) - q_sorted  # capped mass below piece j
-    p_from = p_sorted.flip(-1).cumsum(-1).flip(-1)  # uncapped draft mass from piece j on
+    q_before = target_mass.cumsum(-1) - target_mass  # capped mass below piece j
+    p_from = draft_mass.flip(-1).cumsum(-1).flip(-1)  # uncapped draft mass from piece j on
     reach = torch.where(valid, q_before + torch.where(valid, ratio, 0) * p_from, math.inf)
     piece = (reach < total[:, None]).sum(-1, keepdim=True)
     all_capped = piece[:, 0] >= valid.sum(-1)
-    piece = piece.clamp_max(q.shape[1] - 1)
+    piece = piece.clamp_max(ratio.shape[1] - 1)
     level = (total[:, None] - q_before.gather(1, piece)) / p_from.gather(1, piece).clamp_min(1e-300)
-    level = torch.where(all_capped[:, None], math.inf, level)
-    return torch.where(tier, torch.minimum(q, level * p), 0)
+    return torch.where(all_capped, math.inf, level[:, 0])
+
+
+def water_fill(
+    target_probs: torch.Tensor, draft_probs: torch.Tensor, tier: torch.Tensor, total: torch.Tensor
+) -> torch.Tensor:
+    """``a_y = min(q_y, λ p_y)`` on ``tier`` with ``Σ_tier a = total`` (0 off the tier).
+
+    Shapes: q, p, tier [B, S]; total [B]. Sorts the tier by ``ρ = q/p`` for
+    :func:`water_level`; if even ``q(tier)`` falls short, every token is capped (``a = q``).
+    """
+    q, p = target_probs, draft_probs
+    ratio, order = torch.where(tier, q / torch.where(tier, p, 1), math.inf).sort(-1)
+    q_sorted, p_sorted = torch.where(tier, q, 0).gather(1, order), torch.where(tier, p, 0).gather(1, order)
+    level = water_level(ratio, q_sorted, p_sorted, total)
+    return torch.where(tier, torch.minimum(q, level[:, None] * p), 0)
 
 
 @dataclass
@@ -197,53 +196,56 @@ class Optimal(Verifier):
         supported = draft_probs > 0
         count = supported.sum(-1)
         width = max(int(count.max()), 1)
-        rows, tokens = supported.nonzero(as_tuple=True)  # row-major: tokens ascend within a row
-        first = count.cumsum(0) - count
-        index = torch.full((batch, width), vocab, dtype=torch.long, device=tokens.device)
-        index[rows, torch.arange(rows.shape[0], device=rows.device) - first[rows]] = tokens
-        on = index < vocab
-        gather_at = index.clamp_max(vocab - 1)
-        p_s = torch.where(on, draft_probs.gather(1, gather_at).double(), 0)
-        q_s = torch.where(on, target_probs.gather(1, gather_at).double(), 0)
+        if width == vocab and bool((count == vocab).all()):
+            # Full support (an unwarped draft): the slots are the tokens.
+            index = torch.arange(vocab, device=supported.device).expand(batch, vocab)
+            on = supported
+            p_s, q_s = draft_probs.double(), target_probs.double()
+        else:
+            rows, tokens = supported.nonzero(as_tuple=True)  # row-major: tokens ascend within a row
+            first = count.cumsum(0) - count
+            index = torch.full((batch, width), vocab, dtype=torch.long, device=tokens.device)
+            index[rows, torch.arange(rows.shape[0], device=rows.device) - first[rows]] = tokens
+            on = index < vocab
+            gather_at = index.clamp_max(vocab - 1)
+            p_s = torch.where(on, draft_probs.gather(1, gather_at).double(), 0)
+            q_s = torch.where(on, target_probs.gather(1, gather_at).double(), 0)
         p_s = p_s / p_s.sum(-1, keepdim=True)
         q_total = target_probs.sum(-1, keepdim=True, dtype=torch.float64)
         q_s = q_s / q_total
         # One extra column holds q outside supp p: p = 0 there, so it never joins H*.
         outside = (1 - q_s.sum(-1, keepdim=True)).clamp_min(0)
         q_all, p_all = torch.cat([q_s, outside], -1), torch.cat([p_s, torch.zeros_like(outside)], -1)
-        optimum, order, size = optimal_prefix(q_all, p_all, k)
-        in_h = prefix_members(order, size)[:, :width] & on
+        prefix = optimal_prefix(q_all, p_all, k)
+        optimum = prefix.alpha
+        in_h = prefix_members(prefix.order, prefix.size)[:, :width] & on
         in_l = on & ~in_h
 
         p_h = torch.where(in_h, p_s, 0).sum(-1)
         p_l = torch.where(in_l, p_s, 0).sum(-1)
         all_h = p_h.pow(n)  # P(every draft in H*)
         any_l = torch.where(k > 0, -torch.expm1(n * torch.log1p(-p_l.clamp_max(1))), 0)  # 1 − p(H*)^n
-        # The prefix order sorts L = supp p \ H* by q/p, after H* and before p = 0.
-        in_l_all = torch.cat([in_l, torch.zeros_like(outside, dtype=torch.bool)], -1)
-        a_l = water_fill(q_all, p_all, in_l_all, any_l, order)[:, :width]
+        # The prefix order sorts L = supp p \ H* by q/p: after H*, before the p = 0 slots.
+        in_l_sorted = (torch.arange(width + 1, device=on.device) >= prefix.size[:, None]) & (prefix.p > 0)
+        level = water_level(
+            prefix.ratio, torch.where(in_l_sorted, prefix.q, 0), torch.where(in_l_sorted, prefix.p, 0), any_l
+        )
+        a_l = torch.where(in_l, torch.minimum(q_s, level[:, None] * p_s), 0)
         solve_h = (all_h > NEGLIGIBLE_TIER) & (k > 0)
         # H tier conditioned on all drafts in H*: draft law p/p(H*), target q/p(H*)^n.
         h_mass = torch.where(in_h & solve_h[:, None], p_s / p_h.clamp_min(1e-300)[:, None], 0)
         h_target = torch.where(h_mass > 0, q_s / all_h.clamp_min(1e-300)[:, None], 0)
-        # The tiers' race problems, packed to their own widths: one batch when both are narrow
-        # (fewer, larger tensor operations), apart when one is wide (no padding to its width).
-        in_h_tier = h_mass > 0
-        boxed = torch.cat([torch.zeros_like(solve_h), torch.ones_like(solve_h)])
-        tiers = (
-            torch.cat([in_l, in_h_tier]),
-            torch.cat([p_s, h_mass]),
-            torch.cat([a_l, h_target]),
-            torch.cat([p_h, torch.zeros_like(p_h)]),
-            torch.cat([n, n]),
+        # Both tiers' race problems in one batch [2B, S]: L rows first, then H rows.
+        tiers = RaceProblems(
+            draft_mass=torch.cat([torch.where(in_l, p_s, 0), h_mass]),
+            target=torch.cat([a_l, h_target]),
+            background=torch.cat([p_h, torch.zeros_like(p_h)]),
+            num_draws=torch.cat([n, n]),
+            boxed=torch.cat([torch.zeros_like(solve_h), torch.ones_like(solve_h)]),
         )
-        if self.bins > 0 and int(tiers[0].sum(-1).max()) > 2 * self.bins:
-            alpha_l, law_l, residual_l = self._solve_tier(*(t[:batch] for t in tiers), boxed[:batch])
-            alpha_h, law_h, residual_h = self._solve_tier(*(t[batch:] for t in tiers), boxed[batch:])
-        else:
-            alpha, law, residual = self._solve_tier(*tiers, boxed)
-            (alpha_l, alpha_h), (law_l, law_h) = alpha.split(batch), law.split(batch)
-            residual_l, residual_h = residual.split(batch)
+        alpha, law, residual = self._solve_tiers(tiers)
+        (alpha_l, alpha_h), (law_l, law_h) = alpha.split(batch), law.split(batch)
+        residual_l, residual_h = residual.split(batch)
 
         # Accepted mass per tier and its acceptance probability γ = min(a, b) / b.
         kept_l, kept_h = torch.minimum(a_l, law_l), torch.minimum(h_target, law_h)
@@ -262,20 +264,34 @@ class Optimal(Verifier):
             residual=residual_l + all_h * residual_h,
         )
 
-    def _solve_tier(
-        self,
-        tier: torch.Tensor,
-        draft_mass: torch.Tensor,
-        target: torch.Tensor,
-        background: torch.Tensor,
-        num_draws: torch.Tensor,
-        boxed: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Race weights α, law b [B, S] and residual [B] for one tier (slots ``tier`` [B, S]).
+    def _solve_tiers(self, problems: RaceProblems) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Race weights α, law b [P, S] and residual [P] for tier problems on the slots of ``supp p``.
 
-        The tier's slots are packed to the front, so the solve's width is the
-        widest tier of the batch, not ``|supp p|``.
+        A tier wider than ``2 · bins`` slots takes the grouped weights of
+        :func:`._race.wide_weights` where it lies (no packing: its passes run
+        over the S slots once, whichever tier they belong to); the narrower
+        ones are packed to the front and solved by Newton at the width of the
+        widest of them.
         """
+        count, many = problems.tier.sum(-1), problems.num_draws >= 2
+        wide = (count > 2 * self.bins) & many if self.bins > 0 and self.max_iters > 0 else torch.zeros_like(many)
+        if bool(wide.all()):
+            return self._solve_wide(problems)
+        if not bool(wide.any()):
+            return self._solve_packed(problems)
+        alpha, law = torch.zeros_like(problems.draft_mass), torch.zeros_like(problems.draft_mass)
+        residual = problems.background.new_zeros(wide.shape)
+        for rows, solve in ((wide.nonzero()[:, 0], self._solve_wide), ((~wide).nonzero()[:, 0], self._solve_packed)):
+            alpha[rows], law[rows], residual[rows] = solve(problems.select(rows))
+        return alpha, law, residual
+
+    def _solve_wide(self, problems: RaceProblems) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        alpha, law = wide_weights(problems, self.bins, tol=self.tol, step=self.step, max_iters=self.max_iters)
+        return alpha, law, kkt_residual(problems, alpha, law)
+
+    def _solve_packed(self, problems: RaceProblems) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_solve_tiers` by Newton, with each problem's tier slots packed to the front."""
+        tier = problems.tier
         batch, width = tier.shape
         count = tier.sum(-1)
         packed_width = max(int(count.max()), 1)
@@ -284,18 +300,16 @@ class Optimal(Verifier):
         slots = torch.arange(width, device=tier.device).expand(batch, width)
         order = slots.new_zeros(batch, packed_width + 1).scatter(1, position, slots)[:, :packed_width]
         in_tier = torch.arange(packed_width, device=tier.device) < count[:, None]
-        problems = RaceProblems(
-            draft_mass=torch.where(in_tier, draft_mass.gather(1, order), 0),
-            target=torch.where(in_tier, target.gather(1, order), 0),
-            background=background,
-            num_draws=num_draws,
-            boxed=boxed,
+        packed = RaceProblems(
+            draft_mass=torch.where(in_tier, problems.draft_mass.gather(1, order), 0),
+            target=torch.where(in_tier, problems.target.gather(1, order), 0),
+            background=problems.background,
+            num_draws=problems.num_draws,
+            boxed=problems.boxed,
         )
         # Start from w ∝ c/p: exact when the race is far from saturated.
-        start = torch.where(in_tier, torch.log(problems.target / torch.where(in_tier, problems.draft_mass, 1)), 0)
-        alpha, residual, law = solve_race(
-            problems, start, tol=self.tol, max_iters=self.max_iters, step=self.step, bins=self.bins
-        )
+        start = torch.where(in_tier, torch.log(packed.target / torch.where(in_tier, packed.draft_mass, 1)), 0)
+        alpha, residual, law = solve_race(packed, start, tol=self.tol, max_iters=self.max_iters, step=self.step)
 
         def unpack(values: torch.Tensor) -> torch.Tensor:
             return torch.where(tier, values.gather(1, position.clamp_max(packed_width - 1)), 0)

@@ -20,7 +20,7 @@ from hf_globalres import rates, verifiers
 from hf_globalres.reference import draft_tuples, enumerate_law, transport_lp
 from hf_globalres.verifiers import _race
 from hf_globalres.verifiers._race import RaceProblems, expanded_race_law, quadrature_nodes, race_law, race_terms
-from hf_globalres.verifiers.optimal import Optimal, water_fill
+from hf_globalres.verifiers.optimal import Optimal, water_fill, water_level
 
 from .cases import CASE_KINDS, chi_square_pvalue, make_case
 
@@ -417,9 +417,16 @@ def test_water_fill_caps_at_q_and_meets_the_total() -> None:
         if bool(uncapped.any()):
             levels = a[uncapped] / p[uncapped]
             assert float(levels.max() - levels.min()) <= 1e-15
-        # An order as rates.optimal_prefix gives (other p > 0 slots first, the tier by ρ) gives the same masses.
-        order = torch.tensor([[4, 0, 1, 3, 2]])  # ρ: 0 (no tier), 0 (no tier), 2, 2, 3
-        assert torch.equal(water_fill(q, p, tier, torch.tensor([total], dtype=torch.float64), order), a)
+        # Rows in ρ order with other slots before the tier (as rates.optimal_prefix puts H* before L): same level.
+        order = torch.tensor([[4, 0, 1, 3, 2]])  # ρ: 0, 0.25 (off the tier), 2, 2, 3
+        in_tier = tier.gather(1, order)
+        level = water_level(
+            (q / p).gather(1, order),
+            torch.where(in_tier, q.gather(1, order), 0),
+            torch.where(in_tier, p.gather(1, order), 0),
+            torch.tensor([total], dtype=torch.float64),
+        )
+        assert torch.equal(torch.where(tier, torch.minimum(q, level[:, None] * p), 0), a)
 
 
 def test_float32_inputs_give_a_float32_law_close_to_q() -> None:
