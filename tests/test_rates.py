@@ -96,6 +96,16 @@ def test_optimal_subset_is_a_largest_prefix_by_ratio() -> None:
         assert set(order[row, : int(size[row])].tolist()) == set(inside[row].nonzero()[:, 0].tolist())
 
 
+def test_power_matches_pow() -> None:
+    base = torch.rand(3, 200, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    for n in (0, 1, 2, 3, 4, 7, 16):
+        exponent = torch.full((3,), n)
+        assert torch.allclose(rates.power(base, exponent), base.pow(n), rtol=1e-14, atol=0)
+    # Exponents that differ per row (or exceed 16) take pow itself.
+    mixed = torch.tensor([2, 5, 17])
+    assert torch.equal(rates.power(base, mixed), base.pow(mixed.double()[:, None]))
+
+
 def test_bad_arguments() -> None:
     q, p = random_batch(2, 10, 0)
     with pytest.raises(ValueError, match="scheme"):

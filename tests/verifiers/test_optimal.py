@@ -341,6 +341,35 @@ def test_grouped_tiers_stay_exact_and_within_their_loss_bound(monkeypatch: pytes
         assert best - float(sum(b.max() for b in bounds)) - 1e-9 <= float(acceptance) <= best + EXACT
 
 
+def test_log_ratio_bins_are_monotone_and_about_uniform_in_log() -> None:
+    g = torch.Generator().manual_seed(4)
+    p = torch.rand(2, 5000, generator=g, dtype=torch.float64)
+    c = p * torch.exp(8 * torch.randn(2, 5000, generator=g, dtype=torch.float64))
+    binned = torch.rand(2, 5000, generator=g) < 0.9
+    problems = RaceProblems(
+        draft_mass=p,
+        target=c,
+        background=torch.zeros(2, dtype=torch.float64),
+        num_draws=torch.full((2,), 4.0, dtype=torch.float64),
+        boxed=torch.tensor([False, True]),
+    )
+    bins = 64
+    which = _race.log_ratio_bins(problems, binned, bins)
+    assert bool((which[~binned] == bins).all())
+    for row in range(2):
+        log_ratio = torch.log(c[row] / p[row])[binned[row]]
+        chosen = which[row][binned[row]]
+        assert int(chosen.min()) == 0 and int(chosen.max()) == bins - 1
+        order = log_ratio.argsort()
+        assert bool((chosen[order].diff() >= 0).all())  # monotone in c/p
+        # Bins no more than ~1.5× as wide in log(c/p) as uniform ones.
+        span = float(log_ratio.max() - log_ratio.min())
+        for b in range(bins):
+            inside = log_ratio[chosen == b]
+            if inside.numel() > 1:
+                assert float(inside.max() - inside.min()) <= 1.5 * span / bins
+
+
 def test_grouped_race_law_is_the_race_law_at_its_weights() -> None:
     """The law assembled from the groups equals the direct quadrature at the group-constant weights (1e-13)."""
     g = torch.Generator().manual_seed(12)
