@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .. import verifiers
 from .metrics import (
     DepthStats,
     answer_match,
@@ -119,8 +120,12 @@ def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     - ``gain_over_single``: block efficiency of each multi-draft row (n > 1)
       over ``single`` (n = 1) at the same L, also on complete blocks;
     - ``best_verifier``: whether ``optimal`` has the highest block efficiency
-      among the verifiers at its n and L (the difference to the best rival,
-      with the standard error of that difference over prompts);
+      among the verifiers of its draft scheme (i.i.d. drafts) at its n and L
+      (the difference to the best rival, with the standard error of that
+      difference over prompts);
+    - ``other_draft_scheme``: the same difference to the best verifier that
+      drafts otherwise (without replacement), with no verdict: those rules
+      see other drafts, whose optimum ``α*_wor`` is not ``α*``;
     - ``acceptance_vs_optimum``: measured acceptance of each multi-draft row
       over the theoretical optimum on the same positions (the floor for
       ``optimal``: within 2 %);
@@ -164,19 +169,26 @@ def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if r["kind"] == "multidraft" and r["num_drafts"] == n and r["length"] == L and r is not row
             ]
             if rivals and row["verifier"] == REFERENCE_VERIFIER:
-                best = max(rivals, key=lambda r: r["block_efficiency"])
-                errors = [r.get("block_efficiency_stderr") for r in (row, best)]
-                out.append(
-                    {
+                scheme = _draft_scheme(row["verifier"])
+                for check, scheme_rivals in (
+                    ("best_verifier", [r for r in rivals if _draft_scheme(r["verifier"]) == scheme]),
+                    ("other_draft_scheme", [r for r in rivals if _draft_scheme(r["verifier"]) != scheme]),
+                ):
+                    if not scheme_rivals:
+                        continue
+                    best = max(scheme_rivals, key=lambda r: r["block_efficiency"])
+                    errors = [r.get("block_efficiency_stderr") for r in (row, best)]
+                    finding = {
                         **where,
-                        "check": "best_verifier",
+                        "check": check,
                         "method": row["method"],
                         "against": best["method"],
                         "value": row["block_efficiency"] - best["block_efficiency"],
                         "stderr": math.hypot(*errors) if None not in errors else None,
-                        "passed": row["block_efficiency"] >= best["block_efficiency"],
                     }
-                )
+                    if check == "best_verifier":
+                        finding["passed"] = row["block_efficiency"] >= best["block_efficiency"]
+                    out.append(finding)
             if row.get("ratio_to_optimal") is not None:
                 out.append(
                     {
@@ -200,6 +212,11 @@ def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     }
                 )
     return out
+
+
+def _draft_scheme(verifier: str) -> str:
+    """The draft scheme of a registered verifier; names the registry does not know count as i.i.d."""
+    return verifiers.get(verifier).draft_scheme if verifier in verifiers.available() else "iid"
 
 
 def _cell(value: Any, fmt: str) -> str:

@@ -127,3 +127,31 @@ def test_best_verifier_finding_names_a_shortfall_within_noise():
     assert "within 2 standard errors" in format_findings([within])
     assert "[FAILED]" in format_findings([beyond])
     assert "[ok]" in format_findings([{**within, "value": 0.1, "passed": True}])
+
+
+def test_best_verifier_compares_within_the_draft_scheme():
+    from hf_globalres.eval.report import findings
+
+    def row(verifier: str, efficiency: float) -> dict:
+        return {
+            "dataset": "gsm8k",
+            "temperature": 1.0,
+            "kind": "multidraft",
+            "method": f"{verifier} n=4 L=4",
+            "verifier": verifier,
+            "num_drafts": 4,
+            "length": 4,
+            "block_efficiency": efficiency,
+            "block_efficiency_stderr": 0.1,
+        }
+
+    rows = [row("optimal", 4.3), row("spectr", 4.1), row("optimal_without_replacement", 4.6), row("rrs", 4.4)]
+    checks = {f["check"]: f for f in findings(rows)}
+    best = checks["best_verifier"]
+    assert best["against"] == "rrs n=4 L=4" and not best["passed"]
+    assert best["value"] == pytest.approx(-0.1)
+    other = checks["other_draft_scheme"]
+    assert other["against"] == "optimal_without_replacement n=4 L=4" and "passed" not in other
+    assert other["value"] == pytest.approx(-0.3) and other["stderr"] == pytest.approx(0.1 * 2**0.5)
+    # Without rivals of its own scheme there is no verdict at all.
+    assert [f["check"] for f in findings([rows[0], rows[2]])] == ["other_draft_scheme"]
