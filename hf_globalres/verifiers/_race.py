@@ -95,6 +95,14 @@ class RaceProblems:
         """[P, S] bool: the slot holds a tier token."""
         return self.draft_mass > 0
 
+    def proportional_alpha(self) -> torch.Tensor:
+        """[P, S]: ``α = log(c / p)`` on the tier (−inf where ``c = 0``), 0 elsewhere.
+
+        The start of every solve: ``w ∝ c/p`` is exact when the race is far from saturated.
+        """
+        tier = self.tier
+        return torch.where(tier, torch.log(self.target / torch.where(tier, self.draft_mass, 1)), 0)
+
     def select(self, index: torch.Tensor, width: int | None = None) -> RaceProblems:
         """The problems ``index`` [P'], keeping their first ``width`` slots (all by default)."""
         return RaceProblems(
@@ -504,7 +512,7 @@ def binned_start(problems: RaceProblems, bins: int, *, tol: float, step: float, 
     reduced = merge_slots(problems, which, bins + 1)
     reduced_tier = reduced.tier
     mass = torch.where(reduced_tier, reduced.draft_mass, 1)
-    start = torch.where(reduced_tier, torch.log(reduced.target / mass), 0)
+    start = reduced.proportional_alpha()
     coarser = bins // 8
     if bins >= 512 and int(reduced_tier.sum(-1).max()) > 2 * coarser:
         # The reduced problem is itself wide enough to start from a coarser one.
@@ -514,8 +522,7 @@ def binned_start(problems: RaceProblems, bins: int, *, tol: float, step: float, 
     log_level = torch.log((terms.law / mass).clamp_min(1e-300))  # log G(α) of each bin
     slope = torch.where(reduced_tier & (terms.diagonal > 0), terms.law / terms.diagonal, 0)
     alpha = coarse.gather(1, which)
-    log_ratio = torch.log(torch.where(positive, problems.target / torch.where(tier, problems.draft_mass, 1), 1))
-    step_to_slot = (log_ratio - log_level.gather(1, which)) * slope.gather(1, which)
+    step_to_slot = (problems.proportional_alpha() - log_level.gather(1, which)) * slope.gather(1, which)
     return torch.where(positive, alpha + step_to_slot, torch.where(tier, alpha, 0))
 
 
@@ -567,9 +574,8 @@ def grouped_race(
     b_g / P_g`` is the law of the full race at these weights, with no pass over
     all slots and quadrature nodes.
     """
-    reduced_tier = reduced.tier
-    mass = torch.where(reduced_tier, reduced.draft_mass, 1)
-    start = torch.where(reduced_tier, torch.log(reduced.target / mass), 0)
+    mass = torch.where(reduced.tier, reduced.draft_mass, 1)
+    start = reduced.proportional_alpha()
     alpha, _, law = solve_race(reduced, start, tol=max(tol, GROUPED_TOL), max_iters=max_iters, step=step)
     tier = draft_mass > 0
     share = (law / mass).gather(1, group)

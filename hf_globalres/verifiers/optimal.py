@@ -307,9 +307,9 @@ class Optimal(Verifier):
             num_draws=problems.num_draws,
             boxed=problems.boxed,
         )
-        # Start from w ∝ c/p: exact when the race is far from saturated.
-        start = torch.where(in_tier, torch.log(packed.target / torch.where(in_tier, packed.draft_mass, 1)), 0)
-        alpha, residual, law = solve_race(packed, start, tol=self.tol, max_iters=self.max_iters, step=self.step)
+        alpha, residual, law = solve_race(
+            packed, packed.proportional_alpha(), tol=self.tol, max_iters=self.max_iters, step=self.step
+        )
 
         def unpack(values: torch.Tensor) -> torch.Tensor:
             return torch.where(tier, values.gather(1, position.clamp_max(packed_width - 1)), 0)
