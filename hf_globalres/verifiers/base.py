@@ -19,6 +19,7 @@ which branch, then, for the residual branch, the recovered token).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -46,7 +47,6 @@ class VerificationResult:
     draft_index: torch.Tensor
 
 
-@dataclass
 class EmissionPlan:
     """The law of the output given the drafts, in accept/recover form.
 
@@ -55,10 +55,29 @@ class EmissionPlan:
             acceptance (0 for absent drafts); rows sum to at most 1.
         residual: [B, V], law of the recovered token when no draft is
             accepted; a probability row wherever ``1 − Σ_i draft_emit > 0``.
+            A rule may pass ``recover`` instead, a function computing it: it
+            runs on first access, which sampling makes only when some row
+            rejects every draft.
     """
 
-    draft_emit: torch.Tensor
-    residual: torch.Tensor
+    def __init__(
+        self,
+        draft_emit: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        *,
+        recover: Callable[[], torch.Tensor] | None = None,
+    ) -> None:
+        if (residual is None) == (recover is None):
+            raise ValueError("an EmissionPlan takes either the residual or a function that computes it")
+        self.draft_emit = draft_emit
+        self._residual, self._recover = residual, recover
+
+    @property
+    def residual(self) -> torch.Tensor:
+        if self._residual is None:
+            assert self._recover is not None
+            self._residual, self._recover = self._recover(), None
+        return self._residual
 
     @property
     def reject_prob(self) -> torch.Tensor:
@@ -132,7 +151,8 @@ class Verifier(ABC):
         token = x.gather(1, branch.clamp_max(n - 1)[:, None])[:, 0]
         # Only the rows that rejected every draft draw from the residual (a pass over V each).
         rejected = (branch == n).nonzero()[:, 0]
-        token[rejected] = sample_categorical(plan.residual[rejected], generator)
+        if rejected.numel() > 0:
+            token[rejected] = sample_categorical(plan.residual[rejected], generator)
         draft_index = first_match(token, x)
         return VerificationResult(token=token, accepted=draft_index >= 0, draft_index=draft_index)
 
@@ -145,7 +165,7 @@ class Verifier(ABC):
             return self.plan(target_probs, draft_probs, draft_tokens)
         first, inverse = repeats
         plan = self.plan(target_probs[first], draft_probs[first], draft_tokens[first])
-        return EmissionPlan(draft_emit=plan.draft_emit[inverse], residual=plan.residual[inverse])
+        return EmissionPlan(plan.draft_emit[inverse], recover=lambda: plan.residual[inverse])
 
     def prepare(
         self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor

@@ -113,6 +113,36 @@ class RaceRule:
     residual: torch.Tensor
 
 
+@dataclass
+class TierProblems:
+    """Both race problems of each row, before they are solved (slots [B, S] of ``supp p``).
+
+    Attributes:
+        index, in_l, q_total, optimum: as in :class:`RaceRule`.
+        on: the slot holds a token (not padding).
+        drafts: [B], the number of drafts k.
+        all_h: [B], ``p(H*)^k``: the chance that every draft lies in ``H*``.
+        races: [2B, S], the L tier's problems (rows 0..B−1, target ``a_L``)
+            then the H tier's (rows B..2B−1, drafts conditioned on ``H*``).
+    """
+
+    index: torch.Tensor
+    on: torch.Tensor
+    in_l: torch.Tensor
+    q_total: torch.Tensor
+    optimum: torch.Tensor
+    drafts: torch.Tensor
+    all_h: torch.Tensor
+    races: RaceProblems
+
+    def accepted_mass(self, law_l: torch.Tensor, law_h: torch.Tensor) -> torch.Tensor:
+        """[B, S]: ``ā = P(Y = y, y accepted)``, ``min(a, b)`` in each tier, the H tier's times ``p(H*)^k``."""
+        a_l, h_target = self.races.target.split(self.in_l.shape[0])
+        kept_h = torch.minimum(h_target, law_h) * self.all_h[:, None]
+        mass = torch.where(self.in_l, torch.minimum(a_l, law_l), kept_h)
+        return torch.where((self.drafts > 0)[:, None] & self.on, mass, 0)
+
+
 def _single_draft_plan(
     target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor
 ) -> EmissionPlan:
@@ -189,6 +219,27 @@ class Optimal(Verifier):
         return RaceRule(**{field.name: getattr(rule, field.name)[inverse] for field in fields(RaceRule)})
 
     def _solve_rows(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, k: torch.Tensor) -> RaceRule:
+        tiers = self._tier_problems(target_probs, draft_probs, k)
+        alpha, law, residual = self._solve_tiers(tiers.races)
+        batch = k.shape[0]
+        (alpha_l, alpha_h), (law_l, law_h) = alpha.split(batch), law.split(batch)
+        residual_l, residual_h = residual.split(batch)
+        # γ = min(a, b) / b: the accepted mass over the race law, each slot in its own tier.
+        law = torch.where(tiers.in_l, law_l, law_h)
+        kept = torch.minimum(torch.where(tiers.in_l, *tiers.races.target.split(batch)), law)
+        return RaceRule(
+            index=tiers.index,
+            in_l=tiers.in_l,
+            alpha=torch.where(tiers.in_l, alpha_l, alpha_h),
+            accept=torch.where(law > 0, kept / torch.where(law > 0, law, 1), 0),
+            mass=tiers.accepted_mass(law_l, law_h),
+            q_total=tiers.q_total,
+            optimum=torch.where(k > 0, tiers.optimum, 0),
+            residual=residual_l + tiers.all_h * residual_h,
+        )
+
+    def _tier_problems(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, k: torch.Tensor) -> TierProblems:
+        """Steps 1–2 of the module docstring up to the race problems: ``H*``, the masses ``a``, both tiers."""
         batch, vocab = target_probs.shape
         n = k.double()
 
@@ -236,33 +287,14 @@ class Optimal(Verifier):
         h_mass = torch.where(in_h & solve_h[:, None], p_s / p_h.clamp_min(1e-300)[:, None], 0)
         h_target = torch.where(h_mass > 0, q_s / all_h.clamp_min(1e-300)[:, None], 0)
         # Both tiers' race problems in one batch [2B, S]: L rows first, then H rows.
-        tiers = RaceProblems(
+        races = RaceProblems(
             draft_mass=torch.cat([torch.where(in_l, p_s, 0), h_mass]),
             target=torch.cat([a_l, h_target]),
             background=torch.cat([p_h, torch.zeros_like(p_h)]),
             num_draws=torch.cat([n, n]),
             boxed=torch.cat([torch.zeros_like(solve_h), torch.ones_like(solve_h)]),
         )
-        alpha, law, residual = self._solve_tiers(tiers)
-        (alpha_l, alpha_h), (law_l, law_h) = alpha.split(batch), law.split(batch)
-        residual_l, residual_h = residual.split(batch)
-
-        # Accepted mass per tier and its acceptance probability γ = min(a, b) / b.
-        kept_l, kept_h = torch.minimum(a_l, law_l), torch.minimum(h_target, law_h)
-        law = torch.where(in_l, law_l, law_h)
-        kept = torch.where(in_l, kept_l, kept_h)
-        accept = torch.where(law > 0, kept / torch.where(law > 0, law, 1), 0)
-        mass = torch.where(in_l, kept_l, kept_h * all_h[:, None])
-        return RaceRule(
-            index=index,
-            in_l=in_l,
-            alpha=torch.where(in_l, alpha_l, alpha_h),
-            accept=accept,
-            mass=torch.where((k > 0)[:, None] & on, mass, 0),
-            q_total=q_total,
-            optimum=torch.where(k > 0, optimum, 0),
-            residual=residual_l + all_h * residual_h,
-        )
+        return TierProblems(index, on, in_l, q_total, optimum, k, all_h, races)
 
     def _solve_tiers(self, problems: RaceProblems) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Race weights α, law b [P, S] and residual [P] for tier problems on the slots of ``supp p``.
@@ -338,30 +370,46 @@ class Optimal(Verifier):
     def _race_plan(
         self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor
     ) -> EmissionPlan:
+        """The race of step 2, solving only the tier it runs in; the other tier waits for a rejection.
+
+        The tiers' problems are independent, so solving one now and the other
+        later gives the same rule as solving both at once.
+        """
         batch, vocab = target_probs.shape
         present = draft_tokens >= 0
-        rule = self.solve(target_probs, draft_probs, present.sum(-1))
+        tiers = self._tier_problems(target_probs, draft_probs, present.sum(-1))
 
         # The slot of each draft; absent drafts and tokens off supp p take no part.
         clamped = draft_tokens.clamp_min(0)
         draft_on = present & (draft_probs.gather(1, clamped) > 0)
-        slot = torch.where(draft_on, torch.searchsorted(rule.index, clamped), 0)
-        draft_l = draft_on & rule.in_l.gather(1, slot)
-        racing = torch.where(draft_l.any(-1, keepdim=True), draft_l, draft_on)
-        draft_alpha = torch.where(racing, rule.alpha.gather(1, slot), -math.inf)
+        slot = torch.where(draft_on, torch.searchsorted(tiers.index, clamped), 0)
+        draft_l = draft_on & tiers.in_l.gather(1, slot)
+        in_l_race = draft_l.any(-1)  # [B]: some draft lies in L, so the race runs there
+        rows = torch.arange(batch, device=slot.device)
+        race = tiers.races.select(torch.where(in_l_race, rows, rows + batch))
+        alpha, law, _ = self._solve_tiers(race)
+        racing = torch.where(in_l_race[:, None], draft_l, draft_on)
+        draft_alpha = torch.where(racing, alpha.gather(1, slot), -math.inf)
         top = torch.where(racing.any(-1, keepdim=True), draft_alpha.amax(-1, keepdim=True), 0)
         weight = torch.where(racing, torch.exp(draft_alpha - top), 0)
         share = weight / weight.sum(-1, keepdim=True).clamp_min(1e-300)
-        draft_emit = share * rule.accept.gather(1, slot)
+        draft_law = law.gather(1, slot)
+        kept = torch.minimum(race.target.gather(1, slot), draft_law)
+        accept = torch.where(draft_law > 0, kept / torch.where(draft_law > 0, draft_law, 1), 0)
 
-        # Residual q − ā: only supp p changes; padding slots write to a spare column.
-        on = rule.index < vocab
-        left = torch.where(on, target_probs.gather(1, rule.index.clamp_max(vocab - 1)).double(), 0)
-        left = (left - rule.mass * rule.q_total).clamp_min(0)
-        residual = torch.cat([target_probs, target_probs.new_zeros(batch, 1)], -1)
-        residual = residual.scatter(1, rule.index, left.to(residual.dtype))[:, :vocab]
-        residual = normalize_rows(residual, fallback=target_probs)
-        return EmissionPlan(draft_emit=draft_emit.to(target_probs.dtype), residual=residual)
+        def recover() -> torch.Tensor:
+            """Residual ``q − ā``: only supp p changes; padding slots write to a spare column."""
+            _, other_law, _ = self._solve_tiers(tiers.races.select(torch.where(in_l_race, rows + batch, rows)))
+            law_l = torch.where(in_l_race[:, None], law, other_law)
+            law_h = torch.where(in_l_race[:, None], other_law, law)
+            mass = tiers.accepted_mass(law_l, law_h)
+            left = torch.where(tiers.on, target_probs.gather(1, tiers.index.clamp_max(vocab - 1)).double(), 0)
+            left = (left - mass * tiers.q_total).clamp_min(0)
+            residual = torch.cat([target_probs, target_probs.new_zeros(batch, 1)], -1)
+            residual = residual.scatter(1, tiers.index, left.to(residual.dtype))[:, :vocab]
+            return normalize_rows(residual, fallback=target_probs)
+
+        return EmissionPlan((share * accept).to(target_probs.dtype), recover=recover)
 
     def acceptance(
         self, target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: int | torch.Tensor

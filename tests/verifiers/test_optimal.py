@@ -500,3 +500,43 @@ def test_cuda_matches_cpu() -> None:
     cpu = rule.conditional(q.expand(8, -1), p.expand(8, -1), x)
     cuda = rule.conditional(q.cuda().expand(8, -1), p.cuda().expand(8, -1), x.cuda())
     assert float((cuda.cpu() - cpu).abs().max()) <= 1e-12
+
+
+def test_race_plan_solves_the_other_tier_only_on_rejection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tier the race runs in is solved first; the other one only when the residual is needed."""
+    solved: list[int] = []
+    original = Optimal._solve_tiers
+
+    def counted(self: Optimal, problems: RaceProblems) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        solved.append(problems.draft_mass.shape[0])
+        return original(self, problems)
+
+    monkeypatch.setattr(Optimal, "_solve_tiers", counted)
+    rule = Optimal()
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(1, 40, generator=g, dtype=torch.float64), -1)
+    # q = p: every draft is accepted (α* = 1), so only the race's own tier is solved.
+    result = rule.verify(p, p, torch.tensor([[3, 3, 7]]), generator=g)
+    assert bool(result.accepted[0]) and solved == [1]
+    # A draft the target never emits is always rejected: the residual needs the other tier too.
+    solved.clear()
+    q = p.clone()
+    q[0, 3] = 0
+    result = rule.verify(q / q.sum(), p, torch.tensor([[3, 3, 3]]), generator=g)
+    assert not bool(result.accepted[0]) and int(result.token[0]) != 3 and solved == [1, 1]
+    # The deferred residual is the one of the full solve.
+    plan = rule.plan(q / q.sum(), p, torch.tensor([[3, 5, 9]]))
+    rule_all = rule.solve(q / q.sum(), p, 3)
+    left = (q / q.sum() - rule_all.mass * rule_all.q_total).clamp_min(0)
+    assert torch.allclose(plan.residual, left / left.sum(), atol=1e-15)
+
+
+def test_emission_plan_takes_the_residual_or_its_recovery() -> None:
+    emit = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="either the residual or a function"):
+        verifiers.EmissionPlan(emit)
+    with pytest.raises(ValueError, match="either the residual or a function"):
+        verifiers.EmissionPlan(emit, torch.ones(1, 3) / 3, recover=lambda: torch.ones(1, 3) / 3)
+    calls = []
+    plan = verifiers.EmissionPlan(emit, recover=lambda: calls.append(1) or torch.ones(1, 3) / 3)
+    assert calls == [] and torch.equal(plan.residual, plan.residual) and calls == [1]
