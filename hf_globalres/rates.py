@@ -171,14 +171,14 @@ def power(base: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
     values = exponent.unique()
     if values.numel() != 1 or not 0 <= float(values) <= 16:
         return base.pow(exponent.to(base.dtype)[:, None])
-    remaining, out, square = int(values), torch.ones_like(base), base
+    remaining, out, square = int(values), None, base
     while remaining:
         if remaining & 1:
-            out = out * square
+            out = square if out is None else out * square
         remaining >>= 1
         if remaining:
             square = square * square
-    return out
+    return torch.ones_like(base) if out is None else out
 
 
 def optimal_prefix(

@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from functools import cached_property
 
 import torch
 
-from ..rates import optimal_prefix, prefix_members
+from ..rates import OptimalPrefix, optimal_prefix, prefix_members
 from . import register
 from ._race import RaceProblems, kkt_residual, solve_race, wide_weights
 from .base import EmissionPlan, Verifier, distinct_rows, normalize_rows
@@ -115,31 +116,81 @@ class RaceRule:
 
 @dataclass
 class TierProblems:
-    """Both race problems of each row, before they are solved (slots [B, S] of ``supp p``).
+    """Both tiers of each row (slots [B, S] of ``supp p``); a tier's race problem is built on first use.
 
     Attributes:
         index, in_l, q_total, optimum: as in :class:`RaceRule`.
-        on: the slot holds a token (not padding).
+        on: the slot holds a token (not padding); ``in_h``: its token lies in ``H*``.
+        q, p: [B, S] float64, the rows on the slots, normalised.
         drafts: [B], the number of drafts k.
-        all_h: [B], ``p(H*)^k``: the chance that every draft lies in ``H*``.
-        races: [2B, S], the L tier's problems (rows 0..B−1, target ``a_L``)
-            then the H tier's (rows B..2B−1, drafts conditioned on ``H*``).
+        p_h, all_h, any_l: [B], ``p(H*)``, ``p(H*)^k`` (every draft in ``H*``) and ``1 − p(H*)^k``.
+        prefix: the slots in ``q/p`` order with ``H*`` as a prefix (one more
+            column holds q off ``supp p``).
     """
 
     index: torch.Tensor
     on: torch.Tensor
     in_l: torch.Tensor
+    in_h: torch.Tensor
+    q: torch.Tensor
+    p: torch.Tensor
     q_total: torch.Tensor
     optimum: torch.Tensor
     drafts: torch.Tensor
+    p_h: torch.Tensor
     all_h: torch.Tensor
-    races: RaceProblems
+    any_l: torch.Tensor
+    prefix: OptimalPrefix
+
+    @cached_property
+    def l_race(self) -> RaceProblems:
+        """The L tier: drafts in L race (background ``p(H*)``) for ``a = min(q, λ p)``, ``Σ a = 1 − p(H*)^k``."""
+        prefix = self.prefix
+        # The prefix order sorts L = supp p \ H* by q/p: after H*, before the p = 0 slots.
+        positions = torch.arange(prefix.ratio.shape[1], device=prefix.ratio.device)
+        in_l_sorted = (positions >= prefix.size[:, None]) & (prefix.p > 0)
+        masses = torch.where(in_l_sorted, prefix.q, 0), torch.where(in_l_sorted, prefix.p, 0)
+        level = water_level(prefix.ratio, *masses, self.any_l)
+        return RaceProblems(
+            draft_mass=torch.where(self.in_l, self.p, 0),
+            target=torch.where(self.in_l, torch.minimum(self.q, level[:, None] * self.p), 0),
+            background=self.p_h,
+            num_draws=self.drafts.double(),
+            boxed=torch.zeros_like(self.drafts, dtype=torch.bool),
+        )
+
+    @cached_property
+    def h_race(self) -> RaceProblems:
+        """The H tier, drafts conditioned on ``H*``: draft law ``p / p(H*)``, target ``q / p(H*)^k``."""
+        solve_h = (self.all_h > NEGLIGIBLE_TIER) & (self.drafts > 0)
+        draft_mass = torch.where(self.in_h & solve_h[:, None], self.p / self.p_h.clamp_min(1e-300)[:, None], 0)
+        return RaceProblems(
+            draft_mass=draft_mass,
+            target=torch.where(draft_mass > 0, self.q / self.all_h.clamp_min(1e-300)[:, None], 0),
+            background=torch.zeros_like(self.p_h),
+            num_draws=self.drafts.double(),
+            boxed=torch.ones_like(self.drafts, dtype=torch.bool),
+        )
+
+    def races(self, in_l_race: torch.Tensor) -> RaceProblems:
+        """[B, S]: each row's L problem where ``in_l_race`` [B], else its H problem."""
+        if bool(in_l_race.all()):
+            return self.l_race
+        if not bool(in_l_race.any()):
+            return self.h_race
+        low, high, pick = self.l_race, self.h_race, in_l_race[:, None]
+        return RaceProblems(
+            draft_mass=torch.where(pick, low.draft_mass, high.draft_mass),
+            target=torch.where(pick, low.target, high.target),
+            background=torch.where(in_l_race, low.background, high.background),
+            num_draws=low.num_draws,
+            boxed=~in_l_race,
+        )
 
     def accepted_mass(self, law_l: torch.Tensor, law_h: torch.Tensor) -> torch.Tensor:
         """[B, S]: ``ā = P(Y = y, y accepted)``, ``min(a, b)`` in each tier, the H tier's times ``p(H*)^k``."""
-        a_l, h_target = self.races.target.split(self.in_l.shape[0])
-        kept_h = torch.minimum(h_target, law_h) * self.all_h[:, None]
-        mass = torch.where(self.in_l, torch.minimum(a_l, law_l), kept_h)
+        kept_h = torch.minimum(self.h_race.target, law_h) * self.all_h[:, None]
+        mass = torch.where(self.in_l, torch.minimum(self.l_race.target, law_l), kept_h)
         return torch.where((self.drafts > 0)[:, None] & self.on, mass, 0)
 
 
@@ -220,13 +271,17 @@ class Optimal(Verifier):
 
     def _solve_rows(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, k: torch.Tensor) -> RaceRule:
         tiers = self._tier_problems(target_probs, draft_probs, k)
-        alpha, law, residual = self._solve_tiers(tiers.races)
+        # Both tiers in one batch [2B, S]: L rows first, then H rows.
+        low, high = tiers.l_race, tiers.h_race
+        both = RaceProblems(**{f.name: torch.cat([getattr(low, f.name), getattr(high, f.name)]) for f in fields(low)})
+        alpha, law = self._solve_tiers(both)
+        residual = kkt_residual(both, alpha, law)
         batch = k.shape[0]
         (alpha_l, alpha_h), (law_l, law_h) = alpha.split(batch), law.split(batch)
         residual_l, residual_h = residual.split(batch)
         # γ = min(a, b) / b: the accepted mass over the race law, each slot in its own tier.
         law = torch.where(tiers.in_l, law_l, law_h)
-        kept = torch.minimum(torch.where(tiers.in_l, *tiers.races.target.split(batch)), law)
+        kept = torch.minimum(torch.where(tiers.in_l, low.target, high.target), law)
         return RaceRule(
             index=tiers.index,
             in_l=tiers.in_l,
@@ -276,28 +331,10 @@ class Optimal(Verifier):
         p_l = torch.where(in_l, p_s, 0).sum(-1)
         all_h = p_h.pow(n)  # P(every draft in H*)
         any_l = torch.where(k > 0, -torch.expm1(n * torch.log1p(-p_l.clamp_max(1))), 0)  # 1 − p(H*)^n
-        # The prefix order sorts L = supp p \ H* by q/p: after H*, before the p = 0 slots.
-        in_l_sorted = (torch.arange(width + 1, device=on.device) >= prefix.size[:, None]) & (prefix.p > 0)
-        level = water_level(
-            prefix.ratio, torch.where(in_l_sorted, prefix.q, 0), torch.where(in_l_sorted, prefix.p, 0), any_l
-        )
-        a_l = torch.where(in_l, torch.minimum(q_s, level[:, None] * p_s), 0)
-        solve_h = (all_h > NEGLIGIBLE_TIER) & (k > 0)
-        # H tier conditioned on all drafts in H*: draft law p/p(H*), target q/p(H*)^n.
-        h_mass = torch.where(in_h & solve_h[:, None], p_s / p_h.clamp_min(1e-300)[:, None], 0)
-        h_target = torch.where(h_mass > 0, q_s / all_h.clamp_min(1e-300)[:, None], 0)
-        # Both tiers' race problems in one batch [2B, S]: L rows first, then H rows.
-        races = RaceProblems(
-            draft_mass=torch.cat([torch.where(in_l, p_s, 0), h_mass]),
-            target=torch.cat([a_l, h_target]),
-            background=torch.cat([p_h, torch.zeros_like(p_h)]),
-            num_draws=torch.cat([n, n]),
-            boxed=torch.cat([torch.zeros_like(solve_h), torch.ones_like(solve_h)]),
-        )
-        return TierProblems(index, on, in_l, q_total, optimum, k, all_h, races)
+        return TierProblems(index, on, in_l, in_h, q_s, p_s, q_total, optimum, k, p_h, all_h, any_l, prefix)
 
-    def _solve_tiers(self, problems: RaceProblems) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Race weights α, law b [P, S] and residual [P] for tier problems on the slots of ``supp p``.
+    def _solve_tiers(self, problems: RaceProblems) -> tuple[torch.Tensor, torch.Tensor]:
+        """Race weights α and their law b [P, S] for tier problems on the slots of ``supp p``.
 
         A tier wider than ``2 · bins`` slots takes the grouped weights of
         :func:`._race.wide_weights` where it lies (no packing: its passes run
@@ -312,16 +349,14 @@ class Optimal(Verifier):
         if not bool(wide.any()):
             return self._solve_packed(problems)
         alpha, law = torch.zeros_like(problems.draft_mass), torch.zeros_like(problems.draft_mass)
-        residual = problems.background.new_zeros(wide.shape)
         for rows, solve in ((wide.nonzero()[:, 0], self._solve_wide), ((~wide).nonzero()[:, 0], self._solve_packed)):
-            alpha[rows], law[rows], residual[rows] = solve(problems.select(rows))
-        return alpha, law, residual
+            alpha[rows], law[rows] = solve(problems.select(rows))
+        return alpha, law
 
-    def _solve_wide(self, problems: RaceProblems) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        alpha, law = wide_weights(problems, self.bins, tol=self.tol, step=self.step, max_iters=self.max_iters)
-        return alpha, law, kkt_residual(problems, alpha, law)
+    def _solve_wide(self, problems: RaceProblems) -> tuple[torch.Tensor, torch.Tensor]:
+        return wide_weights(problems, self.bins, tol=self.tol, step=self.step, max_iters=self.max_iters)
 
-    def _solve_packed(self, problems: RaceProblems) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _solve_packed(self, problems: RaceProblems) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`_solve_tiers` by Newton, with each problem's tier slots packed to the front."""
         tier = problems.tier
         batch, width = tier.shape
@@ -339,14 +374,14 @@ class Optimal(Verifier):
             num_draws=problems.num_draws,
             boxed=problems.boxed,
         )
-        alpha, residual, law = solve_race(
+        alpha, _, law = solve_race(
             packed, packed.proportional_alpha(), tol=self.tol, max_iters=self.max_iters, step=self.step
         )
 
         def unpack(values: torch.Tensor) -> torch.Tensor:
             return torch.where(tier, values.gather(1, position.clamp_max(packed_width - 1)), 0)
 
-        return unpack(alpha), unpack(law), residual
+        return unpack(alpha), unpack(law)
 
     def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
         """Rows with at most one draft take the single-draft plan (optimal for k = 1); the rest race."""
@@ -385,9 +420,8 @@ class Optimal(Verifier):
         slot = torch.where(draft_on, torch.searchsorted(tiers.index, clamped), 0)
         draft_l = draft_on & tiers.in_l.gather(1, slot)
         in_l_race = draft_l.any(-1)  # [B]: some draft lies in L, so the race runs there
-        rows = torch.arange(batch, device=slot.device)
-        race = tiers.races.select(torch.where(in_l_race, rows, rows + batch))
-        alpha, law, _ = self._solve_tiers(race)
+        race = tiers.races(in_l_race)
+        alpha, law = self._solve_tiers(race)
         racing = torch.where(in_l_race[:, None], draft_l, draft_on)
         draft_alpha = torch.where(racing, alpha.gather(1, slot), -math.inf)
         top = torch.where(racing.any(-1, keepdim=True), draft_alpha.amax(-1, keepdim=True), 0)
@@ -399,7 +433,7 @@ class Optimal(Verifier):
 
         def recover() -> torch.Tensor:
             """Residual ``q − ā``: only supp p changes; padding slots write to a spare column."""
-            _, other_law, _ = self._solve_tiers(tiers.races.select(torch.where(in_l_race, rows + batch, rows)))
+            _, other_law = self._solve_tiers(tiers.races(~in_l_race))
             law_l = torch.where(in_l_race[:, None], law, other_law)
             law_h = torch.where(in_l_race[:, None], other_law, law)
             mass = tiers.accepted_mass(law_l, law_h)

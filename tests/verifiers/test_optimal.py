@@ -507,7 +507,7 @@ def test_race_plan_solves_the_other_tier_only_on_rejection(monkeypatch: pytest.M
     solved: list[int] = []
     original = Optimal._solve_tiers
 
-    def counted(self: Optimal, problems: RaceProblems) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def counted(self: Optimal, problems: RaceProblems) -> tuple[torch.Tensor, torch.Tensor]:
         solved.append(problems.draft_mass.shape[0])
         return original(self, problems)
 
