@@ -31,6 +31,8 @@ supports and ``k`` is solved in one padded call per tier, on ``supp p`` only
 (the cost scales with ``|supp p|``, not ``V``), in float64. Newton
 iterations run only on the rows not yet converged; tiers of many thousand
 tokens are solved on groups of tokens that share one weight (option ``bins``).
+The two tiers' problems are independent: :meth:`Optimal.plan` solves the tier
+the race runs in and leaves the other, with the residual, to a rejection.
 """
 
 from __future__ import annotations
