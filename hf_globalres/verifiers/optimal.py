@@ -306,7 +306,7 @@ class Optimal(Verifier):
         width = max(int(count.max()), 1)
         if width == vocab and bool((count == vocab).all()):
             # Full support (an unwarped draft): the slots are the tokens.
-            index = torch.arange(vocab, device=supported.device).expand(batch, vocab)
+            index = torch.arange(vocab, device=supported.device).repeat(batch, 1)
             on = supported
             p_s, q_s = draft_probs.double(), target_probs.double()
         else:
