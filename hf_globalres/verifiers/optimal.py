@@ -76,21 +76,6 @@ def water_level(
     return torch.where(all_capped, math.inf, level[:, 0])
 
 
-def water_fill(
-    target_probs: torch.Tensor, draft_probs: torch.Tensor, tier: torch.Tensor, total: torch.Tensor
-) -> torch.Tensor:
-    """``a_y = min(q_y, λ p_y)`` on ``tier`` with ``Σ_tier a = total`` (0 off the tier).
-
-    Shapes: q, p, tier [B, S]; total [B]. Sorts the tier by ``ρ = q/p`` for
-    :func:`water_level`; if even ``q(tier)`` falls short, every token is capped (``a = q``).
-    """
-    q, p = target_probs, draft_probs
-    ratio, order = torch.where(tier, q / torch.where(tier, p, 1), math.inf).sort(-1)
-    q_sorted, p_sorted = torch.where(tier, q, 0).gather(1, order), torch.where(tier, p, 0).gather(1, order)
-    level = water_level(ratio, q_sorted, p_sorted, total)
-    return torch.where(tier, torch.minimum(q, level[:, None] * p), 0)
-
-
 @dataclass
 class RaceRule:
     """The solved rule for a batch, on the slots of ``supp p`` ([B, S]).

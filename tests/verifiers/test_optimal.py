@@ -20,7 +20,7 @@ from hf_globalres import rates, verifiers
 from hf_globalres.reference import draft_tuples, enumerate_law, transport_lp
 from hf_globalres.verifiers import _race
 from hf_globalres.verifiers._race import RaceProblems, expanded_race_law, quadrature_nodes, race_law, race_terms
-from hf_globalres.verifiers.optimal import Optimal, water_fill, water_level
+from hf_globalres.verifiers.optimal import Optimal, water_level
 
 from .cases import CASE_KINDS, chi_square_pvalue, make_case
 
@@ -431,6 +431,14 @@ def test_peaked_wide_rows_lose_almost_nothing() -> None:
     accepted, best = Optimal().acceptance(q, p, 4)
     assert bool((accepted <= best + 1e-12).all())
     assert float((best - accepted).max()) <= _race.MERGE_LOSS
+
+
+def water_fill(q: torch.Tensor, p: torch.Tensor, tier: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``a = min(q, λ p)`` on ``tier`` (0 off it), with λ from :func:`water_level` on the tier sorted by q/p."""
+    ratio, order = torch.where(tier, q / torch.where(tier, p, 1), math.inf).sort(-1)
+    masses = torch.where(tier, q, 0).gather(1, order), torch.where(tier, p, 0).gather(1, order)
+    level = water_level(ratio, *masses, total)
+    return torch.where(tier, torch.minimum(q, level[:, None] * p), 0)
 
 
 def test_water_fill_caps_at_q_and_meets_the_total() -> None:
