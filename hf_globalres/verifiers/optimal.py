@@ -76,6 +76,12 @@ def water_level(
     return torch.where(all_capped, math.inf, level[:, 0])
 
 
+def acceptance_probability(target: torch.Tensor, law: torch.Tensor) -> torch.Tensor:
+    """``γ = min(c, b) / b`` (0 where ``b = 0``): accepting the winner y with γ gives ``P(y, accepted) = min(c, b)``."""
+    positive = law > 0
+    return torch.where(positive, torch.minimum(target, law) / torch.where(positive, law, 1), 0)
+
+
 @dataclass
 class RaceRule:
     """The solved rule for a batch, on the slots of ``supp p`` ([B, S]).
@@ -266,14 +272,14 @@ class Optimal(Verifier):
         batch = k.shape[0]
         (alpha_l, alpha_h), (law_l, law_h) = alpha.split(batch), law.split(batch)
         residual_l, residual_h = residual.split(batch)
-        # γ = min(a, b) / b: the accepted mass over the race law, each slot in its own tier.
+        # Each slot in its own tier.
         law = torch.where(tiers.in_l, law_l, law_h)
-        kept = torch.minimum(torch.where(tiers.in_l, low.target, high.target), law)
+        target = torch.where(tiers.in_l, low.target, high.target)
         return RaceRule(
             index=tiers.index,
             in_l=tiers.in_l,
             alpha=torch.where(tiers.in_l, alpha_l, alpha_h),
-            accept=torch.where(law > 0, kept / torch.where(law > 0, law, 1), 0),
+            accept=acceptance_probability(target, law),
             mass=tiers.accepted_mass(law_l, law_h),
             q_total=tiers.q_total,
             optimum=torch.where(k > 0, tiers.optimum, 0),
@@ -414,9 +420,7 @@ class Optimal(Verifier):
         top = torch.where(racing.any(-1, keepdim=True), draft_alpha.amax(-1, keepdim=True), 0)
         weight = torch.where(racing, torch.exp(draft_alpha - top), 0)
         share = weight / weight.sum(-1, keepdim=True).clamp_min(1e-300)
-        draft_law = law.gather(1, slot)
-        kept = torch.minimum(race.target.gather(1, slot), draft_law)
-        accept = torch.where(draft_law > 0, kept / torch.where(draft_law > 0, draft_law, 1), 0)
+        accept = acceptance_probability(race.target.gather(1, slot), law.gather(1, slot))
 
         def recover() -> torch.Tensor:
             """Residual ``q − ā``: only supp p changes; padding slots write to a spare column."""
