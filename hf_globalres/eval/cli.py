@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     grid.add_argument("--draft-shape", help="which draft nodes draft on: tree (default) or spine")
     grid.add_argument("--no-acceptance", action="store_true", help="skip acceptance-per-depth measurement")
+    grid.add_argument(
+        "--same-trees",
+        action="store_true",
+        help="runs of optimal (n ≥ 2) also score every rule of their draft scheme on their own draft trees "
+        "(exact expected tokens per block, paired differences)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", help="parent of run directories")
     out.add_argument("--run-name", help="run directory name (reruns with the same name resume)")
@@ -165,6 +171,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         settings["tree_attention"] = {"auto": "auto", "on": True, "off": False}[args.tree_attention]
     if args.no_acceptance:
         settings["measure_acceptance"] = False
+    if args.same_trees:
+        settings["same_trees"] = True
     config = EvalConfig.from_dict(settings)
     config.validate()
     return config

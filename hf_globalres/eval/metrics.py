@@ -44,17 +44,24 @@ def block_efficiency(new_tokens: Sequence[int], target_forwards: Sequence[int]) 
 
 
 def block_efficiency_stderr(new_tokens: Sequence[int], target_forwards: Sequence[int]) -> float | None:
-    """Standard error of :func:`block_efficiency` over generations (delta method for a ratio of totals).
+    """Standard error of :func:`block_efficiency` over generations; see :func:`ratio_stderr`."""
+    block_efficiency(new_tokens, target_forwards)  # validates the counts
+    return ratio_stderr(new_tokens, target_forwards)
 
-    ``R = Σx / Σy``, ``SE = sqrt(Σ (x_i − R y_i)² / (m (m − 1))) / ȳ`` for m
-    generations with x_i tokens and y_i forwards; ``None`` for m < 2.
+
+def ratio_stderr(numerators: Sequence[float], denominators: Sequence[float]) -> float | None:
+    """Standard error of a ratio of totals ``R = Σx / Σy`` over m units (delta method).
+
+    ``SE = sqrt(Σ (x_i − R y_i)² / (m (m − 1))) / ȳ``; ``None`` for m < 2 or Σy = 0.
     """
-    ratio = block_efficiency(new_tokens, target_forwards)
-    count = len(new_tokens)
-    if count < 2:
+    if len(numerators) != len(denominators):
+        raise ValueError(f"{len(numerators)} numerators but {len(denominators)} denominators")
+    count, total = len(numerators), sum(denominators)
+    if count < 2 or total == 0:
         return None
-    spread = sum((x - ratio * y) ** 2 for x, y in zip(new_tokens, target_forwards, strict=True))
-    return math.sqrt(spread / (count * (count - 1))) / (sum(target_forwards) / count)
+    ratio = sum(numerators) / total
+    spread = sum((x - ratio * y) ** 2 for x, y in zip(numerators, denominators, strict=True))
+    return math.sqrt(spread / (count * (count - 1))) / (total / count)
 
 
 def complete_block_efficiency(accepted_lengths: Sequence[Sequence[int]]) -> float | None:
@@ -276,6 +283,7 @@ __all__ = [
     "evaluate_info",
     "evaluate_module_path",
     "extract_final_answer",
+    "ratio_stderr",
     "speedup",
     "within_noise",
 ]

@@ -5,7 +5,10 @@ block efficiency = Σ new tokens / Σ target forwards; tokens/s = Σ new tokens
 / Σ seconds; speedups divide tokens/s by the autoregressive row and by the
 transformers assisted row of the same L; acceptance per depth and the
 theoretical optimum come from the summed depth counts (see
-:mod:`hf_globalres.eval.metrics`). Every file is written atomically.
+:mod:`hf_globalres.eval.metrics`). Rows of runs with ``same_trees`` carry
+each rule's expected tokens per block on that run's trees and its paired
+difference to the run's own rule, with a standard error over prompts. Every
+file is written atomically.
 """
 
 from __future__ import annotations
@@ -25,13 +28,11 @@ from .metrics import (
     block_efficiency,
     block_efficiency_stderr,
     complete_block_efficiency,
+    ratio_stderr,
     speedup,
     within_noise,
 )
-from .runner import EvalConfig, atomic_write
-
-REFERENCE_VERIFIER = "optimal"
-BASELINE_VERIFIER = "single"
+from .runner import BASELINE_VERIFIER, FIRST_BRANCH_SINGLE, REFERENCE_VERIFIER, EvalConfig, atomic_write
 
 COLUMNS = (
     ("dataset", "dataset", "{}"),
@@ -108,10 +109,34 @@ def _row(group: list[dict[str, Any]]) -> dict[str, Any]:
             optimal_per_depth=summary["optimal_per_depth"],
             rows_per_depth=summary["rows_per_depth"],
         )
+    scored = [r["same_trees"] for r in group if r.get("same_trees")]
+    if scored:
+        row["same_trees"] = _same_trees(scored, first["verifier"])
     if all("correct" in r for r in group):
         match = answer_match([r["texts"][-1] for r in group], [f"#### {r['reference']}" for r in group])
         row.update(accuracy=match["accuracy"], accuracy_stderr=match["stderr"])
     return row
+
+
+def _same_trees(scored: list[dict[str, Any]], own: str) -> dict[str, Any]:
+    """Expected tokens per block of each rule on the same trees, and ``own`` minus each, with SEs over prompts."""
+    blocks = [s["blocks"] for s in scored]
+    rules = [name for name in scored[0]["tokens"] if all(name in s["tokens"] for s in scored)]
+    per_block = {name: sum(s["tokens"][name] for s in scored) / sum(blocks) for name in rules}
+    difference, stderr = {}, {}
+    for name in rules:
+        if name == own:
+            continue
+        gaps = [s["tokens"][own] - s["tokens"][name] for s in scored]
+        difference[name] = sum(gaps) / sum(blocks)
+        stderr[name] = ratio_stderr(gaps, blocks)
+    return {
+        "prompts": len(scored),
+        "blocks": sum(blocks),
+        "tokens_per_block": per_block,
+        "difference": difference,
+        "difference_stderr": stderr,
+    }
 
 
 def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -126,6 +151,10 @@ def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     - ``other_draft_scheme``: the same difference to the best verifier that
       drafts otherwise (without replacement), with no verdict: those rules
       see other drafts, whose optimum ``α*_wor`` is not ``α*``;
+    - ``best_verifier_same_trees`` (runs with ``same_trees``): ``optimal``'s
+      expected tokens per block minus the best other rule's on the same
+      trees, with the paired standard error; ``gain_over_single_same_trees``:
+      its ratio to ``single`` on each tree's first branch;
     - ``acceptance_vs_optimum``: measured acceptance of each multi-draft row
       over the theoretical optimum on the same positions (the floor for
       ``optimal``: within 2 %);
@@ -189,6 +218,8 @@ def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     if check == "best_verifier":
                         finding["passed"] = row["block_efficiency"] >= best["block_efficiency"]
                     out.append(finding)
+            if row.get("same_trees") and row["verifier"] == REFERENCE_VERIFIER:
+                out += _same_tree_findings(row, where)
             if row.get("ratio_to_optimal") is not None:
                 out.append(
                     {
@@ -212,6 +243,63 @@ def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     }
                 )
     return out
+
+
+def _same_tree_findings(row: dict[str, Any], where: dict[str, Any]) -> list[dict[str, Any]]:
+    same = row["same_trees"]
+    out = []
+    rivals = [name for name in same["difference"] if name != FIRST_BRANCH_SINGLE]
+    if rivals:
+        best = min(rivals, key=lambda name: same["difference"][name])
+        out.append(
+            {
+                **where,
+                "check": "best_verifier_same_trees",
+                "method": row["method"],
+                "against": best,
+                "value": same["difference"][best],
+                "stderr": same["difference_stderr"][best],
+                "passed": same["difference"][best] >= 0,
+            }
+        )
+    if FIRST_BRANCH_SINGLE in same["tokens_per_block"]:
+        out.append(
+            {
+                **where,
+                "check": "gain_over_single_same_trees",
+                "method": row["method"],
+                "against": FIRST_BRANCH_SINGLE,
+                "value": same["tokens_per_block"][row["verifier"]] / same["tokens_per_block"][FIRST_BRANCH_SINGLE],
+            }
+        )
+    return out
+
+
+def format_same_trees(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the ``same_trees`` scores: each rule next to the run's own, paired differences."""
+    lines = [
+        "| dataset | T | run | prompts | blocks | rule | tokens per block | run − rule | ± se |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        same = row.get("same_trees")
+        if not same:
+            continue
+        ranked = sorted(same["tokens_per_block"].items(), key=lambda item: -item[1])
+        for name, value in ranked:
+            cells = [
+                row["dataset"],
+                f"{row['temperature']:g}",
+                row["method"],
+                str(same["prompts"]),
+                str(same["blocks"]),
+                name,
+                f"{value:.4f}",
+                _cell(same["difference"].get(name), "{:+.4f}"),
+                _cell(same["difference_stderr"].get(name), "{:.4f}"),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _draft_scheme(verifier: str) -> str:
@@ -389,10 +477,22 @@ def write_report(config: EvalConfig, records: list[dict[str, Any]], directory: P
     ]
     if checks:
         lines += ["## Findings", "", format_findings(checks), ""]
+    if any(row.get("same_trees") for row in rows):
+        lines += [
+            "## Same draft trees",
+            "",
+            "Each rule's exact expected tokens per block on the draft trees and target laws of the run's own",
+            "blocks (its sampling noise integrated out), and the run's rule minus it, with the standard error",
+            "over prompts of that paired difference. `single (first branch)` scores each tree's first branch,",
+            "which is drafted exactly as a single-draft chain.",
+            "",
+            format_same_trees(rows),
+            "",
+        ]
     for image in images:
         lines += [f"![{image.stem}]({image.name})", ""]
     atomic_write(directory / "report.md", "\n".join(lines))
     return summary
 
 
-__all__ = ["findings", "format_findings", "format_table", "plot", "summarize", "write_report"]
+__all__ = ["findings", "format_findings", "format_same_trees", "format_table", "plot", "summarize", "write_report"]

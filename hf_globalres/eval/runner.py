@@ -7,7 +7,9 @@ Methods (:class:`Method`):
   (batch 1, ``assistant_model=``, constant ``num_assistant_tokens``);
 - ``multidraft``: ``hf_globalres.generate`` with a registered verifier, n
   drafts of L tokens; acceptance per depth and the theoretical optimum on the
-  same positions are measured through ``verification_callback``.
+  same positions are measured through ``verification_callback``. With
+  ``same_trees`` the runs of ``optimal`` also score every other rule of their
+  draft scheme on their own draft trees (:class:`SameTreeScores`).
 
 Every (dataset, temperature, method, prompt) result is appended to
 ``<run dir>/records.<rank>.jsonl`` as soon as it is done, so a rerun skips
@@ -38,6 +40,12 @@ from .metrics import DepthStats, extract_final_answer
 
 MethodKind = Literal["autoregressive", "assisted", "multidraft"]
 METHOD_KINDS: tuple[MethodKind, ...] = ("autoregressive", "assisted", "multidraft")
+
+#: The rule the suite's checks are about, and the single-draft rule it is measured against.
+REFERENCE_VERIFIER = "optimal"
+BASELINE_VERIFIER = "single"
+#: The ``same_trees`` entry of ``single`` scored on each tree's first branch (a chain drafted as n = 1).
+FIRST_BRANCH_SINGLE = "single (first branch)"
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,8 @@ class EvalConfig:
     assistant_confidence_threshold: float | None = None
     draft_shape: str = "tree"
     measure_acceptance: bool = True
+    #: Runs of ``optimal`` (n ≥ 2) also score every rule of their draft scheme on their own trees.
+    same_trees: bool = False
 
     #: Fields that change results: a run directory refuses to resume under different values.
     RESULT_FIELDS = (
@@ -329,16 +339,57 @@ def load_models(config: EvalConfig, device: torch.device) -> Models:
 
 
 class _Timed:
-    """Wraps a verification callback and accumulates the seconds spent in it (excluded from walltime)."""
+    """Wraps a measurement callback and accumulates the seconds spent in it (excluded from walltime)."""
 
-    def __init__(self, stats: DepthStats) -> None:
-        self.stats = stats
+    def __init__(self, callback: Any) -> None:
+        self.callback = callback
         self.seconds = 0.0
 
     def __call__(self, *args: Any) -> None:
         start = time.perf_counter()
-        self.stats.callback(*args)
+        self.callback(*args)
         self.seconds += time.perf_counter() - start
+
+
+class SameTreeScores:
+    """``block_callback`` that scores several rules on each block's own draft tree.
+
+    For every block it adds each rule's exact expected tokens per block on
+    that tree (:func:`~hf_globalres.generation.loop.expected_block_tokens`),
+    so rules compare on the same drafts and q with their own sampling noise
+    integrated out. The rules are every registered rule of the run's draft
+    scheme that takes n drafts, and, for ``draft_shape="tree"``, ``single``
+    on each tree's first branch (drafted exactly as an n = 1 chain).
+    """
+
+    def __init__(self, scheme: str, num_drafts: int, draft_shape: str) -> None:
+        self.rules: dict[str, verifiers.Verifier] = {}
+        for name in verifiers.available():
+            rule = verifiers.get(name)
+            if rule.draft_scheme == scheme and (rule.max_drafts is None or rule.max_drafts >= num_drafts):
+                self.rules[name] = rule
+        self.first_branch = (
+            verifiers.get(BASELINE_VERIFIER)
+            if draft_shape == "tree" and BASELINE_VERIFIER in verifiers.available()
+            else None
+        )
+        self.blocks = 0
+        self.tokens: dict[str, float] = {name: 0.0 for name in self.rules}
+        if self.first_branch is not None:
+            self.tokens[FIRST_BRANCH_SINGLE] = 0.0
+
+    def __call__(self, tree: Any) -> None:
+        from ..generation.loop import expected_block_tokens
+
+        self.blocks += int(tree.tokens.shape[0])
+        for name, rule in self.rules.items():
+            self.tokens[name] += float(expected_block_tokens(tree, rule).sum())
+        if self.first_branch is not None:
+            chain = expected_block_tokens(tree.first_branch(), self.first_branch)
+            self.tokens[FIRST_BRANCH_SINGLE] += float(chain.sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"blocks": self.blocks, "tokens": dict(self.tokens)}
 
 
 def stop_ids(models: Models) -> set[int]:
@@ -380,10 +431,14 @@ def generate_once(
         "pad_token_id": pad,
         **_sampling_kwargs(temperature),
     }
-    stats, callback = None, None
+    stats, callback, scores, block_callback = None, None, None, None
     if method.kind == "multidraft" and config.measure_acceptance:
         stats = DepthStats(scheme=verifiers.get(method.verifier).draft_scheme)
-        callback = _Timed(stats)
+        callback = _Timed(stats.callback)
+    scored_run = method.kind == "multidraft" and method.verifier == REFERENCE_VERIFIER and method.num_drafts > 1
+    if config.same_trees and scored_run:
+        scores = SameTreeScores(verifiers.get(method.verifier).draft_scheme, method.num_drafts, config.draft_shape)
+        block_callback = _Timed(scores)
     counter = ForwardCounter(target)
     reset_peak_memory(models.device)
     out_timings, reported = None, {}
@@ -411,6 +466,7 @@ def generate_once(
                 verifier=method.verifier,
                 tree_attention=config.tree_attention,
                 verification_callback=callback,
+                block_callback=block_callback,
                 return_dict_in_generate=True,
                 **kwargs,
             )
@@ -424,10 +480,11 @@ def generate_once(
         seconds = time.perf_counter() - start
     finally:
         counter.close()
-    if callback is not None:
-        seconds -= callback.seconds
-        if out_timings is not None:
-            out_timings["total"] -= callback.seconds
+    for measurement in (callback, block_callback):
+        if measurement is not None:
+            seconds -= measurement.seconds
+            if out_timings is not None:
+                out_timings["total"] -= measurement.seconds
     new = sequences[0, input_ids.shape[1] :]
     stops = torch.isin(new, torch.tensor(sorted(stop_ids(models)), dtype=new.dtype, device=new.device))
     if bool(stops.any()):
@@ -440,6 +497,7 @@ def generate_once(
         "seconds": seconds,
         "timings": out_timings,
         "depth": stats.to_dict() if stats is not None else None,
+        "same_trees": scores.to_dict() if scores is not None else None,
         "peak_memory_gb": peak_memory_gb(models.device),
         **reported,
     }
@@ -453,6 +511,7 @@ def run_prompt(
     turns, texts = [], []
     depth = DepthStats()
     has_depth = False
+    same_trees: dict[str, Any] | None = None
     for turn, user in enumerate(prompt.turns):
         messages.append({"role": "user", "content": user})
         ids = torch.tensor([prompt_sets.chat_ids(models.tokenizer, messages)], device=models.device)
@@ -465,6 +524,7 @@ def run_prompt(
             depth.merge(result["depth"])
             has_depth = True
         result.pop("depth")
+        same_trees = merge_same_trees(same_trees, result.pop("same_trees"))
         result["prompt_tokens"] = int(ids.shape[1])
         turns.append(result)
     timings = [t["timings"] for t in turns if t["timings"]]
@@ -487,11 +547,22 @@ def run_prompt(
         "turns": turns,
         "texts": texts,
         "depth": depth.to_dict() if has_depth else None,
+        "same_trees": same_trees,
     }
     if prompt.reference is not None:
         answer = extract_final_answer(texts[-1])
         record.update(reference=prompt.reference, answer=answer, correct=answer == prompt.reference)
     return record
+
+
+def merge_same_trees(total: dict[str, Any] | None, part: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Sum two :meth:`SameTreeScores.to_dict` results (None counts as nothing)."""
+    if total is None or part is None:
+        return total if part is None else {"blocks": part["blocks"], "tokens": dict(part["tokens"])}
+    tokens = dict(total["tokens"])
+    for name, value in part["tokens"].items():
+        tokens[name] = tokens.get(name, 0.0) + value
+    return {"blocks": total["blocks"] + part["blocks"], "tokens": tokens}
 
 
 def _progress(total: int, disable: bool) -> Any:

@@ -29,12 +29,12 @@ from transformers.utils import ModelOutput
 from .. import verifiers
 from ..verifiers.base import Verifier
 from .drafting import DraftShape, check_drafting_options
-from .loop import VerificationCallback, multi_draft_decode
+from .loop import BlockCallback, VerificationCallback, multi_draft_decode
 
 _ORIGINAL_GENERATE = GenerationMixin.generate
 
 #: Keyword arguments that route ``model.generate`` to multi-draft decoding once enabled.
-MULTI_DRAFT_KWARGS = ("num_drafts", "verifier", "tree_attention", "verification_callback")
+MULTI_DRAFT_KWARGS = ("num_drafts", "verifier", "tree_attention", "verification_callback", "block_callback")
 
 DEFAULT_NUM_ASSISTANT_TOKENS = 4
 SUPPORTED_ATTENTION = ("eager", "sdpa")
@@ -139,6 +139,7 @@ def generate(
     verifier: str | Verifier | None = None,
     tree_attention: bool | str = "auto",
     verification_callback: VerificationCallback | None = None,
+    block_callback: BlockCallback | None = None,
     **kwargs: Any,
 ) -> MultiDraftGenerateOutput | torch.LongTensor:
     """``model.generate`` with lossless multi-draft speculative sampling.
@@ -166,6 +167,9 @@ def generate(
             rows per sequence; "auto" picks the tree.
         verification_callback: called as ``callback(depth, q [R, V], p [R, V], drafts [R, n], result)``
             for the rows verified at each depth of each block.
+        block_callback: called with each block's :class:`~hf_globalres.generation.loop.BlockTree`
+            (drafts, and p and q at every node) before it is verified; score any rule on the same
+            trees with :func:`~hf_globalres.generation.loop.expected_block_tokens`.
         **kwargs: everything else ``generate`` accepts (``do_sample``, ``temperature``, ``top_k``,
             ``top_p``, ``max_new_tokens``, ``stop_strings`` with ``tokenizer``, ``attention_mask``,
             ``return_dict_in_generate``...).
@@ -210,6 +214,7 @@ def generate(
         verifier_rule=rule,
         use_tree=tree_attention in (True, "auto"),
         verification_callback=verification_callback,
+        block_callback=block_callback,
     )
     return _ORIGINAL_GENERATE(
         model,
@@ -241,6 +246,7 @@ def _decode(
     verifier_rule: Verifier,
     use_tree: bool,
     verification_callback: VerificationCallback | None,
+    block_callback: BlockCallback | None,
     **model_kwargs: Any,
 ) -> MultiDraftGenerateOutput | torch.LongTensor:
     """The decoding callable transformers runs after preparing config, processors and criteria."""
@@ -274,6 +280,7 @@ def _decode(
         tree_attention=use_tree,
         streamer=bound_streamer,
         verification_callback=verification_callback,
+        block_callback=block_callback,
     )
     if not generation_config.return_dict_in_generate:
         return result.sequences

@@ -18,7 +18,9 @@ NOTES §5):
    the block. Where the accepted path has no drafts left (after L accepted
    tokens, or where its branches stopped drafting on low confidence) a bonus
    token is drawn from q(·|a_1..a_d). By induction over d the emitted tokens
-   have exactly the target's joint law.
+   have exactly the target's joint law. A ``block_callback`` sees the whole
+   tree first (:class:`BlockTree`), so other rules can be scored on the same
+   drafts (:func:`expected_block_tokens`).
 4. Stopping criteria (EOS, max length, stop strings, user criteria) run after
    every emitted token, on exactly the ``input_ids`` plain ``generate``
    would show them; tokens after a stop are dropped (truncating a sample of
@@ -39,9 +41,105 @@ from ..verifiers.base import VerificationResult, Verifier, sample_categorical
 from .drafting import DraftBlock, DraftShape, draft_block
 from .processors import SpeculativeLogitsProcessor, call_as_batch
 from .timing import PhaseTimer
-from .tree import KVState, Tree, forward_tokens, new_state, pack_tree, select_positions
+from .tree import KVState, Tree, canonical_branches, forward_tokens, new_state, pack_tree, select_positions
 
 VerificationCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, VerificationResult], None]
+
+
+@dataclass
+class BlockTree:
+    """One block's draft tree with the draft's and the target's law at every node, for B sequences.
+
+    Node ``(i, d)`` is the context followed by branch ``i``'s first ``d``
+    tokens (d = 0: the context alone); branches with equal prefixes share it.
+
+    Attributes:
+        tokens: [B, n, L] draft tokens; alive: [B, n, L] the branch holds a token at that depth.
+        canonical: [B, n, L] smallest branch with the same first ``d`` tokens (see
+            :func:`~.tree.canonical_branches`).
+        draft_probs: L tensors [B, n, V]; ``draft_probs[d][b, i]`` is p at node ``(i, d)``,
+            the law ``tokens[b, i, d]`` was drawn from.
+        target_probs: L + 1 tensors [B, n, V]; ``target_probs[d][b, i]`` is q at node ``(i, d)``
+            after the logits processors, exactly as the walk would see it.
+    """
+
+    tokens: torch.Tensor
+    alive: torch.Tensor
+    canonical: torch.Tensor
+    draft_probs: list[torch.Tensor]
+    target_probs: list[torch.Tensor]
+
+    def first_branch(self) -> BlockTree:
+        """The tree of branch 0 alone: with ``draft_shape="tree"``, a chain drafted as n = 1 would draft it."""
+        return BlockTree(
+            tokens=self.tokens[:, :1],
+            alive=self.alive[:, :1],
+            canonical=self.canonical[:, :1],
+            draft_probs=[p[:, :1] for p in self.draft_probs],
+            target_probs=[q[:, :1] for q in self.target_probs],
+        )
+
+
+BlockCallback = Callable[[BlockTree], None]
+
+
+def draft_candidates(tokens: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drafts a node hands its verifier: present branches first, in branch order, then −1.
+
+    Args:
+        tokens: [R, n] each branch's token at the node's depth; present: [R, n] the branch drafts there.
+
+    Returns:
+        candidates [R, n] and order [R, n], the branch of each candidate column.
+    """
+    order = torch.sort((~present).to(torch.int8), dim=-1, stable=True).indices
+    return torch.where(present, tokens, -1).gather(1, order), order
+
+
+def expected_block_tokens(tree: BlockTree, verifier: Verifier) -> torch.Tensor:
+    """[B] float64: tokens a block emits under ``verifier`` on this tree, its own randomness integrated out.
+
+    The walk moves from node u to its child c exactly when the verifier's
+    output at u is c's token, so with ``P(Y = y | drafts)`` from
+    :meth:`~hf_globalres.verifiers.base.Verifier.conditional`:
+
+        E[tokens] = 1 + Σ_{d=1..L} Σ_{nodes c at depth d} P(reach c),
+        P(reach c) = P(reach parent(c)) · P(Y = token(c) | drafts at parent(c)),
+
+    the 1 being the recovered or bonus token that ends every block. Averaged
+    over the blocks of a run this is the rule's block efficiency on that
+    run's trees, with the verifier's sampling noise removed, and rules scored
+    on the same trees compare pairwise.
+    """
+    batch, n, depth = tree.tokens.shape
+    device = tree.tokens.device
+    branch = torch.arange(n, device=device)
+    dtype = tree.target_probs[0].dtype
+    reach = torch.ones(batch, n, dtype=dtype, device=device)  # reach[b, c]: node (c, d − 1), c canonical
+    total = torch.ones(batch, dtype=dtype, device=device)
+    for d in range(1, depth + 1):
+        if d == 1:
+            parent = torch.zeros(batch, n, dtype=torch.long, device=device)  # the root, held by branch 0
+            is_node = (branch == 0).expand(batch, n)
+        else:
+            parent = tree.canonical[:, :, d - 2]
+            is_node = tree.alive[:, :, d - 2] & (parent == branch)
+        members = (parent[:, None, :] == branch[None, :, None]) & tree.alive[:, None, :, d - 1]  # [B, n(c), n(j)]
+        node_b, node_c = (is_node & members.any(-1)).nonzero(as_tuple=True)
+        if node_b.numel() == 0:
+            break
+        candidates, _ = draft_candidates(tree.tokens[node_b, :, d - 1], members[node_b, node_c])
+        law = verifier.conditional(
+            tree.target_probs[d - 1][node_b, node_c], tree.draft_probs[d - 1][node_b, node_c], candidates
+        )
+        emit = torch.zeros(batch, n, n, dtype=dtype, device=device)
+        emit[node_b, node_c] = torch.where(
+            members[node_b, node_c], law.gather(1, tree.tokens[node_b, :, d - 1]).to(dtype), 0
+        )
+        reach = torch.einsum("bc,bcj->bj", reach, emit)  # each branch has one parent node
+        child = tree.alive[:, :, d - 1] & (tree.canonical[:, :, d - 1] == branch)
+        total = total + (reach * child).sum(-1)
+    return total
 
 
 @dataclass
@@ -107,6 +205,7 @@ def multi_draft_decode(
     tree_attention: bool,
     streamer=None,
     verification_callback: VerificationCallback | None = None,
+    block_callback: BlockCallback | None = None,
     confidence_threshold: float | None = None,
     draft_shape: DraftShape = "tree",
     generator: torch.Generator | None = None,
@@ -123,6 +222,8 @@ def multi_draft_decode(
             below the threshold, see :mod:`.drafting`).
         draft_shape: ``"tree"`` (every branch drafts on) or ``"spine"`` (only one path does, through
             the token most branches drew at each depth; the others end where they leave it), see :mod:`.drafting`.
+        block_callback: called with each block's :class:`BlockTree` before it is verified (not
+            for blocks without drafts); it costs a pass of the logits processors over every node.
     """
     device = input_ids.device
     batch, prompt_len = input_ids.shape
@@ -194,6 +295,8 @@ def multi_draft_decode(
                 model, target_state, tokens, valid, positions, next_position, drafts, n, tree_attention, target_width
             )
         target_forwards[active] += 1
+        if block_callback is not None and drafts is not None:
+            block_callback(_block_tree(drafts, target, processor, work, length, active, buf))
 
         # 3. Walk the tree.
         emitted, accepted, cur, step_scores = _walk(
@@ -281,6 +384,32 @@ class TargetBlock:
     def logits_at(self, rows: torch.Tensor, cur: torch.Tensor, depth: int) -> torch.Tensor:
         """[R, V_t]: logits after the first ``depth`` tokens of branch ``cur[rows]``, for ``rows``."""
         return self.logits[self.node_row[rows, cur[rows], depth]]
+
+
+def _block_tree(
+    drafts: DraftBlock,
+    target: TargetBlock,
+    processor: SpeculativeLogitsProcessor,
+    work: torch.Tensor,
+    length: torch.Tensor,
+    batch_rows: torch.Tensor,
+    background: torch.Tensor,
+) -> BlockTree:
+    """The :class:`BlockTree` of a block: q at every node, processed on that node's own prefix."""
+    batch, n, depth = drafts.tokens.shape
+    device = work.device
+    row = torch.arange(batch, device=device).repeat_interleave(n)
+    branch = torch.arange(n, device=device).repeat(batch)
+    contexts = work[row].clone()
+    target_probs = []
+    for d in range(depth + 1):
+        if d > 0:
+            contexts[torch.arange(batch * n, device=device), length[row] + d - 1] = drafts.tokens[row, branch, d - 1]
+        logits = target.logits[target.node_row[row, branch, d]]
+        _, q = processor.ragged_distribution(contexts, length[row] + d, logits, batch_rows[row], background)
+        target_probs.append(q.view(batch, n, -1))
+    canonical = target.tree.canonical if target.tree is not None else canonical_branches(drafts.tokens, drafts.alive)
+    return BlockTree(drafts.tokens, drafts.alive, canonical, drafts.probs, target_probs)
 
 
 def _target_forward(
@@ -430,8 +559,7 @@ def _walk(
             break
         p = drafts.probs[d - 1][rows, cur[rows]]
         present = surviving[rows]
-        order = torch.sort((~present).to(torch.int8), dim=-1, stable=True).indices  # present drafts first
-        candidates = torch.where(present, drafts.tokens[rows, :, d - 1], -1).gather(1, order)
+        candidates, order = draft_candidates(drafts.tokens[rows, :, d - 1], present)
         with timer.phase("verifier"):
             result = verifier.verify(q, p, candidates, generator)
         if callback is not None:
@@ -468,4 +596,13 @@ def _stream(streamer, emitted: torch.Tensor, count: torch.Tensor, pad_token_id: 
         streamer.put(torch.where(count > s, emitted[:, s], pad_token_id).cpu())
 
 
-__all__ = ["DecodeResult", "VerificationCallback", "multi_draft_decode", "output_width"]
+__all__ = [
+    "BlockCallback",
+    "BlockTree",
+    "DecodeResult",
+    "VerificationCallback",
+    "draft_candidates",
+    "expected_block_tokens",
+    "multi_draft_decode",
+    "output_width",
+]

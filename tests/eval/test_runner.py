@@ -7,6 +7,7 @@ from collections import defaultdict
 
 import pytest
 
+from hf_globalres import verifiers
 from hf_globalres.eval import cli, runner
 
 
@@ -214,3 +215,43 @@ def test_confidence_stopped_spine_run(tiny_pair_dirs, tmp_path):
     assert {r["method"] for r in records} == {"hf-assisted L=4", "spectr n=3 L=4"}
     assert all(1 <= turn["new_tokens"] <= 6 for r in records for turn in r["turns"])
     assert cli.main([*args, "--confidence", "0.2", "--draft-shape", "spine"]) == 2
+
+
+def test_same_tree_scores(tiny_pair_dirs, tmp_path):
+    """optimal's runs score every i.i.d. rule and the first-branch chain on their own trees; the report pairs them."""
+    files = {"gsm8k": tmp_path / "gsm8k.jsonl", "mtbench": tmp_path / "mt.jsonl"}
+    files["gsm8k"].write_text(
+        '{"question": "what is 2 + 3?", "answer": "#### 5"}\n{"question": "what is 6 * 7?", "answer": "#### 42"}\n'
+    )
+    files["mtbench"].write_text('{"question_id": 1, "category": "x", "turns": ["say hi.", "again."]}\n')
+    args = _args(tiny_pair_dirs, files, tmp_path / "out", "--datasets", "gsm8k", "--temperatures", "1")
+    args += ["--methods", "multidraft", "--verifiers", "single", "optimal:3", "spectr:3", "--lengths", "3"]
+    assert cli.main([*args, "--same-trees"]) == 0
+    run_dir = tmp_path / "out" / "tiny"
+    records = runner.RecordStore(run_dir).records()
+    assert all(r["same_trees"] is None for r in records if r["verifier"] != "optimal")
+    optimal = [r for r in records if r["verifier"] == "optimal"]
+    iid = {name for name in verifiers.available() if verifiers.get(name).draft_scheme == "iid" and name != "single"}
+    for record in optimal:
+        scored = record["same_trees"]
+        assert set(scored["tokens"]) == iid | {runner.FIRST_BRANCH_SINGLE}
+        # Every block with drafts is scored once; at most one block per turn (the last, one token left) has none.
+        blocks = [len(t["accepted_lengths"]) for t in record["turns"]]
+        assert sum(blocks) - len(blocks) <= scored["blocks"] <= sum(blocks)
+        for value in scored["tokens"].values():
+            assert scored["blocks"] <= value <= 4 * scored["blocks"]  # 1 to L + 1 tokens per block
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    row = next(r for r in summary["rows"] if r["method"] == "optimal n=3 L=3")
+    same = row["same_trees"]
+    total = {name: sum(r["same_trees"]["tokens"][name] for r in optimal) for name in iid}
+    assert same["tokens_per_block"]["spectr"] == pytest.approx(total["spectr"] / same["blocks"])
+    assert same["difference"]["rrs"] == pytest.approx((total["optimal"] - total["rrs"]) / same["blocks"])
+    assert same["prompts"] == 2 and same["difference_stderr"]["rrs"] is not None
+    checks = {f["check"]: f for f in summary["findings"] if f["method"] == "optimal n=3 L=3"}
+    best = max(iid - {"optimal"}, key=lambda name: same["tokens_per_block"][name])
+    assert checks["best_verifier_same_trees"]["against"] == best
+    assert checks["best_verifier_same_trees"]["passed"] == (same["difference"][best] >= 0)
+    assert "gain_over_single_same_trees" in checks
+    report = (run_dir / "report.md").read_text()
+    assert "## Same draft trees" in report and "single (first branch)" in report
