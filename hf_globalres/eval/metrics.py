@@ -163,6 +163,10 @@ def acceptance_summary(
 
     ``ratio_to_optimal`` = measured / optimal acceptance over all verified rows:
     1 for a rule that reaches the optimum, ≤ 1 in expectation for any rule.
+    ``ratio_to_optimal_stderr`` bounds its standard error for a rule that
+    reaches the optimum: row i is accepted with probability α_i, so the
+    accepted count has variance Σ α_i (1 − α_i) ≤ N ᾱ (1 − ᾱ) (concavity),
+    and the bound is ``sqrt(N ᾱ (1 − ᾱ)) / Σ α_i`` over N rows.
     """
     if len(accepted) != len(rows) or any(len(s) != len(rows) for s in (optimal or rows, single or rows)):
         raise ValueError("rows, accepted, optimal and single need one entry per depth")
@@ -178,6 +182,9 @@ def acceptance_summary(
         out["optimal_per_depth"] = [_ratio(o, r) for o, r in zip(optimal, rows, strict=True)]
         out["optimal"] = _ratio(sum(optimal), total_rows)
         out["ratio_to_optimal"] = _ratio(total_accepted, sum(optimal))
+        mean = _ratio(sum(optimal), total_rows)
+        spread = total_rows * mean * (1 - mean) if mean is not None else 0.0
+        out["ratio_to_optimal_stderr"] = _ratio(math.sqrt(max(spread, 0.0)), sum(optimal))
     if single is not None:
         out["single_per_depth"] = [_ratio(s, r) for s, r in zip(single, rows, strict=True)]
         out["single"] = _ratio(sum(single), total_rows)

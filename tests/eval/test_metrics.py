@@ -42,6 +42,8 @@ def test_acceptance_summary_arithmetic():
     assert out["acceptance"] == pytest.approx(4 / 6)
     assert out["optimal_per_depth"] == [0.875, 0.75, None]
     assert out["ratio_to_optimal"] == pytest.approx(4 / 5)
+    # 6 rows with mean optimum 5/6: sqrt(6 · 5/6 · 1/6) / 5.
+    assert out["ratio_to_optimal_stderr"] == pytest.approx((5 / 6) ** 0.5 / 5)
     assert out["single"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="cannot exceed"):
         metrics.acceptance_summary([1], [2])
