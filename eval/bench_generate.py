@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2
 
 import hf_globalres
 from hf_globalres import verifiers
+from hf_globalres.generation.tree import cache_argument
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k" / "test.jsonl"
 
@@ -145,7 +146,8 @@ def forward_costs(target, draft, device, context: int = 200, repeats: int = 3) -
 
     def timed(model, batch: int, new: int) -> float:
         ids = torch.randint(100, 1000, (batch, context), device=device)
-        past = model(ids, use_cache=True).past_key_values
+        cache_name = cache_argument(model)  # the output field carries the same name as the argument
+        past = getattr(model(ids, use_cache=True), cache_name)
         step = torch.randint(100, 1000, (batch, new), device=device)
         samples = []
         for _ in range(repeats):
@@ -156,7 +158,7 @@ def forward_costs(target, draft, device, context: int = 200, repeats: int = 3) -
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            model(step, past_key_values=cache, use_cache=True)
+            model(step, use_cache=True, **{cache_name: cache})
             if device.type == "cuda":
                 torch.cuda.synchronize()
             samples.append(time.perf_counter() - start)

@@ -39,7 +39,9 @@ MULTI_DRAFT_KWARGS = ("num_drafts", "verifier", "tree_attention", "verification_
 DEFAULT_NUM_ASSISTANT_TOKENS = 4
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 _UNSUPPORTED_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
-_ACCEPTED_MODEL_KWARGS = {"attention_mask", "position_ids", "past_key_values", "use_cache", "logits_to_keep"}
+# The cache is ``cache`` from transformers 5.24 and ``past_key_values`` before; both start empty here.
+_CACHE_KWARGS = ("cache", "past_key_values")
+_ACCEPTED_MODEL_KWARGS = {"attention_mask", "position_ids", "use_cache", "logits_to_keep", *_CACHE_KWARGS}
 
 
 @dataclass
@@ -253,9 +255,10 @@ def _decode(
     unsupported = sorted(k for k, v in model_kwargs.items() if k not in _ACCEPTED_MODEL_KWARGS and v is not None)
     if unsupported:
         raise ValueError(f"multi-draft generation does not support these model inputs: {unsupported}")
-    past = model_kwargs.get("past_key_values")
-    if past is not None and past.get_seq_length() > 0:
-        raise ValueError("multi-draft generation starts from an empty cache; do not pass a filled past_key_values")
+    for name in _CACHE_KWARGS:
+        past = model_kwargs.get(name)
+        if past is not None and past.get_seq_length() > 0:
+            raise ValueError(f"multi-draft generation starts from an empty cache; do not pass a filled {name}")
     if synced_gpus:
         raise ValueError("synced_gpus is not supported by multi-draft generation")
     pad = generation_config._pad_token_tensor

@@ -23,6 +23,7 @@ context and to its ancestors; its position id is ``context length + d − 1``.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,11 @@ def new_state(model: torch.nn.Module, rows: int, device: torch.device) -> KVStat
             "needs full-attention caches, because its explicit 4D masks replace the sliding window"
         )
     return KVState(cache=cache, valid=torch.zeros(rows, 0, dtype=torch.bool, device=device))
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers ≥ 5.24) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -92,8 +98,8 @@ def forward_tokens(
         input_ids=tokens,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=state.cache,
         use_cache=True,
+        **{cache_argument(model): state.cache},
         **kwargs,
     )
     logits = out.logits[:, -logits_to_keep:]

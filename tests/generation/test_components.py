@@ -116,6 +116,7 @@ def test_tree_forward_and_compaction_match_plain_forwards(target):
     forward_tokens(
         target, state, context, state.valid[:, None].expand(-1, 5, -1), causal & valid[:, None], positions, 1
     )
+    assert state.cache.get_seq_length() == 5, "the forward must write into the state's cache"
     branches = torch.tensor([[[3, 9], [3, 4], [11, 12]]])
     tree = pack_tree(branches, torch.ones_like(branches, dtype=torch.bool))
     committed = valid
