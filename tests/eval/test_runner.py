@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from collections import defaultdict
 
 import pytest
@@ -154,6 +158,32 @@ def test_interrupted_run_resumes_to_the_same_set(tiny_pair_dirs, data_files, tmp
         runner.record_key("gsm8k", 1.0, m, f"gsm8k-{i}") for m in config.grid() for i in range(3)
     )
     assert store.path.read_bytes().endswith(b"\n")
+
+
+def test_sharded_run_splits_prompts_and_gathers_records(tiny_run, tiny_pair_dirs, tmp_path):
+    """Two CPU processes (torchrun, accelerate's process state) split the prompts and reproduce the one-process run."""
+    launcher = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    assert launcher is not None, "torchrun comes with torch"
+    run_dir, records, files = tiny_run
+    command = [
+        launcher, "--standalone", "--nproc_per_node", "2",
+        "-m", "hf_globalres.eval.cli", *_args(tiny_pair_dirs, files, tmp_path), "--device", "cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sharded = tmp_path / "tiny"
+    ranks = [runner.RecordStore(sharded, rank).path for rank in (0, 1)]
+    prompts_per_rank = [{json.loads(line)["prompt"] for line in path.read_text().splitlines()} for path in ranks]
+    assert all(prompts_per_rank) and not prompts_per_rank[0] & prompts_per_rank[1]
+    gathered = runner.RecordStore(sharded).records()
+    # Seeds depend on (dataset, temperature, method, prompt) only, so sharding changes no sample.
+    assert {r["key"]: r["texts"] for r in gathered} == {r["key"]: r["texts"] for r in records}
+    summary = json.loads((sharded / "summary.json").read_text())
+    single = json.loads((run_dir / "summary.json").read_text())
+    assert [(r["method"], r["new_tokens"]) for r in summary["rows"]] == [
+        (r["method"], r["new_tokens"]) for r in single["rows"]
+    ]
 
 
 def test_seeds_are_shared_by_methods_and_distinct_per_prompt():
