@@ -23,6 +23,7 @@ context and to its ancestors; its position id is ``context length + d − 1``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -57,7 +58,13 @@ def new_state(model: torch.nn.Module, rows: int, device: torch.device) -> KVStat
 
 def cache_argument(model: torch.nn.Module) -> str:
     """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers ≥ 5.24) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return _cache_argument_of(type(model))
+
+
+@functools.cache
+def _cache_argument_of(model_class: type) -> str:
+    # Once per class: the name belongs to the architecture, and every forward of the loop asks for it.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

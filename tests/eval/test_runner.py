@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -162,11 +161,9 @@ def test_interrupted_run_resumes_to_the_same_set(tiny_pair_dirs, data_files, tmp
 
 def test_sharded_run_splits_prompts_and_gathers_records(tiny_run, tiny_pair_dirs, tmp_path):
     """Two CPU processes (torchrun, accelerate's process state) split the prompts and reproduce the one-process run."""
-    launcher = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    assert launcher is not None, "torchrun comes with torch"
     run_dir, records, files = tiny_run
     command = [
-        launcher, "--standalone", "--nproc_per_node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "hf_globalres.eval.cli", *_args(tiny_pair_dirs, files, tmp_path), "--device", "cpu",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
