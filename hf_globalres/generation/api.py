@@ -34,7 +34,15 @@ from .loop import BlockCallback, VerificationCallback, multi_draft_decode
 _ORIGINAL_GENERATE = GenerationMixin.generate
 
 #: Keyword arguments that route ``model.generate`` to multi-draft decoding once enabled.
-MULTI_DRAFT_KWARGS = ("num_drafts", "verifier", "tree_attention", "verification_callback", "block_callback")
+MULTI_DRAFT_KWARGS = (
+    "num_drafts",
+    "verifier",
+    "draft_shape",
+    "assistant_top_k",
+    "tree_attention",
+    "verification_callback",
+    "block_callback",
+)
 
 DEFAULT_NUM_ASSISTANT_TOKENS = 4
 SUPPORTED_ATTENTION = ("eager", "sdpa")
@@ -72,13 +80,14 @@ def _check_options(
     num_assistant_tokens: Any,
     confidence_threshold: Any,
     draft_shape: Any,
+    assistant_top_k: Any,
     tree_attention: Any,
     rule: Verifier,
 ) -> None:
     for label, value in (("num_drafts", num_drafts), ("num_assistant_tokens", num_assistant_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be an integer ≥ 1, got {value!r}")
-    check_drafting_options(confidence_threshold, draft_shape)
+    check_drafting_options(confidence_threshold, draft_shape, assistant_top_k)
     if tree_attention not in (True, False, "auto"):
         raise ValueError(f"tree_attention must be True, False or 'auto', got {tree_attention!r}")
     if rule.max_drafts is not None and num_drafts > rule.max_drafts:
@@ -138,6 +147,7 @@ def generate(
     num_assistant_tokens: int | None = None,
     assistant_confidence_threshold: float | None = None,
     draft_shape: str = "tree",
+    assistant_top_k: int | None = None,
     verifier: str | Verifier | None = None,
     tree_attention: bool | str = "auto",
     verification_callback: VerificationCallback | None = None,
@@ -164,7 +174,11 @@ def generate(
             leave it, so drafting costs one draft
             column per depth (as n = 1) and the extra branches are alternatives checked in the same
             target forward.
-        verifier: a registered verifier name or instance (default: "optimal" when registered, else "spectr").
+        assistant_top_k: draft from the draft model's law truncated to its ``assistant_top_k`` most
+            likely tokens and renormalised (None: the whole law). The verifier is handed that same
+            truncated law, so the output law is unchanged; verification then works on ``assistant_top_k``
+            tokens instead of the whole vocabulary.
+        verifier: a registered verifier name or instance (default: "optimal").
         tree_attention: True verifies all branches in one row with a tree mask; False uses n
             rows per sequence; "auto" picks the tree.
         verification_callback: called as ``callback(depth, q [R, V], p [R, V], drafts [R, n], result)``
@@ -182,7 +196,15 @@ def generate(
     rule = verifiers.get(verifier if verifier is not None else DEFAULT_VERIFIER)
     if num_assistant_tokens is None:
         num_assistant_tokens = DEFAULT_NUM_ASSISTANT_TOKENS
-    _check_options(num_drafts, num_assistant_tokens, assistant_confidence_threshold, draft_shape, tree_attention, rule)
+    _check_options(
+        num_drafts,
+        num_assistant_tokens,
+        assistant_confidence_threshold,
+        draft_shape,
+        assistant_top_k,
+        tree_attention,
+        rule,
+    )
     _check_models(model, assistant_model)
     tokenizer = kwargs.pop("tokenizer", None)
     _check_tokenizers(tokenizer, kwargs.pop("assistant_tokenizer", None))
@@ -213,6 +235,7 @@ def generate(
         num_assistant_tokens=num_assistant_tokens,
         confidence_threshold=assistant_confidence_threshold,
         draft_shape=draft_shape,
+        assistant_top_k=assistant_top_k,
         verifier_rule=rule,
         use_tree=tree_attention in (True, "auto"),
         verification_callback=verification_callback,
@@ -245,6 +268,7 @@ def _decode(
     num_assistant_tokens: int,
     confidence_threshold: float | None,
     draft_shape: DraftShape,
+    assistant_top_k: int | None,
     verifier_rule: Verifier,
     use_tree: bool,
     verification_callback: VerificationCallback | None,
@@ -279,6 +303,7 @@ def _decode(
         num_assistant_tokens=num_assistant_tokens,
         confidence_threshold=confidence_threshold,
         draft_shape=draft_shape,
+        assistant_top_k=assistant_top_k,
         verifier=verifier_rule,
         tree_attention=use_tree,
         streamer=bound_streamer,

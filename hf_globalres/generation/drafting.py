@@ -17,6 +17,15 @@ n). Sampling follows the verifier's ``draft_scheme``:
   the ranks of ``log p + G`` with i.i.d. Gumbel ``G``). A branch whose rank
   exceeds the support of p dies (``alive`` false); it drafts nothing further.
 
+The draft law p is ours to choose: every verifier is exact for whatever p
+it is handed, as long as the drafts are drawn from that same p. With
+``top_k`` the drafts come from p truncated to its ``top_k`` most likely
+tokens and renormalised, and that truncated law is what the verifier sees.
+The output law stays the target's; the draft's support shrinks from V to
+``top_k`` tokens, which makes verification cheap (its cost scales with the
+draft's support) at a small cost in acceptance (the mass p put outside its top
+tokens, about 0.7 % at ``top_k`` = 64 on the built-in pair).
+
 Branches sharing a prefix are sampled from the distribution computed for the
 smallest such branch (its canonical copy), so the p handed to the verifier is
 exactly the law the drafts were drawn from, bit for bit.
@@ -116,8 +125,8 @@ def heaviest_child(tokens: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
     return members & (tokens == chosen)
 
 
-def check_drafting_options(confidence_threshold: object, shape: object) -> None:
-    """Raise ValueError naming a confidence threshold outside [0, 1] or an unknown draft shape."""
+def check_drafting_options(confidence_threshold: object, shape: object, top_k: object = None) -> None:
+    """Raise ValueError naming a confidence threshold outside [0, 1], an unknown draft shape or a bad top-k."""
     if confidence_threshold is not None and (
         isinstance(confidence_threshold, bool)
         or not isinstance(confidence_threshold, int | float)
@@ -128,6 +137,8 @@ def check_drafting_options(confidence_threshold: object, shape: object) -> None:
         )
     if shape not in DRAFT_SHAPES:
         raise ValueError(f"draft_shape must be one of {DRAFT_SHAPES}, got {shape!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"assistant_top_k must be an integer ≥ 1 or None (the whole draft law), got {top_k!r}")
 
 
 def keeps_drafting(
@@ -216,6 +227,7 @@ def draft_block(
     confidence_threshold: float | None = None,
     shape: DraftShape = "tree",
     generator: torch.Generator | None = None,
+    top_k: int | None = None,
 ) -> DraftBlock:
     """Draw ``num_drafts`` branches of at most ``depth`` ≥ 1 tokens.
 
@@ -230,6 +242,8 @@ def draft_block(
             batch's committed tokens, for the processors (see ``call_as_batch``).
         confidence_threshold: τ of the module docstring (None: every branch drafts ``depth`` tokens).
         shape: ``"tree"`` or ``"spine"``, which nodes draft on (module docstring).
+        top_k: draft from p truncated to its ``top_k`` most likely tokens and renormalised (module
+            docstring); None drafts from the whole of p.
 
     Returns:
         the drafts, ``tokens.shape[2]`` ≤ ``depth`` deep (shallower when every branch stopped early).
@@ -249,7 +263,9 @@ def draft_block(
         )[:, -1]
     state = KVState(cache=state.cache, valid=torch.cat([state.valid, pending_valid], dim=1))
     committed = state.valid
-    root_scores, root_probs = processor.ragged_distribution(contexts, lengths, logits, batch_rows, background)
+    root_scores, root_probs = processor.ragged_distribution(
+        contexts, lengths, logits, batch_rows, background, top_k=top_k
+    )
     probs = root_probs[:, None].expand(-1, n, -1)
     parent = torch.zeros(batch, n, dtype=torch.long, device=device)
     alive = torch.ones(batch, n, dtype=torch.bool, device=device)
@@ -299,7 +315,7 @@ def draft_block(
         offsets = lengths[node_b, None] + torch.arange(d - 1, device=device)
         node_contexts.scatter_(1, offsets, fed[node_b, node_i])
         node_scores, node_probs = processor.ragged_distribution(
-            node_contexts, lengths[node_b] + d - 1, logits[node_b, node_j], batch_rows[node_b], background
+            node_contexts, lengths[node_b] + d - 1, logits[node_b, node_j], batch_rows[node_b], background, top_k=top_k
         )
         node_of = torch.zeros(batch, n, dtype=torch.long, device=device)
         node_of[node_b, node_i] = torch.arange(node_b.shape[0], device=device)

@@ -209,6 +209,7 @@ def multi_draft_decode(
     confidence_threshold: float | None = None,
     draft_shape: DraftShape = "tree",
     generator: torch.Generator | None = None,
+    assistant_top_k: int | None = None,
 ) -> DecodeResult:
     """Generate with multi-draft speculative sampling; see the module docstring.
 
@@ -222,6 +223,7 @@ def multi_draft_decode(
             below the threshold, see :mod:`.drafting`).
         draft_shape: ``"tree"`` (every branch drafts on) or ``"spine"`` (only one path does, through
             the token most branches drew at each depth; the others end where they leave it), see :mod:`.drafting`.
+        assistant_top_k: draft from p truncated to its top-k tokens (None: all of p), see :mod:`.drafting`.
         block_callback: called with each block's :class:`BlockTree` before it is verified (not
             for blocks without drafts); it costs a pass of the logits processors over every node.
     """
@@ -284,6 +286,7 @@ def multi_draft_decode(
                 confidence_threshold=confidence_threshold,
                 shape=draft_shape,
                 generator=generator,
+                top_k=assistant_top_k,
             )
             draft_state = drafts.state
             depth = drafts.tokens.shape[2]  # shallower when every branch stopped on low confidence

@@ -77,6 +77,20 @@ def call_as_batch(
         yield entries, fn(input_ids, full)[rows]
 
 
+def truncated_softmax(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[N, V] float64: ``softmax`` over each row's ``top_k`` largest ``scores`` [N, V], 0 elsewhere.
+
+    This equals ``softmax(scores)`` truncated to those entries and renormalised,
+    computed from ``top_k`` exponentials per row instead of V. A verifier is exact
+    for any draft law it is told, so drafting from this law and handing the same
+    law to the verifier keeps the output's law the target's; the draft's support
+    shrinks from V to ``top_k`` tokens, and with it the verifier's work.
+    """
+    top = scores.topk(top_k, dim=-1)
+    probs = torch.zeros(scores.shape, dtype=torch.float64, device=scores.device)
+    return probs.scatter_(-1, top.indices, torch.softmax(top.values, dim=-1, dtype=torch.float64))
+
+
 class SpeculativeLogitsProcessor(LogitsProcessor):
     """Turns one model's raw logits into its sampling distribution, once per prefix.
 
@@ -118,15 +132,21 @@ class SpeculativeLogitsProcessor(LogitsProcessor):
         """Processed scores [N, V] for ``input_ids`` [N, T] (one prefix per row) and raw ``scores`` [N, V']."""
         return self.logits_processor(input_ids, self._widen(scores))
 
-    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, scores: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
         """[N, V] float64: ``softmax(scores)``, or one-hot at ``argmax(scores)`` when not sampling.
+
+        With ``top_k`` the law is truncated to each row's ``top_k`` largest
+        scores and renormalised, ``softmax`` over those scores alone (the
+        draft side only: see :func:`truncated_softmax`).
 
         float64 keeps every row's sum within 1e-12 of 1 at V = 152k; float32 rows
         of real models were seen 1e-4 off, which the verifiers' input checks refuse.
         """
-        if self.do_sample:
-            return torch.softmax(scores, dim=-1, dtype=torch.float64)
-        return torch.nn.functional.one_hot(scores.argmax(-1), scores.shape[-1]).to(torch.float64)
+        if not self.do_sample:
+            return torch.nn.functional.one_hot(scores.argmax(-1), scores.shape[-1]).to(torch.float64)
+        if top_k is not None and top_k < scores.shape[-1]:
+            return truncated_softmax(scores, top_k)
+        return torch.softmax(scores, dim=-1, dtype=torch.float64)
 
     def distribution(self, input_ids: torch.LongTensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Processed scores and probabilities, both [N, V], for rows sharing one length T."""
@@ -140,6 +160,8 @@ class SpeculativeLogitsProcessor(LogitsProcessor):
         logits: torch.Tensor,
         batch_rows: torch.Tensor | None = None,
         background: torch.LongTensor | None = None,
+        *,
+        top_k: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`distribution` for prefixes of different lengths.
 
@@ -151,6 +173,7 @@ class SpeculativeLogitsProcessor(LogitsProcessor):
                 tokens of the whole batch [B, T]; with them every processor call
                 sees the full batch in order (see :func:`call_as_batch`).
                 Without them the entries are processed as a batch of their own.
+            top_k: truncate the probabilities to each row's ``top_k`` largest scores (see :meth:`probabilities`).
 
         Returns:
             scores, probs: [N, V] each.
@@ -162,7 +185,7 @@ class SpeculativeLogitsProcessor(LogitsProcessor):
         scores = logits.new_empty((logits.shape[0], width), dtype=self.dtype)
         for entries, processed in call_as_batch(self, contexts, lengths, logits, batch_rows, background):
             scores[entries] = processed
-        return scores, self.probabilities(scores)
+        return scores, self.probabilities(scores, top_k)
 
 
-__all__ = ["SpeculativeLogitsProcessor", "call_as_batch", "length_groups"]
+__all__ = ["SpeculativeLogitsProcessor", "call_as_batch", "length_groups", "truncated_softmax"]

@@ -34,6 +34,19 @@ def test_processor_is_a_logits_processor(generator):
     assert torch.equal(greedy, torch.nn.functional.one_hot(logits.argmax(-1), 16).double())
 
 
+def test_truncated_probabilities_renormalise_the_top_k(generator):
+    logits = torch.randn(4, 16, generator=generator)
+    full = torch.softmax(logits.double(), -1)
+    truncated = SpeculativeLogitsProcessor().probabilities(logits, top_k=5)
+    top = logits.topk(5, dim=-1).indices
+    kept = torch.zeros_like(full).scatter(1, top, full.gather(1, top))
+    assert torch.allclose(truncated, kept / kept.sum(-1, keepdim=True), atol=1e-15)
+    assert ((truncated > 0).sum(-1) == 5).all()
+    assert torch.equal(SpeculativeLogitsProcessor().probabilities(logits, top_k=16), full)
+    greedy = SpeculativeLogitsProcessor(do_sample=False).probabilities(logits, top_k=5)
+    assert torch.equal(greedy, torch.nn.functional.one_hot(logits.argmax(-1), 16).double())
+
+
 def test_processor_pads_narrow_logits_with_zero_probability(generator):
     component = SpeculativeLogitsProcessor(vocab_size=16)
     _, probs = component.distribution(torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 12, generator=generator))

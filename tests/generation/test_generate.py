@@ -67,6 +67,17 @@ def test_greedy_equals_plain_generate(target, draft, n, depth, tree):
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize(("n", "top_k", "shape"), [(1, 3, "tree"), (4, 1, "tree"), (4, 5, "spine")])
+def test_greedy_with_truncated_drafts_equals_plain_generate(target, draft, n, top_k, shape):
+    inputs = batch()
+    expected = target.generate(**inputs, do_sample=False, max_new_tokens=20)
+    out = hf_globalres.generate(
+        target, **inputs, assistant_model=draft, num_drafts=n, assistant_top_k=top_k, draft_shape=shape,
+        do_sample=False, max_new_tokens=20,
+    )  # fmt: skip
+    assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize(("n", "tree", "threshold"), [(1, True, 0.5), (2, False, 0.8), (3, True, 1.0)])
 def test_greedy_with_confidence_stop_equals_plain_generate(target, draft, n, tree, threshold):
     inputs = batch()
@@ -285,6 +296,8 @@ def test_entry_points_agree(target, draft, extra):
         ({"assistant_confidence_threshold": 1.5}, "assistant_confidence_threshold"),
         ({"assistant_confidence_threshold": "high"}, "assistant_confidence_threshold"),
         ({"draft_shape": "bush"}, "draft_shape"),
+        ({"assistant_top_k": 0}, "assistant_top_k"),
+        ({"assistant_top_k": 2.5}, "assistant_top_k"),
         ({"verifier": "no-such-rule"}, "unknown verifier"),
         ({"verifier": "single", "num_drafts": 2}, "at most 1"),
         ({"assistant_model": None}, "assistant_model"),

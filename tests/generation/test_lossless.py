@@ -131,6 +131,39 @@ def test_lossless_qwen2(qwen_pair):
     assert p > LEVEL
 
 
+#: Drafts from p truncated to its top-k tokens: (verifier, n, L, tree, batch of 4, sampling, top-k, τ, shape).
+TRUNCATION_CASES = [
+    ("optimal", 4, 3, True, True, {}, 3, None, "tree"),
+    ("optimal", 4, 3, True, False, {"temperature": 0.7, "top_k": 8}, 5, 0.09, "spine"),
+    ("spectr", 2, 2, False, True, {"temperature": 1.3, "top_p": 0.85}, 1, None, "tree"),
+    ("single", 1, 3, True, False, {"repetition_penalty": 1.5, "min_p": 0.05}, 4, None, "tree"),
+    ("rrs_without_replacement", 4, 2, True, True, {}, 2, None, "tree"),
+    ("khisti", 3, 2, True, False, {}, 6, None, "tree"),
+]
+
+
+@pytest.mark.parametrize(
+    ("verifier", "n", "depth", "tree", "batch4", "sampling", "top_k", "threshold", "shape"), TRUNCATION_CASES
+)
+def test_lossless_with_truncated_drafts(target, draft, verifier, n, depth, tree, batch4, sampling, top_k, threshold,
+                                        shape):  # fmt: skip
+    """``assistant_top_k`` changes the draft law only; the output keeps the target's (top-k 1: greedy drafts)."""
+    p = lossless_pvalue(
+        target,
+        draft,
+        PROMPTS if batch4 else PROMPTS[:1],
+        sampling,
+        verifier=verifier,
+        num_drafts=n,
+        num_assistant_tokens=depth,
+        tree_attention=tree,
+        assistant_top_k=top_k,
+        assistant_confidence_threshold=threshold,
+        draft_shape=shape,
+    )
+    assert p > LEVEL, f"output law differs from the target's (chi-square p = {p:.2e})"
+
+
 def test_detects_wrong_draft_law(target, draft, monkeypatch):
     """Drafts drawn from p² (renormalised) while the verifier is told p: the test must reject."""
     honest = drafting.sample_categorical
