@@ -350,20 +350,24 @@ def resolve(spec: str | os.PathLike) -> tuple[str, Path | str]:
 
 
 def load_model(
-    spec: str | os.PathLike, dtype: torch.dtype = torch.float32, device_map: str | dict | None = None
+    spec: str | os.PathLike, dtype: torch.dtype | str = "auto", device_map: str | dict | None = None
 ) -> torch.nn.Module:
     """A causal LM from a built-in name, a local directory, a ``.gguf`` file or a Hub id, in eval mode.
 
     Args:
         spec: the model.
-        dtype: parameter dtype.
+        dtype: parameter dtype, or a name: "auto" (bfloat16 where the device computes it natively,
+            else float32; see :mod:`hf_globalres.devices`), "float32", "bfloat16", "float16".
         device_map: passed to ``from_pretrained`` (``"auto"`` spreads a model
             too large for one device over the available ones).
     """
     from transformers import AutoModelForCausalLM
 
+    from .devices import resolve_dtype
+
     kind, where = resolve(spec)
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    on_gpu = device_map is not None and torch.cuda.is_available()
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, "cuda" if on_gpu else "cpu")}
     if device_map is not None:
         kwargs["device_map"] = device_map
     if kind == "gguf":

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..devices import DTYPE_CHOICES
 from .runner import EvalConfig
 
 _REPO_CONFIGS = Path(__file__).resolve().parents[2] / "eval" / "configs"
@@ -79,7 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     models = parser.add_argument_group("models")
     models.add_argument("--target", help="built-in name, local directory, .gguf file or Hub id")
     models.add_argument("--draft", help="built-in name, local directory, .gguf file or Hub id (same tokenizer)")
-    models.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    models.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        help="auto (default): bfloat16 on GPUs and on CPUs with AVX-512 BF16 or AMX, float32 elsewhere",
+    )
+    models.add_argument(
+        "--onednn-linear",
+        choices=["auto", "on", "off"],
+        help="float32 CPU linear layers through oneDNN, for every method (auto: on for float32 on a CPU)",
+    )
     models.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     models.add_argument("--device-map", help='"auto" spreads a target too large for one GPU over all of them')
     models.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
@@ -111,7 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
         dest="assistant_confidence_threshold",
         help="τ: drafts stop after a token the draft gave probability < τ (ours and transformers' assisted alike)",
     )
-    grid.add_argument("--draft-shape", help="which draft nodes draft on: tree (default) or spine")
+    grid.add_argument("--draft-shape", help="which draft nodes draft on: tree or spine")
+    grid.add_argument(
+        "--assistant-top-k",
+        type=int,
+        help="multi-draft runs draft from the draft law truncated to its top-k tokens (0: the whole law); lossless",
+    )
+    grid.add_argument(
+        "--draft-int8",
+        choices=["auto", "on", "off"],
+        help="multi-draft runs use the draft with int8 linear layers (auto: on a CPU); lossless, the draft law "
+        "is ours to choose",
+    )
     grid.add_argument("--no-acceptance", action="store_true", help="skip acceptance-per-depth measurement")
     grid.add_argument(
         "--same-trees",
@@ -150,6 +171,8 @@ _OVERRIDES = (
     "max_new_tokens",
     "assistant_confidence_threshold",
     "draft_shape",
+    "onednn_linear",
+    "draft_int8",
     "output_dir",
     "run_name",
 )
@@ -173,6 +196,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         settings["measure_acceptance"] = False
     if args.same_trees:
         settings["same_trees"] = True
+    if args.assistant_top_k is not None:
+        settings["assistant_top_k"] = args.assistant_top_k or None
     config = EvalConfig.from_dict(settings)
     config.validate()
     return config
@@ -216,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     summary = report.write_report(config, runner.select(records, config))
     print()
+    print(report.describe_setting(summary["rows"]))
     print(report.format_table(summary["rows"]))
     if summary["findings"]:
         print()

@@ -38,6 +38,9 @@ COLUMNS = (
     ("dataset", "dataset", "{}"),
     ("temperature", "T", "{:g}"),
     ("method", "method", "{}"),
+    ("tokens_per_s", "tok/s", "{:.2f}"),
+    ("speedup_vs_autoregressive", "vs AR", "{:.2f}x"),
+    ("speedup_vs_assisted", "vs HF", "{:.2f}x"),
     ("prompts", "prompts", "{}"),
     ("new_tokens", "tokens", "{}"),
     ("block_efficiency", "blk eff", "{:.3f}"),
@@ -45,9 +48,6 @@ COLUMNS = (
     ("complete_block_efficiency", "full blk", "{:.3f}"),
     ("acceptance", "accept", "{:.3f}"),
     ("optimal_acceptance", "optimum", "{:.3f}"),
-    ("tokens_per_s", "tok/s", "{:.2f}"),
-    ("speedup_vs_autoregressive", "vs AR", "{:.2f}x"),
-    ("speedup_vs_assisted", "vs HF", "{:.2f}x"),
     ("verifier_ms_per_token", "verif ms/tok", "{:.2f}"),
     ("accuracy", "GSM8K acc", "{:.3f}"),
     ("peak_memory_gb", "peak GB", "{:.2f}"),
@@ -78,6 +78,8 @@ def _row(group: list[dict[str, Any]]) -> dict[str, Any]:
     row: dict[str, Any] = {
         key: first[key] for key in ("dataset", "temperature", "method", "kind", "verifier", "num_drafts", "length")
     }
+    # Records written before the setting was recorded carry none of it.
+    row.update((key, first[key]) for key in SETTING_KEYS if key in first)
     row.update(
         prompts=len(group),
         new_tokens=sum(tokens),
@@ -309,6 +311,21 @@ def _draft_scheme(verifier: str) -> str:
     return verifiers.get(verifier).draft_scheme if verifier in verifiers.available() else "iid"
 
 
+#: What ran, recorded with every result: the models' device, dtype and whether oneDNN ran their linears.
+SETTING_KEYS = ("device", "dtype", "onednn_linear")
+
+
+def describe_setting(rows: list[dict[str, Any]]) -> str:
+    """One line naming the device and dtype the rows ran in (each distinct setting, if they differ)."""
+    seen = {tuple(row.get(key) for key in SETTING_KEYS) for row in rows}
+    if not seen or seen == {(None, None, None)}:
+        return "setting: not recorded"
+    parts = [
+        f"{device}, {dtype}" + (", oneDNN linears" if onednn else "") for device, dtype, onednn in sorted(seen, key=str)
+    ]
+    return "ran on " + "; ".join(parts)
+
+
 def _cell(value: Any, fmt: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -469,7 +486,7 @@ def write_report(config: EvalConfig, records: list[dict[str, Any]], directory: P
         "",
         f"Target `{config.target}`, draft `{config.draft}`, datasets {', '.join(config.datasets)}, "
         f"at most {config.limit or 'all'} prompts each, up to {config.max_new_tokens} new tokens per turn, "
-        f"seed {config.seed}.",
+        f"seed {config.seed}; {describe_setting(rows)}.",
         "Block efficiency is new tokens per target forward (full blk: mean tokens per block, each generation's",
         "last block, usually cut by the token limit, left out); acceptance is per verified position, next to the",
         "theoretical optimum for the same q, p and number of drafts. Speedups compare tokens/s.",
@@ -497,4 +514,13 @@ def write_report(config: EvalConfig, records: list[dict[str, Any]], directory: P
     return summary
 
 
-__all__ = ["findings", "format_findings", "format_same_trees", "format_table", "plot", "summarize", "write_report"]
+__all__ = [
+    "describe_setting",
+    "findings",
+    "format_findings",
+    "format_same_trees",
+    "format_table",
+    "plot",
+    "summarize",
+    "write_report",
+]

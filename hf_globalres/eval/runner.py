@@ -35,6 +35,8 @@ from typing import Any, Literal
 import torch
 
 from .. import verifiers
+from ..devices import DTYPE_CHOICES
+from ..generation.defaults import DEFAULT_ASSISTANT_TOP_K, DEFAULT_CONFIDENCE_THRESHOLD, DEFAULT_NUM_ASSISTANT_TOKENS
 from . import datasets as prompt_sets
 from .metrics import DepthStats, extract_final_answer
 
@@ -84,7 +86,10 @@ class EvalConfig:
 
     The default grid is sized for a 2-core CPU: a handful of GSM8K prompts and
     short generations over autoregressive sampling, transformers' assisted
-    generation and the multi-draft verifiers at n = 1 and 4.
+    generation and the multi-draft verifiers at n = 1 and 4, in the fastest
+    measured setting (``generate``'s drafting defaults: L ≤ 12 with a
+    confidence stop at 0.4 for every drafting method, top-64 draft laws and,
+    on a CPU, the int8 draft for multi-draft runs).
     """
 
     target: str = "qwen2.5-coder-1.5b-instruct"
@@ -93,23 +98,32 @@ class EvalConfig:
     gsm8k_path: str | None = None
     mtbench_path: str | None = None
     limit: int | None = 3
-    max_new_tokens: int = 16
+    max_new_tokens: int = 32
     temperatures: list[float] = field(default_factory=lambda: [1.0])
     methods: list[str] = field(default_factory=lambda: list(METHOD_KINDS))
     verifiers: list[str] = field(default_factory=lambda: default_verifiers())
     num_drafts: list[int] = field(default_factory=lambda: [1, 4])
-    lengths: list[int] = field(default_factory=lambda: [4])
+    lengths: list[int] = field(default_factory=lambda: [DEFAULT_NUM_ASSISTANT_TOKENS])
     seed: int = 0
     output_dir: str = "eval/reports"
     run_name: str = "default"
-    dtype: str = "float32"
+    #: "auto": bfloat16 where the device computes it natively, else float32 (:func:`~hf_globalres.devices.auto_dtype`).
+    dtype: str = "auto"
+    #: Float32 CPU linears through oneDNN for every method (:func:`~hf_globalres.devices.use_onednn_linear`):
+    #: "auto" (on for float32 on a CPU), "on" or "off".
+    onednn_linear: str = "auto"
     device: str = "auto"
     device_map: str | None = None
     threads: int | None = None
     tree_attention: bool | str = "auto"
     #: τ for multi-draft decoding and transformers' assisted generation alike (None: fixed L for both).
-    assistant_confidence_threshold: float | None = None
+    assistant_confidence_threshold: float | None = DEFAULT_CONFIDENCE_THRESHOLD
     draft_shape: str = "tree"
+    #: Multi-draft runs draft from the draft law truncated to its top-k tokens (None: the whole law).
+    assistant_top_k: int | None = DEFAULT_ASSISTANT_TOP_K
+    #: Multi-draft runs use a copy of the draft with int8 linear layers (:func:`~hf_globalres.devices.quantize_int8`):
+    #: "auto" (on a CPU), "on" or "off". transformers' assisted generation keeps the draft as loaded.
+    draft_int8: str = "auto"
     measure_acceptance: bool = True
     #: Runs of ``optimal`` (n ≥ 2) also score every rule of their draft scheme on their own trees.
     same_trees: bool = False
@@ -126,6 +140,9 @@ class EvalConfig:
         "tree_attention",
         "assistant_confidence_threshold",
         "draft_shape",
+        "assistant_top_k",
+        "draft_int8",
+        "onednn_linear",
     )
 
     @classmethod
@@ -159,9 +176,12 @@ class EvalConfig:
             raise ValueError("num_drafts and lengths must be ≥ 1")
         from ..generation.drafting import check_drafting_options
 
-        check_drafting_options(self.assistant_confidence_threshold, self.draft_shape)
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        check_drafting_options(self.assistant_confidence_threshold, self.draft_shape, self.assistant_top_k)
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        for name in ("onednn_linear", "draft_int8"):
+            if getattr(self, name) not in ("auto", "on", "off"):
+                raise ValueError(f"{name} must be auto, on or off, got {getattr(self, name)!r}")
         if "multidraft" in self.methods:
             self.verifier_grid()
 
@@ -310,12 +330,30 @@ def peak_memory_gb(device: torch.device) -> float | None:
 
 @dataclass
 class Models:
-    """Target, draft and their shared tokenizer, on one device."""
+    """Target, draft and their shared tokenizer, on one device.
+
+    Attributes:
+        multidraft_draft: the draft multi-draft runs use (an int8 copy with ``draft_int8``;
+            default: ``draft``).
+        dtype: the models' dtype; onednn_linear: their float32 linears run through oneDNN.
+    """
 
     target: torch.nn.Module
     draft: torch.nn.Module
     tokenizer: Any
     device: torch.device
+    multidraft_draft: torch.nn.Module | None = None
+    dtype: torch.dtype = torch.float32
+    onednn_linear: bool = False
+
+    @property
+    def setting(self) -> dict[str, Any]:
+        """What ran, for records and reports: device, dtype, oneDNN linears."""
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "onednn_linear": self.onednn_linear,
+        }
 
 
 def resolve_device(name: str) -> torch.device:
@@ -326,16 +364,25 @@ def resolve_device(name: str) -> torch.device:
 
 def load_models(config: EvalConfig, device: torch.device) -> Models:
     """Load the configured pair (built-in names, directories, .gguf files or Hub ids)."""
-    from .. import models
+    from .. import devices, models
 
-    dtype = getattr(torch, config.dtype)
+    dtype = devices.resolve_dtype(config.dtype, device)
     target = models.load_model(config.target, dtype=dtype, device_map=config.device_map)
     draft = models.load_model(config.draft, dtype=dtype)
     if config.device_map is None:
         target.to(device)
     draft.to(device)
+    multidraft_draft = draft
+    if config.draft_int8 == "on" or (config.draft_int8 == "auto" and device.type == "cpu"):
+        multidraft_draft = models.load_model(config.draft, dtype=dtype).to(device)
+        devices.quantize_int8(multidraft_draft)
+    onednn = config.onednn_linear == "on" or (
+        config.onednn_linear == "auto" and device.type == "cpu" and dtype == torch.float32
+    )
+    if onednn:
+        onednn = sum(devices.use_onednn_linear(model) for model in {target, draft, multidraft_draft}) > 0
     tokenizer = models.load_tokenizer(config.target)
-    return Models(target.eval(), draft.eval(), tokenizer, device)
+    return Models(target.eval(), draft.eval(), tokenizer, device, multidraft_draft.eval(), dtype, onednn)
 
 
 class _Timed:
@@ -458,11 +505,12 @@ def generate_once(
             out = generation.generate(
                 target,
                 input_ids,
-                assistant_model=draft,
+                assistant_model=models.multidraft_draft or draft,
                 num_drafts=method.num_drafts,
                 num_assistant_tokens=method.length,
                 assistant_confidence_threshold=config.assistant_confidence_threshold,
                 draft_shape=config.draft_shape,
+                assistant_top_k=config.assistant_top_k,
                 verifier=method.verifier,
                 tree_attention=config.tree_attention,
                 verification_callback=callback,
@@ -539,6 +587,7 @@ def run_prompt(
         "verifier": method.verifier,
         "num_drafts": method.num_drafts,
         "length": method.length,
+        **models.setting,
         "new_tokens": sum(t["new_tokens"] for t in turns),
         "target_forwards": sum(t["target_forwards"] for t in turns),
         "seconds": sum(t["seconds"] for t in turns),

@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput
 
 from .. import verifiers
 from ..verifiers.base import Verifier
+from .defaults import DEFAULT_ASSISTANT_TOP_K, DEFAULT_CONFIDENCE_THRESHOLD, DEFAULT_NUM_ASSISTANT_TOKENS
 from .drafting import DraftShape, check_drafting_options
 from .loop import BlockCallback, VerificationCallback, multi_draft_decode
 
@@ -44,7 +45,6 @@ MULTI_DRAFT_KWARGS = (
     "block_callback",
 )
 
-DEFAULT_NUM_ASSISTANT_TOKENS = 4
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 _UNSUPPORTED_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
 # The cache is ``cache`` from transformers 5.24 and ``past_key_values`` before; both start empty here.
@@ -62,7 +62,9 @@ class MultiDraftGenerateOutput(ModelOutput):
             first verification forward, so a perfect draft gives L + 1 tokens per forward).
         accepted_lengths: per row, the tokens emitted in each block (accepted drafts plus the
             recovered or bonus token; the last block counts only tokens kept before a stop).
-        timings: seconds spent in "target_forward", "draft_forward", "verifier" and "total".
+        timings: seconds per phase of the block loop: "target_forward", "draft_forward", "verifier",
+            "draft_sampling", "target_probs", "stopping", "cache" and "total"
+            (see :meth:`hf_globalres.generation.timing.PhaseTimer.summary`).
     """
 
     sequences: torch.LongTensor | None = None
@@ -145,9 +147,9 @@ def generate(
     *,
     num_drafts: int = 4,
     num_assistant_tokens: int | None = None,
-    assistant_confidence_threshold: float | None = None,
+    assistant_confidence_threshold: float | None = DEFAULT_CONFIDENCE_THRESHOLD,
     draft_shape: str = "tree",
-    assistant_top_k: int | None = None,
+    assistant_top_k: int | None = DEFAULT_ASSISTANT_TOP_K,
     verifier: str | Verifier | None = None,
     tree_attention: bool | str = "auto",
     verification_callback: VerificationCallback | None = None,
@@ -162,9 +164,10 @@ def generate(
         assistant_model: the draft model; it must share the target's tokenizer
             (logit widths may differ: both work on the common token ids).
         num_drafts: n ≥ 1 draft branches per block.
-        num_assistant_tokens: L ≥ 1 draft tokens per branch (default 4); with a confidence threshold,
+        num_assistant_tokens: L ≥ 1 draft tokens per branch (default 12); with a confidence threshold,
             the most a branch drafts.
-        assistant_confidence_threshold: τ in [0, 1] or None (default). A branch stops drafting after
+        assistant_confidence_threshold: τ in [0, 1] (default 0.4), or None to draft L tokens always. A
+            branch stops drafting after
             a token its draft gave probability below τ, and a block ends when every branch has
             stopped, so drafts run long where the draft is sure and short where it is not
             (transformers' assisted generation uses 0.4 with L = 20). The output law is unchanged:
@@ -175,7 +178,7 @@ def generate(
             column per depth (as n = 1) and the extra branches are alternatives checked in the same
             target forward.
         assistant_top_k: draft from the draft model's law truncated to its ``assistant_top_k`` most
-            likely tokens and renormalised (None: the whole law). The verifier is handed that same
+            likely tokens and renormalised (default 64; None: the whole law). The verifier is handed that same
             truncated law, so the output law is unchanged; verification then works on ``assistant_top_k``
             tokens instead of the whole vocabulary.
         verifier: a registered verifier name or instance (default: "optimal").

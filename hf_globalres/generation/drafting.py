@@ -263,17 +263,18 @@ def draft_block(
         )[:, -1]
     state = KVState(cache=state.cache, valid=torch.cat([state.valid, pending_valid], dim=1))
     committed = state.valid
-    root_scores, root_probs = processor.ragged_distribution(
-        contexts, lengths, logits, batch_rows, background, top_k=top_k
-    )
-    probs = root_probs[:, None].expand(-1, n, -1)
-    parent = torch.zeros(batch, n, dtype=torch.long, device=device)
-    alive = torch.ones(batch, n, dtype=torch.bool, device=device)
-    tokens_d, alive_d = sample_children(probs, parent, alive, scheme, generator)
     rows = torch.arange(batch, device=device)
-    going = keeps_drafting(
-        processor, root_scores, rows[:, None].expand(-1, n), probs, tokens_d, alive_d, confidence_threshold
-    )
+    with timer.phase("draft_sampling"):
+        root_scores, root_probs = processor.ragged_distribution(
+            contexts, lengths, logits, batch_rows, background, top_k=top_k
+        )
+        probs = root_probs[:, None].expand(-1, n, -1)
+        parent = torch.zeros(batch, n, dtype=torch.long, device=device)
+        alive = torch.ones(batch, n, dtype=torch.bool, device=device)
+        tokens_d, alive_d = sample_children(probs, parent, alive, scheme, generator)
+        going = keeps_drafting(
+            processor, root_scores, rows[:, None].expand(-1, n), probs, tokens_d, alive_d, confidence_threshold
+        )
     on_spine = heaviest_child(tokens_d, alive_d)  # [B, n] the branch's path is the spine
     if shape == "spine":
         going = going & on_spine
@@ -314,15 +315,17 @@ def draft_block(
         node_contexts = contexts[node_b].clone()
         offsets = lengths[node_b, None] + torch.arange(d - 1, device=device)
         node_contexts.scatter_(1, offsets, fed[node_b, node_i])
-        node_scores, node_probs = processor.ragged_distribution(
-            node_contexts, lengths[node_b] + d - 1, logits[node_b, node_j], batch_rows[node_b], background, top_k=top_k
-        )
-        node_of = torch.zeros(batch, n, dtype=torch.long, device=device)
-        node_of[node_b, node_i] = torch.arange(node_b.shape[0], device=device)
-        branch_node = node_of[rows[:, None], parent]
-        probs = node_probs[branch_node]  # [B, n, V]; rows of stopped branches are never read
-        tokens_d, alive_d = sample_children(probs, parent, going, scheme, generator)
-        going = keeps_drafting(processor, node_scores, branch_node, probs, tokens_d, alive_d, confidence_threshold)
+        with timer.phase("draft_sampling"):
+            node_scores, node_probs = processor.ragged_distribution(
+                node_contexts, lengths[node_b] + d - 1, logits[node_b, node_j], batch_rows[node_b], background,
+                top_k=top_k,
+            )  # fmt: skip
+            node_of = torch.zeros(batch, n, dtype=torch.long, device=device)
+            node_of[node_b, node_i] = torch.arange(node_b.shape[0], device=device)
+            branch_node = node_of[rows[:, None], parent]
+            probs = node_probs[branch_node]  # [B, n, V]; rows of stopped branches are never read
+            tokens_d, alive_d = sample_children(probs, parent, going, scheme, generator)
+            going = keeps_drafting(processor, node_scores, branch_node, probs, tokens_d, alive_d, confidence_threshold)
         on_spine = heaviest_child(tokens_d, on_spine & alive_d)
         if shape == "spine":
             going = going & on_spine

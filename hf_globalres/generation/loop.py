@@ -150,7 +150,8 @@ class DecodeResult:
         sequences: [B, T] prompt plus generated tokens, ``pad_token_id`` after a row stops.
         target_forwards: [B] target forwards each row took part in (prefill included).
         accepted_lengths: per row, tokens emitted per block.
-        timings: seconds per phase ("target_forward", "draft_forward", "verifier", "total").
+        timings: seconds per phase ("target_forward", "draft_forward", "verifier", "total", and the
+            others of :meth:`~.timing.PhaseTimer.summary`).
     """
 
     sequences: torch.Tensor
@@ -164,6 +165,8 @@ def output_width(model: torch.nn.Module) -> int:
     head = model.get_output_embeddings()
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
+    if head is not None and isinstance(getattr(head, "out_features", None), int):
+        return head.out_features
     return int(model.config.get_text_config().vocab_size)
 
 
@@ -321,14 +324,15 @@ def multi_draft_decode(
         count = torch.minimum(accepted + 1, max_length - length)
         finished = length + count >= max_length
         stop_at = torch.zeros_like(count)
-        for s in range(1, int(count.max()) + 1):
-            rows = ((count >= s) & (stop_at == 0)).nonzero()[:, 0]
-            checks = call_as_batch(
-                stopping_criteria, work[rows], length[rows] + s, step_scores[rows, s - 1], active[rows], buf
-            )
-            for entries, done in checks:
-                members = rows[entries]
-                stop_at[members[done.to(device)]] = s
+        with timer.phase("stopping"):
+            for s in range(1, int(count.max()) + 1):
+                rows = ((count >= s) & (stop_at == 0)).nonzero()[:, 0]
+                checks = call_as_batch(
+                    stopping_criteria, work[rows], length[rows] + s, step_scores[rows, s - 1], active[rows], buf
+                )
+                for entries, done in checks:
+                    members = rows[entries]
+                    stop_at[members[done.to(device)]] = s
         finished |= stop_at > 0
         count = torch.where(stop_at > 0, stop_at, count)
         position = torch.arange(capacity, device=device)
@@ -342,14 +346,15 @@ def multi_draft_decode(
 
         # 5. Keep the accepted path in both caches; drop finished rows.
         survivors = (~finished).nonzero()[:, 0]
-        target_state = select_positions(target_state, *_target_keep(target, accepted, cur, survivors, n))
-        if drafts is not None:
-            draft_keep, path_cached = drafts.keep_path(accepted, cur)
-            draft_state = select_positions(draft_state, draft_keep, survivors)
-            draft_cached = (length + path_cached)[survivors]
-        else:
-            draft_state = select_positions(draft_state, draft_state.valid, survivors)
-            draft_cached = draft_cached[survivors]
+        with timer.phase("cache"):
+            target_state = select_positions(target_state, *_target_keep(target, accepted, cur, survivors, n))
+            if drafts is not None:
+                draft_keep, path_cached = drafts.keep_path(accepted, cur)
+                draft_state = select_positions(draft_state, draft_keep, survivors)
+                draft_cached = (length + path_cached)[survivors]
+            else:
+                draft_state = select_positions(draft_state, draft_state.valid, survivors)
+                draft_cached = draft_cached[survivors]
         target_cached = (length + accepted)[survivors]
         active = active[survivors]
 
@@ -541,13 +546,14 @@ def _walk(
         walking = (~stopped).nonzero()[:, 0]
         if walking.numel() == 0:
             break
-        step_scores, q = processor.ragged_distribution(
-            work[walking],
-            length[walking] + d - 1,
-            target.logits_at(walking, cur, d - 1),
-            batch_rows[walking],
-            background,
-        )
+        with timer.phase("target_probs"):
+            step_scores, q = processor.ragged_distribution(
+                work[walking],
+                length[walking] + d - 1,
+                target.logits_at(walking, cur, d - 1),
+                batch_rows[walking],
+                background,
+            )
         # A path whose branches all stopped drafting before depth d ends with a bonus token from q.
         drafted = surviving[walking].any(-1)
         ended = walking[~drafted]
@@ -580,9 +586,10 @@ def _walk(
         surviving[rows] = present & carries & next_alive
     rows = all_rows[~stopped]
     if rows.numel() > 0:
-        step_scores, q = processor.ragged_distribution(
-            work[rows], length[rows] + depth, target.logits_at(rows, cur, depth), batch_rows[rows], background
-        )
+        with timer.phase("target_probs"):
+            step_scores, q = processor.ragged_distribution(
+                work[rows], length[rows] + depth, target.logits_at(rows, cur, depth), batch_rows[rows], background
+            )
         token = sample_categorical(q, generator)
         work[rows, length[rows] + depth] = token
         emitted[rows, depth] = token

@@ -9,6 +9,9 @@ from contextlib import contextmanager
 
 import torch
 
+#: Phases every summary reports, even when they took no time.
+PHASES = ("target_forward", "draft_forward", "verifier")
+
 
 class PhaseTimer:
     """Accumulates seconds per phase; synchronises CUDA so queued kernels land in the right phase."""
@@ -33,8 +36,15 @@ class PhaseTimer:
             self.seconds[name] += time.perf_counter() - start
 
     def summary(self) -> dict[str, float]:
-        """Seconds for "target_forward", "draft_forward", "verifier" and "total" (since construction)."""
+        """Seconds per phase (always "target_forward", "draft_forward", "verifier") and "total" since construction.
+
+        The loop's other phases: "draft_sampling" (draft logits to p, drawing the drafts),
+        "target_probs" (target logits to q), "stopping" (stopping criteria) and "cache"
+        (keeping the accepted path); what no phase covers (masks, trees, bookkeeping) is
+        "total" minus their sum.
+        """
         self._sync()
-        out = {key: float(self.seconds.get(key, 0.0)) for key in ("target_forward", "draft_forward", "verifier")}
+        out = {key: float(self.seconds.get(key, 0.0)) for key in PHASES}
+        out.update((key, float(value)) for key, value in self.seconds.items() if key not in out)
         out["total"] = time.perf_counter() - self._start
         return out

@@ -220,10 +220,12 @@ def test_cli_help_dump_and_errors(capsys, tmp_path):
     assert cli.main(["--dump-config", "--limit", "7", "--verifiers", "spectr:2"]) == 0
     dumped = json.loads(capsys.readouterr().out)
     assert dumped["limit"] == 7 and dumped["verifiers"] == ["spectr:2"]
-    assert dumped["assistant_confidence_threshold"] is None and dumped["draft_shape"] == "tree"
-    assert cli.main(["--dump-config", "--confidence", "0.4", "--draft-shape", "spine"]) == 0
+    assert dumped["assistant_confidence_threshold"] == 0.4 and dumped["draft_shape"] == "tree"
+    assert dumped["assistant_top_k"] == 64 and dumped["dtype"] == "auto" and dumped["lengths"] == [12]
+    assert cli.main(["--dump-config", "--confidence", "0.2", "--draft-shape", "spine", "--assistant-top-k", "0"]) == 0
     dumped = json.loads(capsys.readouterr().out)
-    assert dumped["assistant_confidence_threshold"] == 0.4 and dumped["draft_shape"] == "spine"
+    assert dumped["assistant_confidence_threshold"] == 0.2 and dumped["draft_shape"] == "spine"
+    assert dumped["assistant_top_k"] is None
     assert cli.main(["--config", "no-such-config"]) == 2
     assert "not found" in capsys.readouterr().err
     assert cli.main(["--target", "./no/such/dir", "--output-dir", str(tmp_path), "--no-progress"]) == 2
@@ -242,6 +244,35 @@ def test_confidence_stopped_spine_run(tiny_pair_dirs, tmp_path):
     assert {r["method"] for r in records} == {"hf-assisted L=4", "spectr n=3 L=4"}
     assert all(1 <= turn["new_tokens"] <= 6 for r in records for turn in r["turns"])
     assert cli.main([*args, "--confidence", "0.2", "--draft-shape", "spine"]) == 2
+
+
+def test_truncated_int8_draft_run_records_its_setting(tiny_pair_dirs, tmp_path, capsys):
+    """assistant_top_k and the int8 draft reach multi-draft runs; records and table name device and dtype."""
+    files = {"gsm8k": tmp_path / "gsm8k.jsonl", "mtbench": tmp_path / "mt.jsonl"}
+    files["gsm8k"].write_text('{"question": "what is 2 + 3?", "answer": "#### 5"}\n')
+    files["mtbench"].write_text('{"question_id": 1, "category": "x", "turns": ["say hi."]}\n')
+    args = _args(tiny_pair_dirs, files, tmp_path / "out", "--datasets", "gsm8k", "--temperatures", "0,1")
+    args += ["--verifiers", "optimal:3", "--assistant-top-k", "4", "--draft-int8", "on", "--dtype", "float32"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    records = runner.RecordStore(tmp_path / "out" / "tiny").records()
+    assert {(r["device"], r["dtype"]) for r in records} == {("cpu", "float32")}
+    assert "ran on cpu, float32" in out
+    greedy = {r["method"]: r["texts"] for r in records if r["temperature"] == 0}
+    assert len({json.dumps(texts) for texts in greedy.values()}) == 1  # an int8 draft changes no greedy token
+    changed = [
+        *args[:-8],
+        "--verifiers",
+        "optimal:3",
+        "--assistant-top-k",
+        "8",
+        "--draft-int8",
+        "on",
+        "--dtype",
+        "float32",
+    ]
+    assert cli.main(changed) == 2
+    assert "assistant_top_k" in capsys.readouterr().err
 
 
 def test_same_tree_scores(tiny_pair_dirs, tmp_path):

@@ -157,7 +157,7 @@ def test_block_tree_holds_what_the_walk_verifies(target, draft, tree_attention, 
         target, torch.tensor([[1, 5, 7, 3], [1, 9, 9, 4]]), attention_mask=torch.ones(2, 4, dtype=torch.long),
         assistant_model=draft, num_drafts=3, num_assistant_tokens=3, do_sample=True, max_new_tokens=12,
         tree_attention=tree_attention, draft_shape=shape, logits_processor=_processors(),
-        block_callback=trees.append, verification_callback=on_verify,
+        block_callback=trees.append, verification_callback=on_verify, assistant_confidence_threshold=None,
     )  # fmt: skip
     assert trees and {1, 2} <= set(checked)
     for tree in trees:

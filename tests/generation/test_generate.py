@@ -106,7 +106,7 @@ def test_perfect_draft_gives_l_plus_one_tokens_per_forward(target, depth):
     suppress_eos = {"suppress_tokens": [EOS]}
     out = hf_globalres.generate(
         target, **inputs, assistant_model=target, num_drafts=2, num_assistant_tokens=depth, do_sample=True,
-        max_new_tokens=13, return_dict_in_generate=True, **suppress_eos,
+        max_new_tokens=13, return_dict_in_generate=True, assistant_confidence_threshold=None, **suppress_eos,
     )  # fmt: skip
     blocks = out.accepted_lengths[0]
     assert blocks[:-1] == [depth + 1] * (len(blocks) - 1)
@@ -152,6 +152,7 @@ def test_eos_inside_an_accepted_run(target, tree):
     out = hf_globalres.generate(
         target, **inputs, assistant_model=target, num_drafts=2, num_assistant_tokens=4, do_sample=False,
         max_new_tokens=10, logits_processor=processors, tree_attention=tree, return_dict_in_generate=True,
+        assistant_confidence_threshold=None,
     )  # fmt: skip
     assert torch.equal(out.sequences, expected)
     assert out.sequences.shape[1] == width + 3

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import hf_globalres
-from hf_globalres import verifiers
+from hf_globalres import devices, verifiers
 from hf_globalres.generation import drafting
 from hf_globalres.verifiers._selection import FittedVerifier
 
@@ -162,6 +162,24 @@ def test_lossless_with_truncated_drafts(target, draft, verifier, n, depth, tree,
         draft_shape=shape,
     )
     assert p > LEVEL, f"output law differs from the target's (chi-square p = {p:.2e})"
+
+
+def test_lossless_with_int8_draft(target):
+    """An int8 draft (devices.quantize_int8) drafts from another law; the output keeps the target's."""
+    quantized = tiny_llama(1, layers=1)
+    devices.quantize_int8(quantized)
+    p = lossless_pvalue(
+        target, quantized, PROMPTS, {"temperature": 0.8}, verifier="optimal", num_drafts=4, assistant_top_k=6,
+        draft_shape="spine",
+    )  # fmt: skip
+    assert p > LEVEL
+
+
+def test_lossless_in_bfloat16():
+    """bf16 models: q and p are float64 softmaxes of the bf16 logits, so the rules stay exact for the model as run."""
+    target, draft = tiny_llama(0).to(torch.bfloat16), tiny_llama(1, layers=1).to(torch.bfloat16)
+    p = lossless_pvalue(target, draft, PROMPTS, {}, verifier="optimal", num_drafts=4, num_assistant_tokens=3)
+    assert p > LEVEL
 
 
 def test_detects_wrong_draft_law(target, draft, monkeypatch):

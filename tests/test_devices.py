@@ -1,0 +1,91 @@
+"""dtype resolution, oneDNN linears and the int8 draft (hf_globalres/devices.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_globalres
+from hf_globalres import devices
+
+from .generation.conftest import tiny_llama
+from .generation.test_generate import batch
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_dtype_follows_the_cpu(monkeypatch, fast):
+    monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: fast)
+    assert devices.resolve_dtype("auto", "cpu") == (torch.bfloat16 if fast else torch.float32)
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_auto_dtype_on_cuda(monkeypatch, supported):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: supported)
+    assert devices.auto_dtype("cuda") == (torch.bfloat16 if supported else torch.float32)
+
+
+def test_named_dtypes_and_errors():
+    assert devices.resolve_dtype("float32") == torch.float32
+    assert devices.resolve_dtype("bfloat16") == torch.bfloat16
+    assert devices.resolve_dtype(torch.float16) == torch.float16
+    with pytest.raises(ValueError, match="dtype must be one of auto"):
+        devices.resolve_dtype("fp8")
+
+
+def test_cpu_capability_is_a_boolean():
+    devices.cpu_has_fast_bf16.cache_clear()
+    assert devices.cpu_has_fast_bf16() in (True, False)
+
+
+@pytest.mark.skipif(not devices.onednn_linear_available(), reason="this torch build has no oneDNN")
+def test_onednn_linears_change_logits_by_rounding_only():
+    model = tiny_llama(11)
+    ids = torch.randint(0, 16, (3, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert devices.use_onednn_linear(model) == 2 * 7 + 1  # 7 linears per layer, the LM head
+        fast = model(ids).logits
+    devices.restore_linear(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert torch.allclose(fast, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not devices.onednn_linear_available(), reason="this torch build has no oneDNN")
+def test_onednn_linears_keep_autograd():
+    model = tiny_llama(12, layers=1)
+    devices.use_onednn_linear(model)
+    model(torch.randint(0, 16, (1, 4))).logits.sum().backward()
+    assert model.lm_head.weight.grad is not None
+    devices.restore_linear(model)
+
+
+def test_int8_linear_matches_the_float_layer():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    quantized = devices.Int8Linear(linear)
+    x = torch.randn(5, 3, 64)
+    expected = linear(x)
+    got = quantized(x)
+    assert got.shape == expected.shape and got.dtype == x.dtype
+    assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+    assert quantized.weight_int8.dtype == torch.int8 and quantized.weight_int8.abs().max() <= 127
+
+
+def test_quantize_int8_replaces_every_linear():
+    model = tiny_llama(13)
+    assert devices.quantize_int8(model) == 2 * 7 + 1
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+
+
+def test_greedy_with_int8_draft_and_onednn_target_equals_plain_generate():
+    """The draft's numerics change acceptance only; a oneDNN target is the model both methods sample."""
+    draft = tiny_llama(1, layers=1)
+    devices.quantize_int8(draft)
+    fast_target = tiny_llama(0)
+    devices.use_onednn_linear(fast_target)
+    inputs = batch()
+    expected = fast_target.generate(**inputs, do_sample=False, max_new_tokens=20)
+    out = hf_globalres.generate(
+        fast_target, **inputs, assistant_model=draft, num_drafts=3, do_sample=False, max_new_tokens=20
+    )
+    assert torch.equal(out, expected)
