@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import DEFAULT_DATA, forward_costs
+from bench_generate import DEFAULT_DATA, forward_costs, write_report
 
 from hf_globalres import devices, models, rates, verifiers
 from hf_globalres.generation.processors import truncated_softmax
@@ -125,15 +124,8 @@ def main() -> None:
         for r in results:
             r["alpha_n4_change"] = r["alpha_n4"] - reference_row["alpha_n4"]
             r["alpha_n1_change"] = r["alpha_n1"] - reference_row["alpha_n1"]
-    report = {
-        "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__},
-        "positions": q.shape[0],
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "results": results,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
-    print("wrote", args.json)
+    write_report(args.json, {"positions": q.shape[0], "args": {k: str(v) for k, v in vars(args).items()},
+                             "results": results})  # fmt: skip
 
 
 if __name__ == "__main__":

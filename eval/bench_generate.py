@@ -64,6 +64,18 @@ def gsm8k_prompts(path: Path, count: int, tokenizer) -> list[torch.Tensor]:
     ]  # fmt: skip
 
 
+def write_report(path: Path, report: dict) -> None:
+    """Write a benchmark's JSON report, with the machine it ran on, and say where."""
+    report = {"machine": machine(), **report}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    print("wrote", path)
+
+
+def machine(**extra) -> dict:
+    return {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__, **extra}
+
+
 class ForwardCounter:
     """Counts forward calls of a module."""
 
@@ -390,16 +402,14 @@ def main() -> None:
     costs = forward_costs(target, draft, device)
     gpu = gpu_projection(ours) if torch.cuda.is_available() else None
     report = {
-        "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__, **setting},
+        "machine": machine(**setting),
         "args": {k: str(v) for k, v in vars(args).items()},
         "results": results,
         "summary": summary,
         "forward_costs": costs,
         "gpu_projection": gpu,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
-    print("wrote", args.json)
+    write_report(args.json, report)
 
 
 if __name__ == "__main__":

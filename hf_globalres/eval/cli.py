@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,7 +55,10 @@ def read_config(path: Path) -> dict[str, Any]:
             raise ValueError(f"{path}: YAML configs need PyYAML (pip install pyyaml), or use JSON") from None
         data = yaml.safe_load(text)
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must hold one object of settings")
     data.pop("description", None)
@@ -148,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--no-progress", action="store_true", help="hide progress bars")
     out.add_argument("--dump-config", action="store_true", help="print the resolved config as JSON and exit")
     parser.add_argument("--list-verifiers", action="store_true", help="print the registered verifiers and exit")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
@@ -213,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
     except ValueError as error:
+        if args.debug:
+            raise
         print(f"hf-globalres-eval: error: {error}", file=sys.stderr)
         return 2
     if args.dump_config:
@@ -223,8 +228,6 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     run_dir = config.run_dir()
-    if args.overwrite and run_dir.exists() and not args.report_only and _is_main_process():
-        shutil.rmtree(run_dir)
     try:
         if args.report_only:
             records = runner.RecordStore(run_dir).records()
@@ -233,9 +236,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             methods = ", ".join(m.name for m in config.grid())
             print(f"run {run_dir}: {', '.join(config.datasets)} × T={config.temperatures} × [{methods}]", flush=True)
-            records = runner.run(config, progress=not args.no_progress)
+            records = runner.run(config, progress=not args.no_progress, overwrite=args.overwrite)
     except ValueError as error:
+        if args.debug:
+            raise
         print(f"hf-globalres-eval: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if args.debug:
+            raise  # an output directory that cannot be written, a full disk
+        print(f"hf-globalres-eval: error: {error.strerror or error} ({error.filename or run_dir})", file=sys.stderr)
         return 2
     if not _is_main_process():
         return 0

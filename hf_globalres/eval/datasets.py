@@ -164,7 +164,10 @@ def load_prompts(name: str, path: str | os.PathLike | None = None, limit: int | 
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(LOADERS)}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be ≥ 1, got {limit}")
-    return LOADERS[name](path, limit)
+    prompts = LOADERS[name](path, limit)
+    if not prompts:
+        raise ValueError(f"no {name} prompts in {str(path) if path else 'the default source'}: the file is empty")
+    return prompts
 
 
 def chat_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -166,6 +167,9 @@ class EvalConfig:
                 raise ValueError(f"unknown method {kind!r}; available: {', '.join(METHOD_KINDS)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be ≥ 1, got {self.limit}")
+        check_run_name(self.run_name)
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise ValueError(f"threads must be a whole number ≥ 1, got {self.threads}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
         if any(t < 0 for t in self.temperatures) or not self.temperatures:
@@ -227,6 +231,63 @@ class EvalConfig:
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name
+
+
+def check_run_name(name: object) -> None:
+    """Raise ValueError unless ``name`` is a plain directory name (no separators, not "", "." or "..")."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or name != name.strip():
+        raise ValueError(
+            f"run name must be a plain directory name (no '/' or '\\', not empty, '.' or '..'), got {name!r}"
+        )
+
+
+#: Written into every run directory when it is created; ``--overwrite`` deletes only directories holding it.
+RUN_MANIFEST = "config.json"
+
+
+def discard_run(run_dir: Path) -> None:
+    """Delete the run directory ``run_dir`` (``--overwrite``); refuse anything that is not one.
+
+    Raises:
+        ValueError: ``run_dir`` exists but holds no :data:`RUN_MANIFEST`, or another run holds its lock.
+    """
+    if not run_dir.exists():
+        return
+    if not (run_dir / RUN_MANIFEST).is_file():
+        raise ValueError(
+            f"{run_dir} is not a run directory of hf-globalres-eval (no {RUN_MANIFEST}); refusing to delete it. "
+            "Pass another --run-name or --output-dir"
+        )
+    with RunLock(run_dir):
+        shutil.rmtree(run_dir)
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so two runs of one run name never write it at once."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self._handle: Any = None
+
+    def __enter__(self) -> RunLock:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.run_dir / ".lock", "a")
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - platforms without fcntl run unlocked
+            return self
+        try:
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._handle.close()
+            raise ValueError(
+                f"another hf-globalres-eval run is writing to {self.run_dir}; wait for it to finish or pass another "
+                "--run-name"
+            ) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.close()  # closing the file releases the lock
 
 
 def record_key(dataset: str, temperature: float, method: Method, uid: str) -> str:
@@ -357,9 +418,18 @@ class Models:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device named by ``--device`` ("auto": CUDA when available, else the CPU)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but this torch build sees no CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) found")
+    return device
 
 
 def load_models(config: EvalConfig, device: torch.device) -> Models:
@@ -638,6 +708,7 @@ def run(
     *,
     progress: bool = True,
     prompts: dict[str, list[prompt_sets.Prompt]] | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the grid, appending one record per (dataset, temperature, method, prompt); return all records.
 
@@ -650,6 +721,8 @@ def run(
         models: preloaded models (default: load ``config.target``/``config.draft``).
         progress: show a progress bar.
         prompts: prompts per dataset name, e.g. your own (default: load ``config.datasets``).
+        overwrite: discard the run directory's earlier results first, once every input has been
+            checked (only a directory this suite created, see :func:`discard_run`).
     """
     config.validate(datasets=prompts is None)
     if config.threads:
@@ -658,37 +731,67 @@ def run(
     with _distributed(config.device) as state:
         rank = state.process_index if state is not None else 0
         world = state.num_processes if state is not None else 1
-        if rank == 0:
-            _check_resumable(run_dir, config)
-        if state is not None:
-            state.wait_for_everyone()
         device = state.device if state is not None and world > 1 else resolve_device(config.device)
-        store = RecordStore(run_dir, rank)
         if prompts is None:
             paths = {"gsm8k": config.gsm8k_path, "mtbench": config.mtbench_path}
             prompts = {name: prompt_sets.load_prompts(name, paths[name], config.limit) for name in config.datasets}
-        done = store.done()
-        todo = [
-            (name, temperature, method, prompt)
-            for name in prompts
-            for temperature in config.temperatures
-            for index, prompt in enumerate(prompts[name])
-            if index % world == rank
-            # Methods interleave per prompt so that load changes hit every method alike.
-            for method in config.grid()
-            if record_key(name, temperature, method, prompt.uid) not in done
-        ]
-        if todo:
-            models = models if models is not None else load_models(config, device)
-            _warm_up(models, config)
-            with _progress(len(todo), disable=not progress or rank != 0) as bar:
-                for name, temperature, method, prompt in todo:
-                    bar.set_postfix_str(f"{name} T={temperature:g} {method.name}", refresh=False)
-                    store.append(run_prompt(models, method, prompt, temperature, config))
-                    bar.update()
-        if state is not None:
-            state.wait_for_everyone()
-        return store.records()
+        check_models(config)
+        if rank == 0 and overwrite:
+            discard_run(run_dir)
+        # One process holds the lock; the ranks of one sharded run write the directory together.
+        with RunLock(run_dir) if world == 1 else contextlib.nullcontext():
+            if rank == 0:
+                _check_resumable(run_dir, config)
+            if state is not None:
+                state.wait_for_everyone()
+            return _run_grid(config, models, prompts, device, state, RecordStore(run_dir, rank), progress)
+
+
+def check_models(config: EvalConfig) -> None:
+    """Raise ValueError naming a target or draft that cannot be found, before anything is written."""
+    from .. import models
+
+    for spec in (config.target, config.draft):
+        if spec in models.BUILTIN:
+            models.source_files(models.BUILTIN[spec])
+        else:
+            models.resolve(spec)
+
+
+def _run_grid(
+    config: EvalConfig,
+    models: Models | None,
+    prompts: dict[str, list[prompt_sets.Prompt]],
+    device: torch.device,
+    state: Any,
+    store: RecordStore,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """The body of :func:`run`: every missing (dataset, temperature, method, prompt) record, then all records."""
+    rank = state.process_index if state is not None else 0
+    world = state.num_processes if state is not None else 1
+    done = store.done()
+    todo = [
+        (name, temperature, method, prompt)
+        for name in prompts
+        for temperature in config.temperatures
+        for index, prompt in enumerate(prompts[name])
+        if index % world == rank
+        # Methods interleave per prompt so that load changes hit every method alike.
+        for method in config.grid()
+        if record_key(name, temperature, method, prompt.uid) not in done
+    ]
+    if todo:
+        models = models if models is not None else load_models(config, device)
+        _warm_up(models, config)
+        with _progress(len(todo), disable=not progress or rank != 0) as bar:
+            for name, temperature, method, prompt in todo:
+                bar.set_postfix_str(f"{name} T={temperature:g} {method.name}", refresh=False)
+                store.append(run_prompt(models, method, prompt, temperature, config))
+                bar.update()
+    if state is not None:
+        state.wait_for_everyone()
+    return store.records()
 
 
 def _warm_up(models: Models, config: EvalConfig) -> None:

@@ -216,6 +216,11 @@ def generate(
     for name in _UNSUPPORTED_OUTPUTS:
         if kwargs.get(name):
             raise ValueError(f"{name}=True is not supported by multi-draft generation")
+    if kwargs.get("prompt_lookup_num_tokens") is not None:
+        raise ValueError(
+            "prompt_lookup_num_tokens asks for prompt-lookup decoding, which cannot run beside an assistant_model; "
+            "drop it to use multi-draft decoding with the assistant, or drop the multi-draft keywords"
+        )
     if kwargs.get("num_beams", 1) != 1:
         raise ValueError("beam search cannot be combined with multi-draft speculative sampling (num_beams must be 1)")
 
@@ -288,6 +293,7 @@ def _decode(
             raise ValueError(f"multi-draft generation starts from an empty cache; do not pass a filled {name}")
     if synced_gpus:
         raise ValueError("synced_gpus is not supported by multi-draft generation")
+    _check_prompt_ids(input_ids, model_kwargs.get("attention_mask"), model, assistant_model)
     pad = generation_config._pad_token_tensor
     if pad is None:
         eos = generation_config._eos_token_tensor
@@ -321,6 +327,28 @@ def _decode(
         accepted_lengths=result.accepted_lengths,
         timings=result.timings,
     )
+
+
+def _check_prompt_ids(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, model: torch.nn.Module, assistant: torch.nn.Module
+) -> None:
+    """Raise ValueError if a prompt token (padding aside) lies outside either model's embedding rows."""
+    rows = {
+        label: m.get_input_embeddings().num_embeddings
+        for label, m in (("model", model), ("assistant_model", assistant))
+        if m.get_input_embeddings() is not None
+    }
+    ids = input_ids if attention_mask is None else input_ids[attention_mask.bool()]
+    if not rows or ids.numel() == 0:
+        return
+    limit = min(rows.values())
+    bad = ids[(ids < 0) | (ids >= limit)]
+    if bad.numel() > 0:
+        sizes = ", ".join(f"{label} {count}" for label, count in rows.items())
+        raise ValueError(
+            f"input_ids hold token id {int(bad[0])}, outside the embedding rows of the models ({sizes}); "
+            "encode prompts with the models' shared tokenizer"
+        )
 
 
 def _wants_multi_draft(kwargs: dict[str, Any]) -> bool:

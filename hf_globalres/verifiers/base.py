@@ -123,6 +123,8 @@ class Verifier(ABC):
         draft tuples drawn under ``draft_scheme`` gives q for a lossless rule.
         """
         q, p, x = self.prepare(target_probs, draft_probs, draft_tokens)
+        if x.shape[0] == 0:  # an empty batch has an empty law
+            return q.new_zeros(q.shape)
         plan = self.shared_plan(q, p, x)
         law = plan.reject_prob[:, None] * plan.residual
         return law.scatter_add(1, x.clamp_min(0), plan.draft_emit)
@@ -144,6 +146,9 @@ class Verifier(ABC):
             generator: optional ``torch.Generator`` on the tensors' device.
         """
         q, p, x = self.prepare(target_probs, draft_probs, draft_tokens)
+        if x.shape[0] == 0:  # an empty batch verifies to an empty result
+            empty = x.new_zeros(0)
+            return VerificationResult(token=empty, accepted=empty.bool(), draft_index=empty)
         plan = self.shared_plan(q, p, x)
         n = x.shape[1]
         branch_probs = torch.cat([plan.draft_emit, plan.reject_prob[:, None]], dim=1)
@@ -254,7 +259,7 @@ def check_probs(probs: torch.Tensor, label: str) -> None:
     sums = probs.sum(-1, dtype=torch.float64)  # NaN and ±inf propagate into the sums
     if not bool(torch.isfinite(sums).all()):
         raise ValueError(f"{label} contains NaN or infinite values")
-    if bool(probs.amin() < 0):
+    if probs.numel() and bool(probs.amin() < 0):
         raise ValueError(f"{label} contains negative probabilities")
     # Half-precision rows carry rounding of order eps; the verifiers renormalise them anyway.
     tolerance = max(ROW_SUM_TOLERANCE, torch.finfo(probs.dtype).eps)

@@ -56,25 +56,22 @@ def batch(prompts=PROMPTS):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize(("n", "depth", "tree"), [(1, 1, True), (2, 3, True), (4, 4, False), (3, 2, False)])
-def test_greedy_equals_plain_generate(target, draft, n, depth, tree):
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"num_drafts": 1, "num_assistant_tokens": 1, "tree_attention": True},
+        {"num_drafts": 2, "num_assistant_tokens": 3, "tree_attention": True},
+        {"num_drafts": 4, "num_assistant_tokens": 4, "tree_attention": False},
+        {"num_drafts": 3, "num_assistant_tokens": 2, "tree_attention": False},
+        {"num_drafts": 1, "assistant_top_k": 3},
+        {"num_drafts": 4, "assistant_top_k": 1},
+        {"num_drafts": 4, "assistant_top_k": 5, "draft_shape": "spine"},
+    ],
+)
+def test_greedy_equals_plain_generate(target, draft, options):
     inputs = batch()
     expected = target.generate(**inputs, do_sample=False, max_new_tokens=20)
-    out = hf_globalres.generate(
-        target, **inputs, assistant_model=draft, num_drafts=n, num_assistant_tokens=depth, tree_attention=tree,
-        do_sample=False, max_new_tokens=20,
-    )  # fmt: skip
-    assert torch.equal(out, expected)
-
-
-@pytest.mark.parametrize(("n", "top_k", "shape"), [(1, 3, "tree"), (4, 1, "tree"), (4, 5, "spine")])
-def test_greedy_with_truncated_drafts_equals_plain_generate(target, draft, n, top_k, shape):
-    inputs = batch()
-    expected = target.generate(**inputs, do_sample=False, max_new_tokens=20)
-    out = hf_globalres.generate(
-        target, **inputs, assistant_model=draft, num_drafts=n, assistant_top_k=top_k, draft_shape=shape,
-        do_sample=False, max_new_tokens=20,
-    )  # fmt: skip
+    out = hf_globalres.generate(target, **inputs, assistant_model=draft, do_sample=False, max_new_tokens=20, **options)
     assert torch.equal(out, expected)
 
 
@@ -221,6 +218,8 @@ def test_return_dict_fields(target, draft):
     assert out.target_forwards.shape == (len(PROMPTS),) and (out.target_forwards >= 1).all()
     assert len(out.accepted_lengths) == len(PROMPTS) and all(min(b) >= 1 for b in out.accepted_lengths)
     assert set(out.timings) >= {"target_forward", "draft_forward", "verifier", "total"}
+    assert set(out.timings) >= {"draft_sampling", "target_probs", "stopping", "cache"}
+    assert sum(v for k, v in out.timings.items() if k != "total") <= out.timings["total"]
     assert out.timings["total"] >= out.timings["target_forward"] + out.timings["draft_forward"]
 
 
@@ -304,6 +303,7 @@ def test_entry_points_agree(target, draft, extra):
         ({"assistant_model": None}, "assistant_model"),
         ({"num_beams": 2}, "num_beams"),
         ({"output_scores": True}, "output_scores"),
+        ({"prompt_lookup_num_tokens": 3}, "prompt_lookup_num_tokens"),
         ({"stop_strings": ["ab"]}, "tokenizer"),
     ],
 )
@@ -311,6 +311,17 @@ def test_bad_arguments(target, draft, options, message):
     kwargs = {"assistant_model": draft, "num_drafts": 2, "do_sample": True, "max_new_tokens": 3, **options}
     with pytest.raises(ValueError, match=message):
         hf_globalres.generate(target, **batch(), **kwargs)
+
+
+def test_prompt_ids_outside_the_vocabulary_are_refused(target, draft):
+    inputs = batch()
+    inputs["input_ids"][0, -1] = 99  # the tiny models have 16 embedding rows
+    with pytest.raises(ValueError, match="token id 99, outside the embedding rows"):
+        hf_globalres.generate(target, **inputs, assistant_model=draft, num_drafts=2, max_new_tokens=3)
+    inputs["input_ids"][0, -1] = 3
+    inputs["input_ids"][1, 0] = 99  # under the attention mask's padding: never fed, so accepted
+    assert inputs["attention_mask"][1, 0] == 0
+    hf_globalres.generate(target, **inputs, assistant_model=draft, num_drafts=2, max_new_tokens=3)
 
 
 def test_different_tokenizers_are_refused(target, tokenizer):

@@ -107,3 +107,13 @@ def test_validate_false_skips_checks() -> None:
     q, p, x = valid()
     fast = verifiers.get("spectr", validate=False)
     assert fast.verify(q, p, x).token.shape == (2,)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_empty_batch_gives_an_empty_result(name):
+    q, p, x = valid(batch=2, vocab=6, n=2)
+    rule = verifiers.get(name)
+    n = 1 if rule.max_drafts == 1 else 2
+    result = rule.verify(q[:0], p[:0], x[:0, :n])
+    assert result.token.shape == result.accepted.shape == result.draft_index.shape == (0,)
+    assert rule.conditional(q[:0], p[:0], x[:0, :n]).shape == (0, 6)

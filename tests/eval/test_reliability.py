@@ -1,0 +1,89 @@
+"""The eval never deletes, mixes or duplicates results, and bad input gets one clear line (exit 2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_globalres.eval import cli, runner
+
+from .test_runner import _args
+
+
+@pytest.fixture
+def one_prompt(tmp_path):
+    files = {"gsm8k": tmp_path / "gsm8k.jsonl", "mtbench": tmp_path / "mt.jsonl"}
+    files["gsm8k"].write_text('{"question": "what is 2 + 3?", "answer": "#### 5"}\n')
+    files["mtbench"].write_text('{"question_id": 1, "category": "x", "turns": ["say hi."]}\n')
+    return files
+
+
+def _small(pair, files, out, *extra):
+    args = _args(pair, files, out, "--datasets", "gsm8k", "--temperatures", "1", "--methods", "multidraft")
+    return [*args, "--verifiers", "spectr:2", *extra]
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x"])
+def test_run_names_are_plain_names(tiny_pair_dirs, one_prompt, tmp_path, capsys, name):
+    keep = tmp_path / "out" / "other-run" / "records.0.jsonl"
+    keep.parent.mkdir(parents=True)
+    keep.write_text("{}\n")
+    args = _small(tiny_pair_dirs, one_prompt, tmp_path / "out" / "a")
+    assert cli.main([*args, "--run-name", name, "--overwrite"]) == 2
+    assert "run name must be a plain directory name" in capsys.readouterr().err
+    assert keep.read_text() == "{}\n"
+
+
+def test_overwrite_deletes_only_run_directories_after_checking_inputs(tiny_pair_dirs, one_prompt, tmp_path, capsys):
+    out = tmp_path / "out"
+    foreign = out / "tiny" / "notes.txt"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_text("mine")
+    assert cli.main([*_small(tiny_pair_dirs, one_prompt, out), "--overwrite"]) == 2
+    assert "not a run directory" in capsys.readouterr().err and foreign.read_text() == "mine"
+    foreign.unlink()
+    assert cli.main(_small(tiny_pair_dirs, one_prompt, out)) == 0
+    records = (out / "tiny" / "records.0.jsonl").read_text()
+    missing = _small(tiny_pair_dirs, {**one_prompt, "gsm8k": tmp_path / "no-such.jsonl"}, out)
+    assert cli.main([*missing, "--overwrite"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert (out / "tiny" / "records.0.jsonl").read_text() == records  # nothing deleted before the inputs held
+    absent_model = _small((tmp_path / "no-model", tiny_pair_dirs[1]), one_prompt, out)
+    assert cli.main([*absent_model, "--overwrite"]) == 2
+    assert (out / "tiny" / "records.0.jsonl").read_text() == records
+    assert cli.main([*_small(tiny_pair_dirs, one_prompt, out), "--overwrite"]) == 0
+    assert len((out / "tiny" / "records.0.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_second_concurrent_run_is_refused(tiny_pair_dirs, one_prompt, tmp_path, capsys):
+    out = tmp_path / "out"
+    with runner.RunLock(out / "tiny"):
+        assert cli.main(_small(tiny_pair_dirs, one_prompt, out)) == 2
+        assert "another hf-globalres-eval run is writing" in capsys.readouterr().err
+        assert cli.main([*_small(tiny_pair_dirs, one_prompt, out), "--overwrite"]) == 2
+    assert not (out / "tiny" / "records.0.jsonl").exists()
+    assert cli.main(_small(tiny_pair_dirs, one_prompt, out)) == 0
+
+
+def test_clear_errors_for_bad_input(tiny_pair_dirs, one_prompt, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = _small(tiny_pair_dirs, one_prompt, out)
+    assert cli.main([*base, "--threads", "-3"]) == 2
+    assert "threads must be a whole number" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert cli.main(_small(tiny_pair_dirs, {**one_prompt, "gsm8k": empty}, out)) == 2
+    assert "no gsm8k prompts" in capsys.readouterr().err
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"limit": 2,')
+    assert cli.main(["--config", str(broken)]) == 2
+    assert f"{broken}: not valid JSON" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main([*base, "--device", "cuda"]) == 2
+        assert "sees no CUDA device" in capsys.readouterr().err
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert cli.main(_small(tiny_pair_dirs, one_prompt, blocked)) == 2  # the output directory is a file
+    assert "hf-globalres-eval: error" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="threads"):
+        cli.main([*base, "--threads", "-3", "--debug"])
