@@ -232,7 +232,10 @@ def check_inputs(
     if n == 0:
         raise ValueError("draft_tokens has n = 0 columns: pass at least one column (−1 marks absent drafts)")
     if max_drafts is not None and n > max_drafts:
-        raise ValueError(f"this verifier takes at most {max_drafts} draft(s) per row, got n = {n}")
+        raise ValueError(
+            f"this verifier takes at most {max_drafts} draft(s) per row, got n = {n}; "
+            "optimal, spectr and rrs take any number"
+        )
     if draft_tokens.numel():
         if bool(((draft_tokens < -1) | (draft_tokens >= vocab)).any()):
             raise ValueError(f"draft_tokens must lie in [0, {vocab}) or be −1 (absent)")

@@ -46,10 +46,16 @@ class Khisti(FittedVerifier):
         max_iters: solver iterations (default 500).
         max_tuples: largest number of draft multisets of T; T shrinks to fit (default 2e5).
         validate: check inputs.
+
+    Takes at most 6 drafts per position (``max_drafts``); use ``optimal`` for more.
     """
 
     name = "khisti"
     draft_scheme = "iid"
+    #: Its selection law sums over every draft multiset of the truncated alphabet: one call at
+    #: V = 152k takes 0.35 s at n = 4, 1.2 s at 5 and 5.7 s at 6 on a 2-core CPU, and n = 8 ran
+    #: past a minute. Larger n is refused at once.
+    max_drafts = 6
     subset_selection = False
     fail_on_truncation = False
     fail_on_iterations = False

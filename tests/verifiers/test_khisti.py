@@ -86,3 +86,10 @@ def test_full_vocabulary_truncates() -> None:
     assert stats.failures == 0 and stats.mean_support == 50
     accepted = float(stats.acceptance[0])
     assert float(rates.single_acceptance(q, p)[0]) - 1e-9 <= accepted <= float(rates.optimal_acceptance(q, p, 2)[0])
+
+
+def test_more_drafts_than_it_can_enumerate_are_refused():
+    """Its multisets grow factorially in n: n = 8 at V = 152k is refused, naming the rules that take it."""
+    q = torch.full((1, 151_936), 1 / 151_936, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"at most 6 draft.*optimal, spectr and rrs take any number"):
+        verifiers.get("khisti").verify(q, q, torch.arange(8)[None])
