@@ -39,6 +39,7 @@ from .. import verifiers
 from ..devices import DTYPE_CHOICES
 from ..generation.defaults import DEFAULT_ASSISTANT_TOP_K, DEFAULT_CONFIDENCE_THRESHOLD, DEFAULT_NUM_ASSISTANT_TOKENS
 from . import datasets as prompt_sets
+from . import fingerprint
 from .metrics import DepthStats, extract_final_answer
 
 MethodKind = Literal["autoregressive", "assisted", "multidraft"]
@@ -741,7 +742,7 @@ def run(
         # One process holds the lock; the ranks of one sharded run write the directory together.
         with RunLock(run_dir) if world == 1 else contextlib.nullcontext():
             if rank == 0:
-                _check_resumable(run_dir, config)
+                _check_resumable(run_dir, config, prompts)
             if state is not None:
                 state.wait_for_everyone()
             return _run_grid(config, models, prompts, device, state, RecordStore(run_dir, rank), progress)
@@ -806,25 +807,37 @@ def _warm_up(models: Models, config: EvalConfig) -> None:
             generate_once(models, method, ids, 1.0, 2, dataclasses.replace(config, measure_acceptance=False))
 
 
-def _check_resumable(run_dir: Path, config: EvalConfig) -> None:
-    """Write the run's config, or check that an existing run directory was made with the same settings."""
-    path = run_dir / "config.json"
+#: Settings whose values name files: compared by the content they name (:mod:`.fingerprint`), not as text.
+_NAMED_BY_PATH = ("target", "draft", "gsm8k_path", "mtbench_path")
+
+
+def _check_resumable(run_dir: Path, config: EvalConfig, prompts: dict[str, list[prompt_sets.Prompt]]) -> None:
+    """Write the run's config and fingerprint, or check that the run directory's results match them.
+
+    Raises:
+        ValueError: naming each setting, model or prompt that differs from the recorded run.
+    """
+    path = run_dir / RUN_MANIFEST
+    current = fingerprint.run_fingerprint(config, prompts)
+    merged = config.to_dict()
     if path.is_file():
         previous = json.loads(path.read_text())
         defaults = EvalConfig()
-        changed = [k for k in EvalConfig.RESULT_FIELDS if previous.get(k, getattr(defaults, k)) != getattr(config, k)]
+        recorded = previous.get("fingerprint")
+        fields = [k for k in EvalConfig.RESULT_FIELDS if recorded is None or k not in _NAMED_BY_PATH]
+        changed = [k for k in fields if previous.get(k, getattr(defaults, k)) != getattr(config, k)]
+        if recorded is not None:
+            changed += fingerprint.differences(recorded, current)
         if changed:
             raise ValueError(
                 f"run directory {run_dir} holds results made with different {', '.join(changed)}; "
-                "pass another --run-name (or --overwrite to discard them)"
+                "pass another --run-name, or --overwrite to discard them and start afresh"
             )
         # The grid may grow between runs: keep the union so the report covers everything recorded.
-        merged = config.to_dict()
         for key in ("datasets", "temperatures", "methods", "verifiers", "num_drafts", "lengths"):
             merged[key] = list(dict.fromkeys(list(previous.get(key, [])) + list(merged[key])))
-        atomic_write(path, json.dumps(merged, indent=2))
-    else:
-        atomic_write(path, json.dumps(config.to_dict(), indent=2))
+        current["prompts"] = {**(recorded or {}).get("prompts", {}), **current["prompts"]}
+    atomic_write(path, json.dumps({**merged, "fingerprint": current}, indent=2))
 
 
 def select(records: Iterable[dict[str, Any]], config: EvalConfig) -> list[dict[str, Any]]:

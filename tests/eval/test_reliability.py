@@ -87,3 +87,38 @@ def test_clear_errors_for_bad_input(tiny_pair_dirs, one_prompt, tmp_path, capsys
     assert "hf-globalres-eval: error" in capsys.readouterr().err
     with pytest.raises(ValueError, match="threads"):
         cli.main([*base, "--threads", "-3", "--debug"])
+
+
+def test_resume_refuses_changed_data_and_models_and_accepts_the_same_files(
+    tiny_pair_dirs, one_prompt, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "out"
+    assert cli.main(_small(tiny_pair_dirs, one_prompt, out)) == 0
+    records = (out / "tiny" / "records.0.jsonl").read_text()
+    # The same files under other spellings of their paths: a resume, nothing generated.
+    monkeypatch.chdir(tmp_path)
+    relative = {**one_prompt, "gsm8k": one_prompt["gsm8k"].relative_to(tmp_path)}
+    assert cli.main(_small(tiny_pair_dirs, relative, out.relative_to(tmp_path))) == 0
+    assert (out / "tiny" / "records.0.jsonl").read_text() == records
+    # New contents at the same data path, with a larger limit: refused.
+    one_prompt["gsm8k"].write_text('{"question": "what is 9 - 1?", "answer": "#### 8"}\n' * 2)
+    assert cli.main([*_small(tiny_pair_dirs, one_prompt, out), "--limit", "2"]) == 2
+    assert "different prompt texts (gsm8k|" in capsys.readouterr().err
+    one_prompt["gsm8k"].write_text('{"question": "what is 2 + 3?", "answer": "#### 5"}\n')
+    # New weights in the same model directory: refused.
+    target_dir = tiny_pair_dirs[0]
+    weights = next(target_dir.glob("*.safetensors"))
+    saved = weights.read_bytes()
+    try:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(target_dir)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(1.01)
+        model.save_pretrained(target_dir)
+        assert cli.main(_small(tiny_pair_dirs, one_prompt, out)) == 2
+        assert "different target model files" in capsys.readouterr().err
+    finally:
+        weights.write_bytes(saved)
+    assert cli.main(_small(tiny_pair_dirs, one_prompt, out)) == 0
+    assert (out / "tiny" / "records.0.jsonl").read_text() == records
