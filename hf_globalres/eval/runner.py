@@ -338,13 +338,18 @@ class RecordStore:
                 handle.truncate(cut)
 
     def records(self) -> list[dict[str, Any]]:
-        """Every complete record of every rank (torn or unreadable lines are ignored)."""
-        out = []
+        """Every complete record of every rank, once per key (torn or unreadable lines are ignored).
+
+        A key written twice (two processes racing past the run lock, or a copied records file)
+        counts once: the first record kept, so a summary never double-counts a prompt.
+        """
+        out: dict[str, dict[str, Any]] = {}
         for path in sorted(self.directory.glob("records.*.jsonl")):
             for line in path.read_text(encoding="utf-8").splitlines():
                 with contextlib.suppress(json.JSONDecodeError):
-                    out.append(json.loads(line))
-        return out
+                    record = json.loads(line)
+                    out.setdefault(record["key"], record)
+        return list(out.values())
 
     def done(self) -> set[str]:
         return {record["key"] for record in self.records()}

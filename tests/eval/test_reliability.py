@@ -122,3 +122,11 @@ def test_resume_refuses_changed_data_and_models_and_accepts_the_same_files(
         weights.write_bytes(saved)
     assert cli.main(_small(tiny_pair_dirs, one_prompt, out)) == 0
     assert (out / "tiny" / "records.0.jsonl").read_text() == records
+
+
+def test_records_count_once_per_key(tmp_path):
+    store = runner.RecordStore(tmp_path / "run")
+    store.append({"key": "a", "value": 1})
+    store.append({"key": "b", "value": 2})
+    runner.RecordStore(tmp_path / "run", rank=1).append({"key": "a", "value": 3})
+    assert sorted((r["key"], r["value"]) for r in store.records()) == [("a", 1), ("b", 2)]
