@@ -29,7 +29,7 @@ def draft_tuples(
 
     Returns:
         ``(tuples [T, n] long, probs [T] float64)`` over tuples of positive
-        probability; ``probs`` sums to 1.
+        probability, on ``draft_probs``' device; ``probs`` sums to 1.
     """
     p = draft_probs.double().cpu()
     p = p / p.sum()
@@ -51,8 +51,9 @@ def draft_tuples(
             weights.append(prob)
     else:
         raise ValueError(f"scheme must be 'iid' or 'without_replacement', got {scheme!r}")
-    tuples = torch.tensor(rows, dtype=torch.long).reshape(len(rows), num_drafts)
-    probs = torch.tensor(weights, dtype=torch.float64)
+    # Enumerated on the host; returned on the row's own device.
+    tuples = torch.tensor(rows, dtype=torch.long, device=draft_probs.device).reshape(len(rows), num_drafts)
+    probs = torch.tensor(weights, dtype=torch.float64, device=draft_probs.device)
     return tuples, probs / probs.sum()
 
 

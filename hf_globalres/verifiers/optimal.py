@@ -444,6 +444,8 @@ class Optimal(Verifier):
         The rule's acceptance is ``Σ ā`` (its accepted mass; its residual has
         no mass on drafts); the gap to ``α*`` is what an unconverged solve costs.
         """
-        q, p, _ = self.prepare(target_probs, draft_probs, torch.full((target_probs.shape[0], 1), -1))
+        q, p, _ = self.prepare(
+            target_probs, draft_probs, torch.full((target_probs.shape[0], 1), -1, device=target_probs.device)
+        )
         rule = self.solve(q, p, num_drafts)
         return rule.mass.sum(-1), rule.optimum

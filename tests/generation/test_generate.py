@@ -348,3 +348,15 @@ def test_sliding_window_is_refused(target):
     windowed = tiny_qwen2(8, layers=1, use_sliding_window=True, sliding_window=4, max_window_layers=0)
     with pytest.raises(ValueError, match="sliding-window"):
         hf_globalres.generate(windowed, **batch(), assistant_model=target, num_drafts=2, max_new_tokens=3)
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"draft_shape": "spine"}, {"tree_attention": False, "verifier": "spectr"}, {"do_sample": False}]
+)
+def test_a_block_creates_tensors_on_the_inputs_device(target, draft, options):
+    """With meta as the default device, a tensor made without ``device=`` would land on meta and fail."""
+    inputs = batch()
+    sampling = {"do_sample": True, **options}
+    with torch.device("meta"):
+        out = hf_globalres.generate(target, **inputs, assistant_model=draft, num_drafts=3, max_new_tokens=6, **sampling)
+    assert out.device.type == "cpu" and out.shape[0] == 3
