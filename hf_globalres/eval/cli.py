@@ -249,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not _is_main_process():
         return 0
-    summary = report.write_report(config, runner.select(records, config))
+    selected = runner.select(records, config)
+    summary = report.write_report(config, selected)
+    for note in runner.resume_notes(config, selected):
+        print(f"note: {note}", file=sys.stderr)
     print()
     print(report.describe_setting(summary["rows"]))
     print(report.format_table(summary["rows"]))

@@ -845,6 +845,25 @@ def _check_resumable(run_dir: Path, config: EvalConfig, prompts: dict[str, list[
     atomic_write(path, json.dumps({**merged, "fingerprint": current}, indent=2))
 
 
+def resume_notes(config: EvalConfig, records: list[dict[str, Any]]) -> list[str]:
+    """What a resumed run did not do that its settings might suggest (nothing is ever recomputed)."""
+    notes = []
+    for dataset in config.datasets:
+        prompts = {r["prompt"] for r in records if r["dataset"] == dataset}
+        if config.limit is not None and len(prompts) > config.limit:
+            notes.append(
+                f"the run directory holds {len(prompts)} {dataset} prompts and the report covers them all; "
+                f"--limit {config.limit} drops no recorded result (pass another --run-name for a smaller run)"
+            )
+    scored = [r for r in records if r["verifier"] == REFERENCE_VERIFIER and r["num_drafts"] > 1]
+    if config.same_trees and scored and not any(r.get("same_trees") for r in scored):
+        notes.append(
+            "--same-trees scores trees as they are generated; these records were made without it and are not "
+            "regenerated (pass another --run-name, or --overwrite, to score them)"
+        )
+    return notes
+
+
 def select(records: Iterable[dict[str, Any]], config: EvalConfig) -> list[dict[str, Any]]:
     """Records that belong to ``config``'s grid (a run directory may hold more)."""
     names = {m.name for m in config.grid()}
@@ -866,6 +885,7 @@ __all__ = [
     "load_models",
     "prompt_seed",
     "record_key",
+    "resume_notes",
     "run",
     "run_prompt",
     "select",

@@ -130,3 +130,15 @@ def test_records_count_once_per_key(tmp_path):
     store.append({"key": "b", "value": 2})
     runner.RecordStore(tmp_path / "run", rank=1).append({"key": "a", "value": 3})
     assert sorted((r["key"], r["value"]) for r in store.records()) == [("a", 1), ("b", 2)]
+
+
+def test_a_resume_says_what_it_does_not_recompute(tiny_pair_dirs, one_prompt, tmp_path, capsys):
+    out = tmp_path / "out"
+    one_prompt["gsm8k"].write_text('{"question": "what is 2 + 3?", "answer": "#### 5"}\n' * 2)
+    args = _small(tiny_pair_dirs, one_prompt, out, "--verifiers", "optimal:2")
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    assert cli.main([*args, "--limit", "1", "--same-trees"]) == 0
+    err = capsys.readouterr().err
+    assert "holds 2 gsm8k prompts" in err and "--limit 1 drops no recorded result" in err
+    assert "made without it and are not regenerated" in err
