@@ -142,3 +142,51 @@ def test_a_resume_says_what_it_does_not_recompute(tiny_pair_dirs, one_prompt, tm
     err = capsys.readouterr().err
     assert "holds 2 gsm8k prompts" in err and "--limit 1 drops no recorded result" in err
     assert "made without it and are not regenerated" in err
+
+
+def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_records(tiny_pair_dirs, data_files, tmp_path):
+    """A run killed (SIGKILL) after a random number of records, at a random instant, resumes to the same set."""
+    import json
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def args(run_name):
+        return [
+            *_args(tiny_pair_dirs, data_files, tmp_path, "--datasets", "gsm8k", "--limit", "3"),
+            "--methods", "autoregressive,multidraft", "--verifiers", "spectr:2", "optimal:2",
+            "--run-name", run_name, "--device", "cpu",
+        ]  # fmt: skip
+
+    assert cli.main(args("whole")) == 0
+    whole = {r["key"]: r["texts"] for r in runner.RecordStore(tmp_path / "whole").records()}
+    records = tmp_path / "killed" / "records.0.jsonl"
+    chance = random.Random(0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    interrupted = []
+    for _ in range(3):
+        wanted = chance.randrange(len(whole))
+        before = len(records.read_text().splitlines()) if records.exists() else 0
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hf_globalres.eval.cli", *args("killed")], env=env, cwd=tmp_path,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            if records.exists() and len(records.read_text().splitlines()) >= min(before + wanted, len(whole)):
+                break
+            time.sleep(0.01)
+        time.sleep(chance.uniform(0, 0.2))  # somewhere inside the next generation or write
+        written = len(records.read_text().splitlines()) if records.exists() else 0
+        interrupted.append(process.poll() is None and written < len(whole))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert any(interrupted), "no kill landed while records were still being written"
+    assert cli.main(args("killed")) == 0
+    resumed = runner.RecordStore(tmp_path / "killed").records()
+    assert {r["key"]: r["texts"] for r in resumed} == whole
+    lines = records.read_text().splitlines()
+    assert len(lines) == len({json.loads(line)["key"] for line in lines}) == len(whole)
