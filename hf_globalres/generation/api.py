@@ -332,13 +332,23 @@ def _decode(
 def _check_prompt_ids(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, model: torch.nn.Module, assistant: torch.nn.Module
 ) -> None:
-    """Raise ValueError if a prompt token (padding aside) lies outside either model's embedding rows."""
+    """Raise ValueError for an empty prompt, or a prompt token (padding aside) outside either model's embedding rows."""
     rows = {
         label: m.get_input_embeddings().num_embeddings
         for label, m in (("model", model), ("assistant_model", assistant))
         if m.get_input_embeddings() is not None
     }
     ids = input_ids if attention_mask is None else input_ids[attention_mask.bool()]
+    lengths = (
+        input_ids.new_full(input_ids.shape[:1], input_ids.shape[1])
+        if attention_mask is None
+        else attention_mask.sum(-1)
+    )
+    if input_ids.shape[0] > 0 and bool((lengths == 0).any()):
+        raise ValueError(
+            "a prompt is empty: every row of input_ids needs at least one token under its attention mask "
+            "(start it with the tokenizer's BOS token or a chat template)"
+        )
     if not rows or ids.numel() == 0:
         return
     limit = min(rows.values())

@@ -324,6 +324,15 @@ def test_prompt_ids_outside_the_vocabulary_are_refused(target, draft):
     hf_globalres.generate(target, **inputs, assistant_model=draft, num_drafts=2, max_new_tokens=3)
 
 
+def test_empty_prompts_are_refused(target, draft):
+    with pytest.raises(ValueError, match="a prompt is empty"):
+        hf_globalres.generate(target, torch.zeros(1, 0, dtype=torch.long), assistant_model=draft, max_new_tokens=3)
+    inputs = batch()
+    inputs["attention_mask"][1] = 0
+    with pytest.raises(ValueError, match="a prompt is empty"):
+        hf_globalres.generate(target, **inputs, assistant_model=draft, num_drafts=2, max_new_tokens=3)
+
+
 def test_different_tokenizers_are_refused(target, tokenizer):
     other = tiny_llama(7, layers=1, eos_token_id=5)
     with pytest.raises(ValueError, match="different tokenizers"):
