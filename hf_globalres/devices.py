@@ -7,9 +7,10 @@ natively and to float32 elsewhere:
 - CUDA: bfloat16 when ``torch.cuda.is_bf16_supported()`` (Ampere and later);
 - CPU: bfloat16 when the processor has AVX-512 BF16 or AMX-BF16 instructions
   (``torch.cpu.get_capabilities()``, or ``/proc/cpuinfo`` on torch versions
-  without it). Without them oneDNN emulates bf16 arithmetic and a
-  verification forward over 9 tokens costs 5× a one-token one, so float32
-  is faster there.
+  without it). Without them bf16 matrix products are emulated: on an AVX2
+  CPU a 1536 × 8960 layer over 9 rows costs 5× one row, and a forward of the
+  1.5B built-in target over 17 tokens 11× a one-token one, so float32 is
+  faster there.
 
 A model loaded in bf16 samples from its bf16 law; the verifiers work on
 float64 probabilities computed from its logits, so they stay exact for the
@@ -19,8 +20,9 @@ On CPUs, :func:`use_onednn_linear` routes a float32 model's linear layers
 through oneDNN instead of the default BLAS call. On processors where that
 BLAS handles a few rows poorly (seen on AMD EPYC with AVX2: a 1536 × 8960
 layer over 9 rows in 11.5 ms against 5.0 ms with oneDNN; the LM head over 9
-rows in 206 against 70 ms), this makes the multi-token verification forward
-2–3× cheaper and a one-token step 1.3× cheaper. It changes the logits by
+rows in 206 against 70 ms), this makes the 1.5B target's verification
+forward over 5–33 tokens 1.5–1.7× cheaper and a one-token step 1.3× cheaper
+(measured in ``eval/bench_generate.py``'s forward costs). It changes the logits by
 float rounding only (≤ 3e-4 on the built-in pair's layers). The model then
 *is* that model: plain sampling and speculative decoding from it have one
 and the same law, so compare methods with the same setting.
