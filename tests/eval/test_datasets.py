@@ -116,3 +116,15 @@ def test_repo_configs_are_valid():
     for name in names:
         config = cli.config_from_args(cli.build_parser().parse_args(["--config", name]))
         assert config.grid(), name
+
+
+def test_an_unreachable_hub_gets_one_line_naming_the_offline_alternative(monkeypatch, tmp_path):
+    import datasets as hub
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(hub, "load_dataset", offline)
+    monkeypatch.setattr(ds, "default_gsm8k_path", lambda: None)
+    with pytest.raises(ValueError, match=r"could not load openai/gsm8k from the Hub .*--gsm8k-path"):
+        ds.load_prompts("gsm8k", None, 2)
