@@ -369,3 +369,18 @@ def test_a_block_creates_tensors_on_the_inputs_device(target, draft, options):
     with torch.device("meta"):
         out = hf_globalres.generate(target, **inputs, assistant_model=draft, num_drafts=3, max_new_tokens=6, **sampling)
     assert out.device.type == "cpu" and out.shape[0] == 3
+
+
+@pytest.mark.parametrize("keyword", [{"draft_shape": "spine"}, {"assistant_top_k": 5}])
+def test_enabled_generate_routes_every_multi_draft_keyword(target, draft, keyword):
+    """Each of MULTI_DRAFT_KWARGS alone switches an enabled model.generate to multi-draft decoding."""
+    model = tiny_llama(0)
+    hf_globalres.enable(model)
+    try:
+        out = model.generate(
+            **batch(), assistant_model=draft, do_sample=True, max_new_tokens=4, return_dict_in_generate=True,
+            **keyword,
+        )  # fmt: skip
+    finally:
+        hf_globalres.disable(model)
+    assert out.target_forwards is not None and out.accepted_lengths is not None
