@@ -154,6 +154,7 @@ def generate(
     tree_attention: bool | str = "auto",
     verification_callback: VerificationCallback | None = None,
     block_callback: BlockCallback | None = None,
+    generator: torch.Generator | None = None,
     **kwargs: Any,
 ) -> MultiDraftGenerateOutput | torch.LongTensor:
     """``model.generate`` with lossless multi-draft speculative sampling.
@@ -189,6 +190,9 @@ def generate(
         block_callback: called with each block's :class:`~hf_globalres.generation.loop.BlockTree`
             (drafts, and p and q at every node) before it is verified; score any rule on the same
             trees with :func:`~hf_globalres.generation.loop.expected_block_tokens`.
+        generator: a ``torch.Generator`` on the model's device for every draw of the call (drafts,
+            verification, bonus tokens), so a seeded generator reproduces a run without touching the
+            global RNG (default: the global RNG).
         **kwargs: everything else ``generate`` accepts (``do_sample``, ``temperature``, ``top_k``,
             ``top_p``, ``max_new_tokens``, ``stop_strings`` with ``tokenizer``, ``attention_mask``,
             ``return_dict_in_generate``...).
@@ -248,6 +252,7 @@ def generate(
         use_tree=tree_attention in (True, "auto"),
         verification_callback=verification_callback,
         block_callback=block_callback,
+        generator=generator,
     )
     return _ORIGINAL_GENERATE(
         model,
@@ -281,6 +286,7 @@ def _decode(
     use_tree: bool,
     verification_callback: VerificationCallback | None,
     block_callback: BlockCallback | None,
+    generator: torch.Generator | None,
     **model_kwargs: Any,
 ) -> MultiDraftGenerateOutput | torch.LongTensor:
     """The decoding callable transformers runs after preparing config, processors and criteria."""
@@ -294,6 +300,11 @@ def _decode(
     if synced_gpus:
         raise ValueError("synced_gpus is not supported by multi-draft generation")
     _check_prompt_ids(input_ids, model_kwargs.get("attention_mask"), model, assistant_model)
+    if generator is not None and torch.device(generator.device).type != input_ids.device.type:
+        raise ValueError(
+            f"generator is on {generator.device} but the model runs on {input_ids.device}: "
+            f"pass torch.Generator(device={str(input_ids.device)!r})"
+        )
     pad = generation_config._pad_token_tensor
     if pad is None:
         eos = generation_config._eos_token_tensor
@@ -318,6 +329,7 @@ def _decode(
         streamer=bound_streamer,
         verification_callback=verification_callback,
         block_callback=block_callback,
+        generator=generator,
     )
     if not generation_config.return_dict_in_generate:
         return result.sequences

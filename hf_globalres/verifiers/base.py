@@ -308,6 +308,11 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
     rises at the returned index, so a zero-probability entry is never
     returned; all-zero rows return an arbitrary index.
     """
+    if generator is not None and torch.device(generator.device).type != probs.device.type:
+        raise ValueError(
+            f"generator is on {generator.device} but the probabilities are on {probs.device}: "
+            f"pass torch.Generator(device={str(probs.device)!r})"
+        )
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
     u = torch.rand(total.shape, dtype=probs.dtype, device=probs.device, generator=generator)

@@ -384,3 +384,30 @@ def test_enabled_generate_routes_every_multi_draft_keyword(target, draft, keywor
     finally:
         hf_globalres.disable(model)
     assert out.target_forwards is not None and out.accepted_lengths is not None
+
+
+@pytest.mark.parametrize("verifier", ["optimal", "spectr", "rrs_without_replacement"])
+def test_a_seeded_generator_reproduces_a_run_whatever_the_global_rng(target, draft, verifier):
+    def run(global_seed, seed):
+        torch.manual_seed(global_seed)
+        return hf_globalres.generate(
+            target, **batch(), assistant_model=draft, num_drafts=3, do_sample=True, max_new_tokens=10,
+            verifier=verifier, generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+
+    first = run(0, 7)
+    assert torch.equal(first, run(1, 7))
+    assert not torch.equal(first, run(0, 8))
+
+
+def test_a_generator_on_another_device_is_refused(target, draft):
+    from hf_globalres.verifiers.base import sample_categorical
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device to make a generator on another device")
+    with pytest.raises(ValueError, match="generator is on"):
+        hf_globalres.generate(
+            target, **batch(), assistant_model=draft, max_new_tokens=3, generator=torch.Generator(device="cuda")
+        )
+    with pytest.raises(ValueError, match="generator is on"):
+        sample_categorical(torch.ones(2, 3), torch.Generator(device="cuda"))
