@@ -35,20 +35,30 @@ SAMPLINGS = [
 
 
 #: Confidence-stopped and spine-shaped drafts (τ near the median draft confidence under each sampling,
-#: so that branches both stop and go on): (verifier, n, L, tree, batch of 4, sampling, τ, shape).
+#: so that branches both stop and go on): (verifier, n, L, tree, batch of 4, sampling, τ, shape, top-k).
 CONFIDENCE_CASES = [
-    ("optimal", 4, 3, True, True, {}, 0.09, "tree"),
-    ("spectr", 2, 3, False, False, {"temperature": 0.7, "top_k": 8}, 0.2, "tree"),
-    ("rrs_without_replacement", 4, 3, True, False, {"top_k": 3}, 0.35, "tree"),
-    ("single", 1, 3, True, True, {"temperature": 1.3, "top_p": 0.85}, 0.07, "tree"),
-    ("optimal", 4, 3, True, False, {"top_k": 4}, None, "spine"),
-    ("spectr", 3, 3, False, True, {}, 0.09, "spine"),
-    ("rrs", 4, 3, True, False, {"temperature": 0.7, "top_k": 8}, 0.2, "spine"),
+    ("optimal", 4, 3, True, True, {}, 0.09, "tree", None),
+    ("spectr", 2, 3, False, False, {"temperature": 0.7, "top_k": 8}, 0.2, "tree", None),
+    ("rrs_without_replacement", 4, 3, True, False, {"top_k": 3}, 0.35, "tree", None),
+    ("single", 1, 3, True, True, {"temperature": 1.3, "top_p": 0.85}, 0.07, "tree", None),
+    ("optimal", 4, 3, True, False, {"top_k": 4}, None, "spine", None),
+    ("spectr", 3, 3, False, True, {}, 0.09, "spine", None),
+    ("rrs", 4, 3, True, False, {"temperature": 0.7, "top_k": 8}, 0.2, "spine", None),
+]
+
+#: Drafts from p truncated to its top-k tokens (``assistant_top_k``, the last entry; 1: greedy drafts).
+TRUNCATION_CASES = [
+    ("optimal", 4, 3, True, True, {}, None, "tree", 3),
+    ("optimal", 4, 3, True, False, {"temperature": 0.7, "top_k": 8}, 0.09, "spine", 5),
+    ("spectr", 2, 2, False, True, {"temperature": 1.3, "top_p": 0.85}, None, "tree", 1),
+    ("single", 1, 3, True, False, {"repetition_penalty": 1.5, "min_p": 0.05}, None, "tree", 4),
+    ("rrs_without_replacement", 4, 2, True, True, {}, None, "tree", 2),
+    ("khisti", 3, 2, True, False, {}, None, "tree", 6),
 ]
 
 
 def _cases() -> list[tuple]:
-    """A covering design over verifiers, n, L, layout, batch and sampling, plus ``CONFIDENCE_CASES``.
+    """A covering design over verifiers, n, L, layout, batch and sampling, plus the confidence and truncation cases.
 
     Rules fitted row by row (:class:`FittedVerifier`: the paper reproductions)
     cost seconds per thousand rows, so they get one case each (n = 2, L = 3);
@@ -65,9 +75,9 @@ def _cases() -> list[tuple]:
             for depth in (3,) if fitted else (1, 3):
                 i = next(counter)
                 cases.append(
-                    (name, n, depth, i % 2 == 0, (i // 2) % 2 == 0, SAMPLINGS[i % len(SAMPLINGS)], None, "tree")
+                    (name, n, depth, i % 2 == 0, (i // 2) % 2 == 0, SAMPLINGS[i % len(SAMPLINGS)], None, "tree", None)
                 )
-    return cases + CONFIDENCE_CASES
+    return cases + CONFIDENCE_CASES + TRUNCATION_CASES
 
 
 def left_pad(prompts: list[list[int]], repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +109,10 @@ def lossless_pvalue(target, draft, prompts, sampling, **kwargs) -> float:
     return pvalue(parts)
 
 
-@pytest.mark.parametrize(("verifier", "n", "depth", "tree", "batch4", "sampling", "threshold", "shape"), _cases())
-def test_lossless(target, draft, verifier, n, depth, tree, batch4, sampling, threshold, shape):
+@pytest.mark.parametrize(
+    ("verifier", "n", "depth", "tree", "batch4", "sampling", "threshold", "shape", "top_k"), _cases()
+)
+def test_lossless(target, draft, verifier, n, depth, tree, batch4, sampling, threshold, shape, top_k):
     prompts = PROMPTS if batch4 else PROMPTS[:1]
     p = lossless_pvalue(
         target,
@@ -113,6 +125,7 @@ def test_lossless(target, draft, verifier, n, depth, tree, batch4, sampling, thr
         tree_attention=tree,
         assistant_confidence_threshold=threshold,
         draft_shape=shape,
+        assistant_top_k=top_k,
     )
     assert p > LEVEL, f"output law differs from the target's (chi-square p = {p:.2e})"
 
@@ -129,39 +142,6 @@ def test_lossless_qwen2(qwen_pair):
     target, draft = qwen_pair
     p = lossless_pvalue(target, draft, PROMPTS[1:3], {"top_k": 6}, verifier="rrs", num_drafts=3, num_assistant_tokens=2)
     assert p > LEVEL
-
-
-#: Drafts from p truncated to its top-k tokens: (verifier, n, L, tree, batch of 4, sampling, top-k, τ, shape).
-TRUNCATION_CASES = [
-    ("optimal", 4, 3, True, True, {}, 3, None, "tree"),
-    ("optimal", 4, 3, True, False, {"temperature": 0.7, "top_k": 8}, 5, 0.09, "spine"),
-    ("spectr", 2, 2, False, True, {"temperature": 1.3, "top_p": 0.85}, 1, None, "tree"),
-    ("single", 1, 3, True, False, {"repetition_penalty": 1.5, "min_p": 0.05}, 4, None, "tree"),
-    ("rrs_without_replacement", 4, 2, True, True, {}, 2, None, "tree"),
-    ("khisti", 3, 2, True, False, {}, 6, None, "tree"),
-]
-
-
-@pytest.mark.parametrize(
-    ("verifier", "n", "depth", "tree", "batch4", "sampling", "top_k", "threshold", "shape"), TRUNCATION_CASES
-)
-def test_lossless_with_truncated_drafts(target, draft, verifier, n, depth, tree, batch4, sampling, top_k, threshold,
-                                        shape):  # fmt: skip
-    """``assistant_top_k`` changes the draft law only; the output keeps the target's (top-k 1: greedy drafts)."""
-    p = lossless_pvalue(
-        target,
-        draft,
-        PROMPTS if batch4 else PROMPTS[:1],
-        sampling,
-        verifier=verifier,
-        num_drafts=n,
-        num_assistant_tokens=depth,
-        tree_attention=tree,
-        assistant_top_k=top_k,
-        assistant_confidence_threshold=threshold,
-        draft_shape=shape,
-    )
-    assert p > LEVEL, f"output law differs from the target's (chi-square p = {p:.2e})"
 
 
 def test_lossless_with_int8_draft(target):
