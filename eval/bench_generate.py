@@ -20,6 +20,7 @@ efficiencies, labelled as projected. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import platform
@@ -341,7 +342,7 @@ def main() -> None:
     results += [run_assisted(setting_name, target, draft, prompts, sample, args.seed)
                 for setting_name in args.assisted.split(",")]  # fmt: skip
     if "on" in args.draft_int8.split(","):
-        int8_draft = models.load_model(args.draft, dtype=dtype)
+        int8_draft = copy.deepcopy(draft)
         devices.quantize_int8(int8_draft)
     thresholds = [None if x == "none" else float(x) for x in args.confidence.split(",")]
     top_ks = [int(x) or None for x in args.top_k.split(",")]

@@ -22,6 +22,7 @@ from every shard's records.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -438,6 +439,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _switched_on(setting: str, *, when_auto: bool) -> bool:
+    """An "auto" / "on" / "off" setting's value, "auto" meaning ``when_auto``."""
+    return setting == "on" or (setting == "auto" and when_auto)
+
+
 def load_models(config: EvalConfig, device: torch.device) -> Models:
     """Load the configured pair (built-in names, directories, .gguf files or Hub ids)."""
     from .. import devices, models
@@ -449,12 +455,10 @@ def load_models(config: EvalConfig, device: torch.device) -> Models:
         target.to(device)
     draft.to(device)
     multidraft_draft = draft
-    if config.draft_int8 == "on" or (config.draft_int8 == "auto" and device.type == "cpu"):
-        multidraft_draft = models.load_model(config.draft, dtype=dtype).to(device)
+    if _switched_on(config.draft_int8, when_auto=device.type == "cpu"):
+        multidraft_draft = copy.deepcopy(draft)
         devices.quantize_int8(multidraft_draft)
-    onednn = config.onednn_linear == "on" or (
-        config.onednn_linear == "auto" and device.type == "cpu" and dtype == torch.float32
-    )
+    onednn = _switched_on(config.onednn_linear, when_auto=device.type == "cpu" and dtype == torch.float32)
     if onednn:
         onednn = sum(devices.use_onednn_linear(model) for model in {target, draft, multidraft_draft}) > 0
     tokenizer = models.load_tokenizer(config.target)
