@@ -16,7 +16,7 @@ from hf_globalres.eval import cli, report, runner
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="default", help="name in eval/configs or a path")
+    parser.add_argument("--config", default="default", help="config name (hf_globalres/eval/configs) or a path")
     parser.add_argument("--device", help="auto, cpu, cuda, ...")
     args = parser.parse_args()
 

@@ -1,7 +1,7 @@
 """``hf-globalres-eval``: run an evaluation grid and print the headline table.
 
 hf-globalres-eval                                  # the default grid on the built-in pair
-hf-globalres-eval --config gsm8k-grid              # eval/configs/gsm8k-grid.json
+hf-globalres-eval --config gsm8k-grid              # hf_globalres/eval/configs/gsm8k-grid.json
 hf-globalres-eval --datasets mtbench --limit 10 --verifiers single spectr:2,4 --lengths 4
 accelerate launch -m hf_globalres.eval.cli --config gsm8k-grid   # shard prompts over processes/GPUs
 """
@@ -18,7 +18,9 @@ from typing import Any
 from ..devices import DTYPE_CHOICES
 from .runner import EvalConfig
 
-_REPO_CONFIGS = Path(__file__).resolve().parents[2] / "eval" / "configs"
+#: The configs shipped with the package (a wheel install has no repository checkout beside it).
+PACKAGE_CONFIGS = Path(__file__).resolve().with_name("configs")
+_CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 
 def _floats(text: str) -> list[float]:
@@ -34,16 +36,23 @@ def _words(text: str) -> list[str]:
 
 
 def find_config(spec: str) -> Path:
-    """A config file from a path, or a name looked up in ./eval/configs and the repository's eval/configs."""
+    """A config file from a path, or a name looked up in ./eval/configs (working directory), then the package's.
+
+    A file of the same name in ./eval/configs shadows the packaged one, so a checkout can try an edited grid.
+    """
     path = Path(spec).expanduser()
     if path.is_file():
         return path
-    for directory in (Path.cwd() / "eval" / "configs", _REPO_CONFIGS):
-        for suffix in (".json", ".yaml", ".yml"):
+    for directory in (Path.cwd() / "eval" / "configs", PACKAGE_CONFIGS):
+        for suffix in _CONFIG_SUFFIXES:
             candidate = directory / f"{spec}{suffix}"
             if candidate.is_file():
                 return candidate
-    raise ValueError(f"config {spec!r} not found (neither a file nor a name in eval/configs/)")
+    names = ", ".join(sorted(p.stem for p in PACKAGE_CONFIGS.iterdir() if p.suffix in _CONFIG_SUFFIXES))
+    raise ValueError(
+        f"config {spec!r} not found: neither a file nor a name in ./eval/configs/ or the packaged configs "
+        f"({names}); pass one of those names or a path to a JSON/YAML file"
+    )
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -107,15 +107,29 @@ def test_bad_requests_name_the_problem(tmp_path):
         ds.load_mtbench(bad)
 
 
-def test_repo_configs_are_valid():
+def test_packaged_configs_are_valid():
     from hf_globalres.eval import cli
 
-    directory = Path(__file__).resolve().parents[2] / "eval" / "configs"
+    directory = Path(__file__).resolve().parents[2] / "hf_globalres" / "eval" / "configs"
+    assert cli.PACKAGE_CONFIGS == directory
     names = sorted(p.stem for p in directory.glob("*.json"))
     assert {"default", "gsm8k-grid", "mtbench-grid", "floors", "accuracy"} <= set(names)
     for name in names:
         config = cli.config_from_args(cli.build_parser().parse_args(["--config", name]))
         assert config.grid(), name
+
+
+def test_configs_are_found_from_any_directory_and_the_working_directory_shadows(tmp_path, monkeypatch):
+    from hf_globalres.eval import cli
+
+    monkeypatch.chdir(tmp_path)  # no eval/configs here: the packaged config answers
+    assert cli.find_config("floors") == cli.PACKAGE_CONFIGS / "floors.json"
+    local = tmp_path / "eval" / "configs" / "floors.json"
+    local.parent.mkdir(parents=True)
+    local.write_text('{"limit": 1}')
+    assert cli.find_config("floors") == Path("eval/configs/floors.json").resolve()
+    with pytest.raises(ValueError, match=r"config 'nope' not found: .*accuracy, default, floors"):
+        cli.find_config("nope")
 
 
 def test_an_unreachable_hub_gets_one_line_naming_the_offline_alternative(monkeypatch, tmp_path):
