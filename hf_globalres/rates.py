@@ -4,7 +4,7 @@ All functions take q = ``target_probs`` and p = ``draft_probs`` of shape
 [B, V] and return [B]; ``num_drafts`` is an int or a LongTensor [B]. The
 acceptance of a rule is ``P(Y ∈ {X_1..X_n})`` averaged over the drafts.
 
-Optimal acceptance (NOTES §1; Thomas & Pal 2025, §3 "subset selection"):
+Optimal acceptance (docs/design.md §3; Thomas & Pal 2025, §3 "subset selection"):
 
     α*(p, q, n) = 1 + min_{H ⊆ V} [ q(H) − P(all n drafts ∈ H) ]
 

@@ -1,6 +1,6 @@
 """Evaluation arithmetic: block efficiency, acceptance per tree depth, GSM8K answer match, speedups.
 
-Definitions (NOTES §5):
+Definitions (docs/design.md §9):
 
 - block efficiency = Σ new tokens / Σ target forwards over a set of
   generations (the prefill shares the first verification forward, so a

@@ -1,7 +1,7 @@
 """The block loop: draft n branches, verify them in one target forward, walk the tree, emit.
 
 One block for B sequences (SpecTr multi-step decoding, Sun et al. 2023, §4;
-NOTES §5):
+docs/design.md §7):
 
 1. The assistant drafts n branches of L tokens (:mod:`.drafting`).
 2. One target forward scores the not-yet-cached committed tokens (the prompt

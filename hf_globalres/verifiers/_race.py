@@ -5,7 +5,7 @@ draft mass ``p_y > 0`` on a tier ``S`` and a background mass ``r = 1 − p(S)``
 of draws that never win. ``n`` draws are i.i.d.; each draw ``i`` that lands on
 ``y ∈ S`` starts an exponential clock of rate ``w_y = e^{α_y}`` and the first
 clock to ring wins: draw ``i`` wins with probability ``w_{x_i} / Σ_{j: x_j ∈ S}
-w_{x_j}``. The law of the winning token is (NOTES §3)
+w_{x_j}``. The law of the winning token is (docs/design.md §4.3)
 
     b_y(α) = n p_y w_y ∫_0^∞ e^{−t w_y} M(t)^{n−1} dt,   M(t) = r + Σ_{z∈S} p_z e^{−t w_z},
 

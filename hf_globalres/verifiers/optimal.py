@@ -4,7 +4,7 @@ Reaches the transport-LP optimum (Thomas & Pal 2025, "Global Resolution")
 
     α*(p, q, n) = 1 + min_{H ⊆ V} [q(H) − p(H)^n]
 
-with no truncation of the vocabulary (NOTES §3):
+with no truncation of the vocabulary (docs/design.md §4):
 
 1. **Acceptance masses.** ``H*`` is the largest minimiser
    (:func:`hf_globalres.rates.optimal_prefix`), ``L = supp p \\ H*``. The mass
