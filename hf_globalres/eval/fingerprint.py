@@ -3,7 +3,9 @@
 A run directory's ``config.json`` keeps, beside the settings, a fingerprint of
 
 - every prompt it used, by uid: a hash of its turns and reference answer (a run
-  may grow its ``--limit``; a prompt it already used must not change);
+  may grow its ``--limit``; a prompt it already used must not change). A uid
+  also names its source (:func:`.datasets.prompt_source`): the embedded math
+  sample that stands in for an unreachable GSM8K never joins GSM8K's prompts;
 - each model: a built-in model's packaged sha256; for a directory or a
   ``.gguf`` file, a hash of its config and tokenizer files and, per weight
   file, its name, size, header and first and last MiB (cheap enough to compute
@@ -20,6 +22,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from .datasets import prompt_source
 
 _SAMPLE = 1 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -78,14 +82,32 @@ def run_fingerprint(config: Any, prompts: dict[str, list[Any]]) -> dict[str, Any
     }
 
 
+def _sources(prompts: dict[str, str]) -> dict[str, set[str]]:
+    """The sources of each dataset's prompts, keyed ``dataset|uid`` as in :func:`run_fingerprint`."""
+    sources: dict[str, set[str]] = {}
+    for key in prompts:
+        dataset, _, uid = key.partition("|")
+        sources.setdefault(dataset, set()).add(prompt_source(dataset, uid))
+    return sources
+
+
 def differences(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """What changed between two fingerprints, in words; prompts new to ``current`` are no change."""
+    """What changed between two fingerprints, in words; prompts new to ``current`` are no change.
+
+    New prompts from another source than the recorded ones (the embedded math sample instead of
+    GSM8K, or back) are a change: their results would be reported as one dataset.
+    """
     changed = [key for key in ("package", "target", "draft") if previous.get(key) != current.get(key)]
     old = previous.get("prompts", {})
     edited = sorted(uid for uid, digest in current.get("prompts", {}).items() if uid in old and old[uid] != digest)
     if edited:
         shown = ", ".join(edited[:3]) + (f" and {len(edited) - 3} more" if len(edited) > 3 else "")
         changed.append(f"prompt texts ({shown})")
+    before, now = _sources(old), _sources(current.get("prompts", {}))
+    for dataset in sorted(set(before) & set(now)):
+        if before[dataset] != now[dataset]:
+            was, new = (" and ".join(sorted(s)) for s in (before[dataset], now[dataset]))
+            changed.append(f"{dataset} prompt sources (recorded: {was}; now: {new})")
     names = {"package": "package version", "target": "target model files", "draft": "draft model files"}
     return [names.get(item, item) for item in changed]
 
