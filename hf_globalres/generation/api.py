@@ -126,7 +126,7 @@ def generate(
     generator: torch.Generator | None = None,
     **kwargs: Any,
 ) -> MultiDraftGenerateOutput | torch.LongTensor:
-    """``model.generate`` with lossless multi-draft speculative sampling (docs/design.md).
+    """``model.generate`` with lossless multi-draft speculative sampling (docs/design.md §7).
 
     Args:
         model: the target, a decoder-only transformers model (eager or sdpa attention).
@@ -150,14 +150,14 @@ def generate(
             verified (score any rule on it with :func:`~hf_globalres.generation.loop.expected_block_tokens`).
         generator: a ``torch.Generator`` on the model's device for every draw of the call (None: global RNG).
         **kwargs: transformers' ``generate`` options (``do_sample``, ``temperature``, ``max_new_tokens``,
-            ``stop_strings`` with ``tokenizer``, ``attention_mask``, ``return_dict_in_generate``...) except beam
-            search, prompt lookup, guidance, ``synced_gpus``, a filled cache and ``output_*`` flags.
+            ``stop_strings`` with ``tokenizer``, ``attention_mask``, ``return_dict_in_generate``...).
 
     Returns:
         :class:`MultiDraftGenerateOutput` with ``return_dict_in_generate=True``, else the sequences [B, T].
 
     Raises:
-        ValueError: an option out of range, or an input multi-draft decoding does not support.
+        ValueError: an option out of range, or what multi-draft decoding does not serve: beam search, prompt
+            lookup, classifier-free guidance, ``synced_gpus``, a filled cache, ``output_*`` flags.
     """
     # 1. Resolve the defaults of the multi-draft options and check them.
     options = _resolve_options(
@@ -167,7 +167,7 @@ def generate(
         verification_callback=verification_callback, block_callback=block_callback, generator=generator,
     )  # fmt: skip
     # 2. Refuse the transformers options that multi-draft decoding cannot serve.
-    tokenizer = _check_generate_kwargs(negative_prompt_ids, kwargs)
+    tokenizer = _check_generate_kwargs(synced_gpus, negative_prompt_ids, kwargs)
     # 3. Stop strings need the tokenizer, which transformers does not hand to decoding callables.
     generation_config, stopping_criteria = _stop_strings(generation_config, stopping_criteria, tokenizer, kwargs)
     # 4. transformers' generate prepares config, processors and criteria, then runs the decoding callable,
@@ -252,10 +252,15 @@ def _check_models(model: torch.nn.Module, assistant_model: torch.nn.Module | Non
             )
 
 
-def _check_generate_kwargs(negative_prompt_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> Any:
+def _check_generate_kwargs(
+    synced_gpus: bool | None, negative_prompt_ids: torch.Tensor | None, kwargs: dict[str, Any]
+) -> Any:
     """Refuse transformers options that multi-draft decoding cannot serve; pop and return the tokenizer."""
     tokenizer = kwargs.pop("tokenizer", None)
     _check_tokenizers(tokenizer, kwargs.pop("assistant_tokenizer", None))
+    # transformers does not hand synced_gpus to decoding callables (5.24), so it is refused here.
+    if synced_gpus:
+        raise ValueError("synced_gpus is not supported by multi-draft generation")
     if negative_prompt_ids is not None or kwargs.get("guidance_scale") not in (None, 1, 1.0):
         raise ValueError("classifier-free guidance runs the target inside a logits processor; it is not supported")
     for name in _UNSUPPORTED_OUTPUTS:

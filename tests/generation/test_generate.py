@@ -305,6 +305,7 @@ def test_entry_points_agree(target, draft, extra):
         ({"output_scores": True}, "output_scores"),
         ({"prompt_lookup_num_tokens": 3}, "prompt_lookup_num_tokens"),
         ({"stop_strings": ["ab"]}, "tokenizer"),
+        ({"synced_gpus": True}, "synced_gpus"),
     ],
 )
 def test_bad_arguments(target, draft, options, message):
