@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -90,9 +91,9 @@ class RaceProblems:
     num_draws: torch.Tensor
     boxed: torch.Tensor
 
-    @property
+    @cached_property
     def tier(self) -> torch.Tensor:
-        """[P, S] bool: the slot holds a tier token."""
+        """[P, S] bool: the slot holds a tier token (computed once: the masses are never changed in place)."""
         return self.draft_mass > 0
 
     def proportional_alpha(self) -> torch.Tensor:
@@ -407,20 +408,27 @@ def _newton_loop(
     """Newton iterations on the problems with ``residual > tol``, each on the unconverged ones only."""
     tier = problems.tier
     active = residual > tol
+    # The last iteration's problems, width and (when all of them took the full step) terms at their
+    # current α: problems only ever leave ``active``, so an unchanged count means the same problems.
+    carried: tuple[int, int, RaceProblems, RaceTerms | None] | None = None
     for _ in range(max_iters):
         chosen = active.nonzero()[:, 0]
         if chosen.numel() == 0:
             break
-        width = int(tier[chosen].any(0).nonzero().max()) + 1
-        sub = problems.select(chosen, width)
-        sub_alpha, sub_law, sub_residual, improved = _newton_iteration(
-            sub, alpha[chosen, :width], residual[chosen], step=step, max_halvings=max_halvings
+        if carried is not None and carried[0] == chosen.numel():
+            _, width, sub, terms = carried
+        else:
+            width = int(tier[chosen].any(0).nonzero().max()) + 1
+            sub, terms = problems.select(chosen, width), None
+        sub_alpha, sub_law, sub_residual, improved, terms = _newton_iteration(
+            sub, alpha[chosen, :width], residual[chosen], terms, step=step, max_halvings=max_halvings
         )
         alpha[chosen, :width] = sub_alpha
         law[chosen, :width] = sub_law
         residual[chosen] = sub_residual
         # A problem no step size improves has reached the quadrature's noise floor.
         active[chosen] = improved & (sub_residual > tol)
+        carried = (chosen.numel(), width, sub, terms)
     return alpha, law, residual
 
 
@@ -436,20 +444,33 @@ def _normalise(problems: RaceProblems, alpha: torch.Tensor) -> torch.Tensor:
 
 
 def _newton_iteration(
-    problems: RaceProblems, alpha: torch.Tensor, residual: torch.Tensor, *, step: float, max_halvings: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One damped projected Newton step: (α, b(α), residual, improved [P])."""
+    problems: RaceProblems,
+    alpha: torch.Tensor,
+    residual: torch.Tensor,
+    terms: RaceTerms | None,
+    *,
+    step: float,
+    max_halvings: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, RaceTerms | None]:
+    """One damped projected Newton step: (α, b(α), residual, improved [P], terms at the new α or None).
+
+    ``terms`` are the :class:`RaceTerms` at ``alpha`` when the caller has them (None: evaluated here).
+    The full step is evaluated with its Hessian pieces, which the next iteration reuses when every
+    problem takes it (the common case); shorter steps evaluate the law alone.
+    """
     tier, boxed = problems.tier, problems.boxed[:, None]
-    terms = race_terms(problems, alpha, step)
+    terms = race_terms(problems, alpha, step) if terms is None else terms
     law = terms.law
     free = tier & ~(boxed & (alpha <= 0) & (law > problems.target))
     direction = newton_direction(problems, terms, alpha, free)
     size = torch.ones_like(residual)
     searching = torch.ones_like(problems.boxed)
-    for _ in range(max_halvings):
+    next_terms = None
+    for halving in range(max_halvings):
         trial = alpha - size[:, None] * direction
         trial = _normalise(problems, torch.where(boxed, trial.clamp_min(0), trial))
-        trial_law = race_law(problems, trial, step)
+        trial_terms = race_terms(problems, trial, step) if halving == 0 else None
+        trial_law = trial_terms.law if trial_terms is not None else race_law(problems, trial, step)
         trial_residual = kkt_residual(problems, trial, trial_law)
         better = searching & (trial_residual < residual)
         alpha = torch.where(better[:, None], trial, alpha)
@@ -457,9 +478,10 @@ def _newton_iteration(
         residual = torch.where(better, trial_residual, residual)
         searching = searching & ~better
         if not bool(searching.any()):
+            next_terms = trial_terms  # every problem took the full step: the terms are at the new α
             break
         size = torch.where(searching, size / 2, size)
-    return alpha, law, residual, ~searching
+    return alpha, law, residual, ~searching, next_terms
 
 
 def ratio_bins(problems: RaceProblems, binned: torch.Tensor, bins: int) -> torch.Tensor:
