@@ -421,7 +421,8 @@ def _wants_multi_draft(kwargs: dict[str, Any]) -> bool:
     return any(key in kwargs for key in MULTI_DRAFT_KWARGS)
 
 
-#: Attribute of an enabled ``generate``: the function it replaced, which :func:`disable` puts back.
+#: Attribute of an enabled ``generate``: the function :func:`disable` puts back (None: the class's, by deleting
+#: the instance's ``generate``).
 _REPLACED = "_multi_draft_replaced"
 
 
@@ -472,9 +473,9 @@ def _is_routed(method: Any) -> bool:
     return hasattr(getattr(method, "__func__", method), _REPLACED)
 
 
-def _enabled(method: Callable[..., Any]) -> Callable[..., Any]:
+def _enabled(method: Callable[..., Any], replaced: Callable[..., Any] | None) -> Callable[..., Any]:
     routed = _route(method)
-    setattr(routed, _REPLACED, method)
+    setattr(routed, _REPLACED, replaced)
     return routed
 
 
@@ -488,16 +489,19 @@ def enable(model: torch.nn.Module | None = None) -> None:
     if model is None:
         current = GenerationMixin.__dict__["generate"]
         if not _is_routed(current):
-            GenerationMixin.generate = _enabled(current)
+            GenerationMixin.generate = _enabled(current, current)
         return
     if not isinstance(model, GenerationMixin):
         raise ValueError(f"{type(model).__name__} is not a transformers generation model")
     current = model.__dict__.get("generate")
     if _is_routed(current):
         return
-    # A method already set on this instance is what its calls run, so it is the one to route.
-    bound_here = isinstance(current, types.MethodType) and current.__self__ is model
-    model.generate = types.MethodType(_enabled(current.__func__ if bound_here else type(model).generate), model)
+    # A method already set on this instance is what its calls run, so it is the one to route (and to restore).
+    if isinstance(current, types.MethodType) and current.__self__ is model:
+        routed = _enabled(current.__func__, current.__func__)
+    else:
+        routed = _enabled(type(model).generate, None)
+    model.generate = types.MethodType(routed, model)
 
 
 def disable(model: torch.nn.Module | None = None) -> None:
@@ -511,7 +515,7 @@ def disable(model: torch.nn.Module | None = None) -> None:
     if not (isinstance(current, types.MethodType) and _is_routed(current)):
         return
     replaced = getattr(current.__func__, _REPLACED)
-    if replaced is type(model).generate:
+    if replaced is None:
         del model.__dict__["generate"]
     else:
         model.generate = types.MethodType(replaced, model)

@@ -221,3 +221,17 @@ def test_enable_twice_then_disable_once_restores_transformers(target):
         assert "generate" not in target.__dict__ and GenerationMixin.__dict__["generate"] is ORIGINAL
         hf_globalres.disable(switched)  # disabling what is not enabled is a no-op
         assert GenerationMixin.__dict__["generate"] is ORIGINAL
+
+
+def test_the_switch_for_one_model_and_the_global_one_undo_independently(target):
+    hf_globalres.enable(target)
+    hf_globalres.enable()
+    try:
+        hf_globalres.disable(target)
+        assert "generate" not in target.__dict__  # the model follows the class again, which is still enabled
+        assert GenerationMixin.generate is not ORIGINAL
+        plain = target.generate(**inputs(), max_new_tokens=3, do_sample=False)
+    finally:
+        hf_globalres.disable()
+    assert GenerationMixin.__dict__["generate"] is ORIGINAL
+    assert torch.equal(target.generate(**inputs(), max_new_tokens=3, do_sample=False), plain)
