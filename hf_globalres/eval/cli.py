@@ -75,6 +75,7 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: a few top-level options, then one argument group per concern."""
     parser = argparse.ArgumentParser(
         prog="hf-globalres-eval",
         description=(
@@ -88,7 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", help="config name in eval/configs (default, floors, accuracy, gsm8k-grid, mtbench-grid) or a path"
     )
-    models = parser.add_argument_group("models")
+    _add_model_arguments(parser.add_argument_group("models"))
+    _add_data_arguments(parser.add_argument_group("data"))
+    _add_grid_arguments(parser.add_argument_group("grid"))
+    _add_output_arguments(parser.add_argument_group("output"))
+    parser.add_argument("--list-verifiers", action="store_true", help="print the registered verifiers and exit")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return parser
+
+
+def _add_model_arguments(models: argparse._ArgumentGroup) -> None:
+    """Which target and draft, and how they run (dtype, oneDNN linears, device, threads)."""
     models.add_argument("--target", help="built-in name, local directory, .gguf file or Hub id")
     models.add_argument("--draft", help="built-in name, local directory, .gguf file or Hub id (same tokenizer)")
     models.add_argument(
@@ -104,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     models.add_argument("--device-map", help='"auto" spreads a target too large for one GPU over all of them')
     models.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
-    data = parser.add_argument_group("data")
+
+
+def _add_data_arguments(data: argparse._ArgumentGroup) -> None:
+    """Which prompts: datasets, their files, how many, the seed."""
     data.add_argument("--datasets", type=_words, help="comma-separated: gsm8k, mtbench")
     data.add_argument(
         "--gsm8k-path", help="GSM8K test file (.jsonl/.json/.parquet); default $HF_GLOBALRES_GSM8K, "
@@ -116,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     data.add_argument("--limit", type=int, help="prompts per dataset (0 = all)")
     data.add_argument("--seed", type=int, help="base seed; every method gets the same seed per prompt and turn")
-    grid = parser.add_argument_group("grid")
+
+
+def _add_grid_arguments(grid: argparse._ArgumentGroup) -> None:
+    """The grid of methods and the decoding settings they share."""
     grid.add_argument("--methods", type=_words, help="comma-separated: autoregressive, assisted, multidraft")
     grid.add_argument(
         "--verifiers", nargs="+", help='verifier entries: "name" (every --drafts n), "name:n1,n2" or "all"'
@@ -151,16 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs of optimal (n ≥ 2) also score every rule of their draft scheme on their own draft trees "
         "(exact expected tokens per block, paired differences)",
     )
-    out = parser.add_argument_group("output")
+
+
+def _add_output_arguments(out: argparse._ArgumentGroup) -> None:
+    """Where results go and what the run writes or prints."""
     out.add_argument("--output-dir", help="parent of run directories")
     out.add_argument("--run-name", help="run directory name (reruns with the same name resume)")
     out.add_argument("--overwrite", action="store_true", help="discard existing results of this run first")
     out.add_argument("--report-only", action="store_true", help="rewrite the report from existing records")
     out.add_argument("--no-progress", action="store_true", help="hide progress bars")
     out.add_argument("--dump-config", action="store_true", help="print the resolved config as JSON and exit")
-    parser.add_argument("--list-verifiers", action="store_true", help="print the registered verifiers and exit")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    return parser
 
 
 _OVERRIDES = (
