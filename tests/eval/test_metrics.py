@@ -157,3 +157,20 @@ def test_best_verifier_compares_within_the_draft_scheme():
     assert other["value"] == pytest.approx(-0.3) and other["stderr"] == pytest.approx(0.1 * 2**0.5)
     # Without rivals of its own scheme there is no verdict at all.
     assert [f["check"] for f in findings([rows[0], rows[2]])] == ["other_draft_scheme"]
+
+
+def test_speedup_stderr_adds_relative_errors_in_quadrature():
+    # S = 4 / 2 = 2 with 10 % relative error on each rate: SE = 2 · sqrt(0.1² + 0.1²).
+    assert metrics.speedup_stderr(4.0, 0.4, 2.0, 0.2) == pytest.approx(2 * math.sqrt(0.02))
+    assert metrics.speedup_stderr(4.0, 0.0, 2.0, 0.0) == 0.0
+    assert metrics.speedup_stderr(4.0, None, 2.0, 0.2) is None
+    assert metrics.speedup_stderr(4.0, 0.4, 0.0, 0.2) is None and metrics.speedup_stderr(None, 0.4, 2.0, 0.2) is None
+
+
+def test_depth_stats_read_back_from_their_dict():
+    counts = {"rows": [4, 2], "accepted": [3, 1], "optimal": [3.5, 1.5], "single": [2.0, 1.0], "drafts": [8, 4]}
+    stats = metrics.DepthStats.from_dict(counts, scheme="without_replacement")
+    assert stats.to_dict() == counts and stats.scheme == "without_replacement"
+    assert stats.summary() == metrics.acceptance_summary([4, 2], [3, 1], [3.5, 1.5], [2.0, 1.0])
+    with pytest.raises(ValueError, match="one entry per depth"):
+        metrics.DepthStats.from_dict({**counts, "drafts": [8]})
