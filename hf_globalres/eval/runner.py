@@ -11,7 +11,8 @@ Methods (:class:`Method`):
   ``same_trees`` the runs of ``optimal`` also score every other rule of their
   draft scheme on their own draft trees (:class:`SameTreeScores`).
 
-Every (dataset, temperature, method, prompt) result is appended to
+Every (dataset, temperature, method, prompt) result is a
+:class:`~hf_globalres.eval.records.Record`, appended to
 ``<run dir>/records.<rank>.jsonl`` as soon as it is done, so a rerun skips
 finished work; :class:`RecordStore` drops a torn last line left by an
 interruption. Prompts are sharded across ``accelerate`` processes when the
@@ -29,10 +30,10 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, TypeVar
 
 import torch
 
@@ -42,40 +43,20 @@ from ..generation.defaults import DEFAULT_ASSISTANT_TOP_K, DEFAULT_CONFIDENCE_TH
 from . import datasets as prompt_sets
 from . import fingerprint
 from .metrics import DepthStats, extract_final_answer
-
-MethodKind = Literal["autoregressive", "assisted", "multidraft"]
-METHOD_KINDS: tuple[MethodKind, ...] = ("autoregressive", "assisted", "multidraft")
-
-#: The rule the suite's checks are about, and the single-draft rule it is measured against.
-REFERENCE_VERIFIER = "optimal"
-BASELINE_VERIFIER = "single"
-#: The ``same_trees`` entry of ``single`` scored on each tree's first branch (a chain drafted as n = 1).
-FIRST_BRANCH_SINGLE = "single (first branch)"
-
-
-@dataclass(frozen=True)
-class Method:
-    """One decoding method of the grid.
-
-    Attributes:
-        kind: "autoregressive", "assisted" or "multidraft".
-        verifier: registered verifier name (multidraft only).
-        num_drafts: n (1 for assisted, 0 for autoregressive).
-        length: L, draft tokens per block (0 for autoregressive).
-    """
-
-    kind: MethodKind
-    verifier: str | None = None
-    num_drafts: int = 0
-    length: int = 0
-
-    @property
-    def name(self) -> str:
-        if self.kind == "autoregressive":
-            return "autoregressive"
-        if self.kind == "assisted":
-            return f"hf-assisted L={self.length}"
-        return f"{self.verifier} n={self.num_drafts} L={self.length}"
+from .records import (
+    BASELINE_VERIFIER,
+    FIRST_BRANCH_SINGLE,
+    METHOD_KINDS,
+    REFERENCE_VERIFIER,
+    Grading,
+    Method,
+    MethodKind,
+    Record,
+    SameTreeCounts,
+    Setting,
+    Turn,
+    as_record,
+)
 
 
 def default_verifiers() -> list[str]:
@@ -355,8 +336,10 @@ class RecordStore:
     def done(self) -> set[str]:
         return {record["key"] for record in self.records()}
 
-    def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, separators=(",", ":")) + "\n"
+    def append(self, record: Record | Mapping[str, Any]) -> None:
+        """Write one record as one JSON line (a :class:`Record` in its :meth:`~Record.to_dict` form)."""
+        data = record.to_dict() if isinstance(record, Record) else record
+        line = json.dumps(data, separators=(",", ":")) + "\n"
         with open(self.path, "ab") as handle:
             handle.write(line.encode())
             handle.flush()
@@ -415,13 +398,9 @@ class Models:
     onednn_linear: bool = False
 
     @property
-    def setting(self) -> dict[str, Any]:
+    def setting(self) -> Setting:
         """What ran, for records and reports: device, dtype, oneDNN linears."""
-        return {
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "onednn_linear": self.onednn_linear,
-        }
+        return Setting(str(self.device), str(self.dtype).removeprefix("torch."), self.onednn_linear)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -515,8 +494,8 @@ class SameTreeScores:
             chain = expected_block_tokens(tree.first_branch(), self.first_branch)
             self.tokens[FIRST_BRANCH_SINGLE] += float(chain.sum())
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"blocks": self.blocks, "tokens": dict(self.tokens)}
+    def counts(self) -> SameTreeCounts:
+        return SameTreeCounts(self.blocks, dict(self.tokens))
 
 
 def stop_ids(models: Models) -> set[int]:
@@ -539,159 +518,213 @@ def _sampling_kwargs(temperature: float) -> dict[str, Any]:
     return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
 
 
-def generate_once(
-    models: Models, method: Method, input_ids: torch.Tensor, temperature: float, max_new_tokens: int, config: EvalConfig
-) -> dict[str, Any]:
-    """One generation with ``method``; returns new token ids and its measurements.
+@dataclass
+class Generation:
+    """One generation: its new token ids, its :class:`~.records.Turn` and what its callbacks measured."""
 
-    ``input_ids``: [1, T0]. Walltime excludes the acceptance bookkeeping of the
-    verification callback.
-    """
-    from .. import generation
+    new_ids: list[int]
+    turn: Turn
+    depth: DepthStats | None = None
+    same_trees: SameTreeCounts | None = None
 
-    target, draft = models.target, models.draft
+
+@dataclass
+class _Measurements:
+    """The measurement callbacks of one generation; the time spent in them is not the method's."""
+
+    depth: DepthStats | None = None
+    scores: SameTreeScores | None = None
+    verification_callback: _Timed | None = None
+    block_callback: _Timed | None = None
+
+    @classmethod
+    def for_method(cls, method: Method, config: EvalConfig) -> _Measurements:
+        """Acceptance per depth for multi-draft runs, same-tree scores for the runs that score them."""
+        out = cls()
+        if method.kind == "multidraft" and config.measure_acceptance:
+            out.depth = DepthStats(scheme=verifiers.get(method.verifier).draft_scheme)
+            out.verification_callback = _Timed(out.depth.callback)
+        if config.same_trees and method.scores_same_trees:
+            scheme = verifiers.get(method.verifier).draft_scheme
+            out.scores = SameTreeScores(scheme, method.num_drafts, config.draft_shape)
+            out.block_callback = _Timed(out.scores)
+        return out
+
+    def exclude_from(self, seconds: float, timings: dict[str, float] | None) -> float:
+        """``seconds`` (and ``timings["total"]``, in place) less the time spent in the callbacks."""
+        for measurement in (self.verification_callback, self.block_callback):
+            if measurement is not None:
+                seconds -= measurement.seconds
+                if timings is not None:
+                    timings["total"] -= measurement.seconds
+        return seconds
+
+
+@dataclass
+class _Decoded:
+    """What one decoding call returned: the sequences and what multi-draft decoding reports about itself."""
+
+    sequences: torch.Tensor
+    timings: dict[str, float] | None = None
+    reported_target_forwards: int | None = None
+    accepted_lengths: list[int] | None = None
+
+
+def _generate_kwargs(models: Models, input_ids: torch.Tensor, temperature: float, max_new_tokens: int) -> dict:
+    """Keyword arguments of ``generate`` shared by every method: mask, length, padding, sampling."""
     eos = models.tokenizer.eos_token_id
     pad = models.tokenizer.pad_token_id if models.tokenizer.pad_token_id is not None else eos
-    kwargs: dict[str, Any] = {
+    return {
         "attention_mask": torch.ones_like(input_ids),
         "max_new_tokens": max_new_tokens,
         "pad_token_id": pad,
         **_sampling_kwargs(temperature),
     }
-    stats, callback, scores, block_callback = None, None, None, None
-    if method.kind == "multidraft" and config.measure_acceptance:
-        stats = DepthStats(scheme=verifiers.get(method.verifier).draft_scheme)
-        callback = _Timed(stats.callback)
-    scored_run = method.kind == "multidraft" and method.verifier == REFERENCE_VERIFIER and method.num_drafts > 1
-    if config.same_trees and scored_run:
-        scores = SameTreeScores(verifiers.get(method.verifier).draft_scheme, method.num_drafts, config.draft_shape)
-        block_callback = _Timed(scores)
-    counter = ForwardCounter(target)
-    reset_peak_memory(models.device)
-    out_timings, reported = None, {}
-    try:
-        if models.device.type == "cuda":
-            torch.cuda.synchronize(models.device)
-        start = time.perf_counter()
-        if method.kind == "autoregressive":
-            sequences = target.generate(input_ids, **kwargs)
-        elif method.kind == "assisted":
-            draft.generation_config.num_assistant_tokens = method.length
-            draft.generation_config.num_assistant_tokens_schedule = "constant"
-            # transformers' own default τ is 0.4; 0 turns its confidence stop off, as None does for ours.
-            draft.generation_config.assistant_confidence_threshold = config.assistant_confidence_threshold or 0.0
-            sequences = target.generate(input_ids, assistant_model=draft, **kwargs)
-        else:
-            out = generation.generate(
-                target,
-                input_ids,
-                assistant_model=models.multidraft_draft or draft,
-                num_drafts=method.num_drafts,
-                num_assistant_tokens=method.length,
-                assistant_confidence_threshold=config.assistant_confidence_threshold,
-                draft_shape=config.draft_shape,
-                assistant_top_k=config.assistant_top_k,
-                verifier=method.verifier,
-                tree_attention=config.tree_attention,
-                verification_callback=callback,
-                block_callback=block_callback,
-                return_dict_in_generate=True,
-                **kwargs,
-            )
-            sequences, out_timings = out.sequences, dict(out.timings)
-            reported = {
-                "reported_target_forwards": int(out.target_forwards[0]),
-                "accepted_lengths": out.accepted_lengths[0],
-            }
-        if models.device.type == "cuda":
-            torch.cuda.synchronize(models.device)
-        seconds = time.perf_counter() - start
-    finally:
-        counter.close()
-    for measurement in (callback, block_callback):
-        if measurement is not None:
-            seconds -= measurement.seconds
-            if out_timings is not None:
-                out_timings["total"] -= measurement.seconds
+
+
+def _decode_autoregressive(
+    models: Models, method: Method, input_ids: torch.Tensor, kwargs: dict, config: EvalConfig, measure: _Measurements
+) -> _Decoded:
+    """Plain sampling from the target."""
+    return _Decoded(models.target.generate(input_ids, **kwargs))
+
+
+def _decode_assisted(
+    models: Models, method: Method, input_ids: torch.Tensor, kwargs: dict, config: EvalConfig, measure: _Measurements
+) -> _Decoded:
+    """transformers' assisted generation: one draft of ``method.length`` tokens, read from the draft's config."""
+    draft = models.draft
+    draft.generation_config.num_assistant_tokens = method.length
+    draft.generation_config.num_assistant_tokens_schedule = "constant"
+    # transformers' own default τ is 0.4; 0 turns its confidence stop off, as None does for ours.
+    draft.generation_config.assistant_confidence_threshold = config.assistant_confidence_threshold or 0.0
+    return _Decoded(models.target.generate(input_ids, assistant_model=draft, **kwargs))
+
+
+def _decode_multidraft(
+    models: Models, method: Method, input_ids: torch.Tensor, kwargs: dict, config: EvalConfig, measure: _Measurements
+) -> _Decoded:
+    """``hf_globalres.generate`` with the method's verifier, n and L, measured through its callbacks."""
+    from .. import generation
+
+    out = generation.generate(
+        models.target,
+        input_ids,
+        assistant_model=models.multidraft_draft or models.draft,
+        num_drafts=method.num_drafts,
+        num_assistant_tokens=method.length,
+        assistant_confidence_threshold=config.assistant_confidence_threshold,
+        draft_shape=config.draft_shape,
+        assistant_top_k=config.assistant_top_k,
+        verifier=method.verifier,
+        tree_attention=config.tree_attention,
+        verification_callback=measure.verification_callback,
+        block_callback=measure.block_callback,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+    return _Decoded(out.sequences, dict(out.timings), int(out.target_forwards[0]), out.accepted_lengths[0])
+
+
+#: One decoding function per method kind (:data:`~.records.METHOD_KINDS`).
+_DECODERS: dict[MethodKind, Callable[..., _Decoded]] = {
+    "autoregressive": _decode_autoregressive,
+    "assisted": _decode_assisted,
+    "multidraft": _decode_multidraft,
+}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _new_tokens(models: Models, sequences: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The ids ``sequences[0]`` adds to ``input_ids``, up to and including the first stop token."""
     new = sequences[0, input_ids.shape[1] :]
     stops = torch.isin(new, torch.tensor(sorted(stop_ids(models)), dtype=new.dtype, device=new.device))
     if bool(stops.any()):
         # The stop token counts as generated; padding after it does not.
         new = new[: int(stops.nonzero()[0, 0]) + 1]
-    return {
-        "new_ids": new.tolist(),
-        "new_tokens": int(new.numel()),
-        "target_forwards": counter.calls,
-        "seconds": seconds,
-        "timings": out_timings,
-        "depth": stats.to_dict() if stats is not None else None,
-        "same_trees": scores.to_dict() if scores is not None else None,
-        "peak_memory_gb": peak_memory_gb(models.device),
-        **reported,
-    }
+    return new
+
+
+def generate_once(
+    models: Models, method: Method, input_ids: torch.Tensor, temperature: float, max_new_tokens: int, config: EvalConfig
+) -> Generation:
+    """One generation with ``method``; returns its new token ids and its measurements.
+
+    ``input_ids``: [1, T0]. Walltime excludes the acceptance bookkeeping of the
+    verification callback and the same-tree scoring of the block callback.
+    """
+    kwargs = _generate_kwargs(models, input_ids, temperature, max_new_tokens)
+    measure = _Measurements.for_method(method, config)
+    counter = ForwardCounter(models.target)
+    reset_peak_memory(models.device)
+    try:
+        _synchronize(models.device)
+        start = time.perf_counter()
+        decoded = _DECODERS[method.kind](models, method, input_ids, kwargs, config, measure)
+        _synchronize(models.device)
+        seconds = time.perf_counter() - start
+    finally:
+        counter.close()
+    seconds = measure.exclude_from(seconds, decoded.timings)
+    new = _new_tokens(models, decoded.sequences, input_ids)
+    turn = Turn(
+        new_tokens=int(new.numel()),
+        target_forwards=counter.calls,
+        seconds=seconds,
+        timings=decoded.timings,
+        peak_memory_gb=peak_memory_gb(models.device),
+        reported_target_forwards=decoded.reported_target_forwards,
+        accepted_lengths=decoded.accepted_lengths,
+        prompt_tokens=int(input_ids.shape[1]),
+    )
+    same_trees = measure.scores.counts() if measure.scores is not None else None
+    return Generation(new.tolist(), turn, measure.depth, same_trees)
 
 
 def run_prompt(
     models: Models, method: Method, prompt: prompt_sets.Prompt, temperature: float, config: EvalConfig
-) -> dict[str, Any]:
+) -> Record:
     """Every turn of ``prompt`` with ``method``; later turns follow the method's own earlier answers."""
     messages: list[dict[str, str]] = []
-    turns, texts = [], []
-    depth = DepthStats()
-    has_depth = False
-    same_trees: dict[str, Any] | None = None
-    for turn, user in enumerate(prompt.turns):
+    turns: list[Turn] = []
+    texts: list[str] = []
+    depth, has_depth = DepthStats(), False
+    same_trees: SameTreeCounts | None = None
+    for index, user in enumerate(prompt.turns):
         messages.append({"role": "user", "content": user})
         ids = torch.tensor([prompt_sets.chat_ids(models.tokenizer, messages)], device=models.device)
-        torch.manual_seed(prompt_seed(config.seed, prompt.uid, temperature, turn))
-        result = generate_once(models, method, ids, temperature, config.max_new_tokens, config)
-        text = models.tokenizer.decode(result.pop("new_ids"), skip_special_tokens=True)
+        torch.manual_seed(prompt_seed(config.seed, prompt.uid, temperature, index))
+        generated = generate_once(models, method, ids, temperature, config.max_new_tokens, config)
+        text = models.tokenizer.decode(generated.new_ids, skip_special_tokens=True)
         messages.append({"role": "assistant", "content": text})
         texts.append(text)
-        if result["depth"] is not None:
-            depth.merge(result["depth"])
+        if generated.depth is not None:
+            depth.merge(generated.depth)
             has_depth = True
-        result.pop("depth")
-        same_trees = merge_same_trees(same_trees, result.pop("same_trees"))
-        result["prompt_tokens"] = int(ids.shape[1])
-        turns.append(result)
-    timings = [t["timings"] for t in turns if t["timings"]]
-    record: dict[str, Any] = {
-        "key": record_key(prompt.dataset, temperature, method, prompt.uid),
-        "dataset": prompt.dataset,
-        "prompt": prompt.uid,
-        "category": prompt.category,
-        "temperature": temperature,
-        "method": method.name,
-        "kind": method.kind,
-        "verifier": method.verifier,
-        "num_drafts": method.num_drafts,
-        "length": method.length,
-        **models.setting,
-        "new_tokens": sum(t["new_tokens"] for t in turns),
-        "target_forwards": sum(t["target_forwards"] for t in turns),
-        "seconds": sum(t["seconds"] for t in turns),
-        "verifier_seconds": sum(t["verifier"] for t in timings) if timings else None,
-        "peak_memory_gb": max((t["peak_memory_gb"] or 0.0) for t in turns) or None,
-        "turns": turns,
-        "texts": texts,
-        "depth": depth.to_dict() if has_depth else None,
-        "same_trees": same_trees,
-    }
+        same_trees = generated.same_trees if same_trees is None else same_trees.plus(generated.same_trees)
+        turns.append(generated.turn)
+    grading = None
     if prompt.reference is not None:
         answer = extract_final_answer(texts[-1])
-        record.update(reference=prompt.reference, answer=answer, correct=answer == prompt.reference)
-    return record
-
-
-def merge_same_trees(total: dict[str, Any] | None, part: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Sum two :meth:`SameTreeScores.to_dict` results (None counts as nothing)."""
-    if total is None or part is None:
-        return total if part is None else {"blocks": part["blocks"], "tokens": dict(part["tokens"])}
-    tokens = dict(total["tokens"])
-    for name, value in part["tokens"].items():
-        tokens[name] = tokens.get(name, 0.0) + value
-    return {"blocks": total["blocks"] + part["blocks"], "tokens": tokens}
+        grading = Grading(prompt.reference, answer, answer == prompt.reference)
+    return Record.from_turns(
+        key=record_key(prompt.dataset, temperature, method, prompt.uid),
+        dataset=prompt.dataset,
+        prompt=prompt.uid,
+        category=prompt.category,
+        temperature=temperature,
+        method=method,
+        setting=models.setting,
+        turns=turns,
+        texts=texts,
+        depth=depth if has_depth else None,
+        same_trees=same_trees,
+        grading=grading,
+    )
 
 
 def _progress(total: int, disable: bool) -> Any:
@@ -849,18 +882,19 @@ def _check_resumable(run_dir: Path, config: EvalConfig, prompts: dict[str, list[
     atomic_write(path, json.dumps({**merged, "fingerprint": current}, indent=2))
 
 
-def resume_notes(config: EvalConfig, records: list[dict[str, Any]]) -> list[str]:
+def resume_notes(config: EvalConfig, records: Iterable[Record | Mapping[str, Any]]) -> list[str]:
     """What a resumed run did not do that its settings might suggest (nothing is ever recomputed)."""
+    typed = [as_record(r) for r in records]
     notes = []
     for dataset in config.datasets:
-        prompts = {r["prompt"] for r in records if r["dataset"] == dataset}
+        prompts = {r.prompt for r in typed if r.dataset == dataset}
         if config.limit is not None and len(prompts) > config.limit:
             notes.append(
                 f"the run directory holds {len(prompts)} {dataset} prompts and the report covers them all; "
                 f"--limit {config.limit} drops no recorded result (pass another --run-name for a smaller run)"
             )
-    scored = [r for r in records if r["verifier"] == REFERENCE_VERIFIER and r["num_drafts"] > 1]
-    if config.same_trees and scored and not any(r.get("same_trees") for r in scored):
+    scored = [r for r in typed if r.method.scores_same_trees]
+    if config.same_trees and scored and not any(r.same_trees for r in scored):
         notes.append(
             "--same-trees scores trees as they are generated; these records were made without it and are not "
             "regenerated (pass another --run-name, or --overwrite, to score them)"
@@ -868,19 +902,28 @@ def resume_notes(config: EvalConfig, records: list[dict[str, Any]]) -> list[str]
     return notes
 
 
-def select(records: Iterable[dict[str, Any]], config: EvalConfig) -> list[dict[str, Any]]:
-    """Records that belong to ``config``'s grid (a run directory may hold more)."""
+_AnyRecord = TypeVar("_AnyRecord", Record, Mapping[str, Any])
+
+
+def select(records: Iterable[_AnyRecord], config: EvalConfig) -> list[_AnyRecord]:
+    """Records that belong to ``config``'s grid (a run directory may hold more), in the form given."""
     names = {m.name for m in config.grid()}
     temps = {float(t) for t in config.temperatures}
-    return [
-        r for r in records if r["dataset"] in config.datasets and r["method"] in names and r["temperature"] in temps
-    ]
+
+    def belongs(record: Record) -> bool:
+        return record.dataset in config.datasets and record.method.name in names and record.temperature in temps
+
+    return [r for r in records if belongs(as_record(r))]
 
 
 __all__ = [
+    "BASELINE_VERIFIER",
+    "FIRST_BRANCH_SINGLE",
     "METHOD_KINDS",
+    "REFERENCE_VERIFIER",
     "EvalConfig",
     "ForwardCounter",
+    "Generation",
     "Method",
     "Models",
     "RecordStore",

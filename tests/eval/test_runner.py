@@ -313,3 +313,18 @@ def test_same_tree_scores(tiny_pair_dirs, tmp_path):
     assert "gain_over_single_same_trees" in checks
     report = (run_dir / "report.md").read_text()
     assert "## Same draft trees" in report and "single (first branch)" in report
+
+
+def test_records_and_summary_round_trip_through_their_types(tiny_run):
+    """Every record line and summary row of a run reads into its dataclass and writes back to the same bytes."""
+    from hf_globalres.eval import records, report
+
+    run_dir, _, _ = tiny_run
+    lines = (run_dir / "records.0.jsonl").read_text().splitlines()
+    typed = [records.Record.from_dict(json.loads(line)) for line in lines]
+    assert [json.dumps(r.to_dict(), separators=(",", ":")) for r in typed] == lines
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [records.SummaryRow.from_dict(row).to_dict() for row in summary["rows"]] == summary["rows"]
+    assert [records.Finding.from_dict(f).to_dict() for f in summary["findings"]] == summary["findings"]
+    # The typed records summarise to the rows their JSON form gave.
+    assert report.summarize(typed) == summary["rows"]
