@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -570,6 +571,34 @@ class _Decoded:
     accepted_lengths: list[int] | None = None
 
 
+#: The message transformers' assisted generation logs on every run: its candidate generator calls the
+#: assistant's ``generate`` with a ``generation_config`` beside ``min_new_tokens``/``max_new_tokens``
+#: (transformers/generation/candidate_generator.py), whatever arguments the caller passes.
+_ASSISTANT_CONFIG_WARNING = "Passing `generation_config` together with generation-related arguments"
+
+
+class _DropAssistantConfigWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_ASSISTANT_CONFIG_WARNING)
+
+
+@contextlib.contextmanager
+def _without_assistant_config_warning() -> Iterator[None]:
+    """Drop :data:`_ASSISTANT_CONFIG_WARNING` while transformers' assisted generation runs.
+
+    The eval passes ``generate`` its settings as keyword arguments only; the message comes from
+    transformers' own call of the assistant and says nothing about the run. Passing one
+    ``GenerationConfig`` instead of the keyword arguments leaves it as it is (transformers 5.x).
+    """
+    logger = logging.getLogger("transformers.generation.utils")
+    drop = _DropAssistantConfigWarning()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def _generate_kwargs(models: Models, input_ids: torch.Tensor, temperature: float, max_new_tokens: int) -> dict:
     """Keyword arguments of ``generate`` shared by every method: mask, length, padding, sampling."""
     eos = models.tokenizer.eos_token_id
@@ -598,7 +627,8 @@ def _decode_assisted(
     draft.generation_config.num_assistant_tokens_schedule = "constant"
     # transformers' own default τ is 0.4; 0 turns its confidence stop off, as None does for ours.
     draft.generation_config.assistant_confidence_threshold = config.assistant_confidence_threshold or 0.0
-    return _Decoded(models.target.generate(input_ids, assistant_model=draft, **kwargs))
+    with _without_assistant_config_warning():
+        return _Decoded(models.target.generate(input_ids, assistant_model=draft, **kwargs))
 
 
 def _decode_multidraft(

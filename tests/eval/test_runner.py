@@ -328,3 +328,37 @@ def test_records_and_summary_round_trip_through_their_types(tiny_run):
     assert [records.Finding.from_dict(f).to_dict() for f in summary["findings"]] == summary["findings"]
     # The typed records summarise to the rows their JSON form gave.
     assert report.summarize(typed) == summary["rows"]
+
+
+def test_an_eval_run_logs_no_generation_config_deprecation(tiny_pair_dirs, data_files, tmp_path):
+    """transformers' assisted generation logs that ``generation_config`` came with generation arguments; not here."""
+    import logging
+    import warnings
+
+    message = "Passing `generation_config` together with generation-related arguments"
+    logging.Logger.warning_once.cache_clear()  # transformers logs it once per process: let it log again
+    seen: list[str] = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    recorder = Recorder(logging.WARNING)
+    library = logging.getLogger("transformers")
+    library.addHandler(recorder)
+    config = runner.EvalConfig(
+        target=str(tiny_pair_dirs[0]), draft=str(tiny_pair_dirs[1]), datasets=["gsm8k"],
+        gsm8k_path=str(data_files["gsm8k"]), limit=1, max_new_tokens=6, temperatures=[0.0, 1.0],
+        verifiers=["spectr:2"], lengths=[2], output_dir=str(tmp_path), run_name="quiet",
+    )  # fmt: skip
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            records = runner.run(config, progress=False)
+        # The recorder sees the message when transformers logs it outside the eval's generate calls.
+        logging.getLogger("transformers.generation.utils").warning(f"{message}=(...) is deprecated")
+    finally:
+        library.removeHandler(recorder)
+    assert {r["kind"] for r in records} == {"autoregressive", "assisted", "multidraft"}
+    assert not [w for w in caught if message in str(w.message)]
+    assert [line for line in seen if message in line] == [f"{message}=(...) is deprecated"]
