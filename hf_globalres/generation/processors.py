@@ -25,6 +25,7 @@ the ``input_ids`` that plain ``generate`` would have shown them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
@@ -42,21 +43,21 @@ def call_as_batch(
     lengths: torch.Tensor,
     values: torch.Tensor,
     batch_rows: torch.Tensor,
-    background: torch.Tensor,
+    batch_tokens: torch.Tensor,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Call ``fn(input_ids, values)`` the way plain ``generate`` does: on the whole batch, one length at a time.
 
     Processors and stopping criteria may hold per-row state sized to the
     batch (e.g. the prompt padding lengths of the repetition penalty), so each
     call gets all B rows in their original order: the entries being evaluated
-    in their batch row, every other row its ``background`` context.
+    in their batch row, every other row its committed tokens from ``batch_tokens``.
 
     Args:
         contexts: [N, T] entry ``i``'s prefix is ``contexts[i, :lengths[i]]``.
         lengths: [N]; values: [N, ...] second argument per entry (scores).
         batch_rows: [N] batch row of each entry (several entries may share a row:
             they go to separate calls).
-        background: [B, T'] committed tokens of every batch row, T' ≥ max(lengths).
+        batch_tokens: [B, T'] committed tokens of every batch row, T' ≥ max(lengths).
 
     Yields:
         (entries [N_g], fn's output rows for those entries).
@@ -70,11 +71,43 @@ def call_as_batch(
     for _, entries in length_groups(key):
         length = int(lengths[entries[0]])
         rows = batch_rows[entries]
-        input_ids = background[:, :length].clone()
+        input_ids = batch_tokens[:, :length].clone()
         input_ids[rows] = contexts[entries, :length]
-        full = values.new_zeros((background.shape[0], *values.shape[1:]))
+        full = values.new_zeros((batch_tokens.shape[0], *values.shape[1:]))
         full[rows] = values[entries]
         yield entries, fn(input_ids, full)[rows]
+
+
+@dataclass
+class BatchView:
+    """Entries of a batch being decoded, as processors and stopping criteria must see them.
+
+    Several entries may stand for one batch row (tree nodes of one sequence);
+    see :func:`call_as_batch` for why each call sees the whole batch.
+
+    Attributes:
+        contexts: [N, T] entry ``i``'s committed tokens, left-aligned with its batch row's.
+        lengths: [N] committed length of each entry.
+        batch_rows: [N] batch row of each entry.
+        batch_tokens: [B, T'] committed tokens of every batch row, T' ≥ max(lengths).
+    """
+
+    contexts: torch.Tensor
+    lengths: torch.Tensor
+    batch_rows: torch.Tensor
+    batch_tokens: torch.Tensor
+
+    def select(self, entries: torch.Tensor, contexts: torch.Tensor | None = None) -> BatchView:
+        """The entries ``entries`` [N'] of this view (repeats allowed), with ``contexts`` [N', T] in place of theirs."""
+        own = self.contexts[entries] if contexts is None else contexts
+        return BatchView(own, self.lengths[entries], self.batch_rows[entries], self.batch_tokens)
+
+    def call(
+        self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], values: torch.Tensor, ahead: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """:func:`call_as_batch` on the prefixes ``contexts[i, :lengths[i] + ahead]``."""
+        lengths = self.lengths + ahead if ahead else self.lengths
+        return call_as_batch(fn, self.contexts, lengths, values, self.batch_rows, self.batch_tokens)
 
 
 def truncated_softmax(scores: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -159,7 +192,7 @@ class SpeculativeLogitsProcessor(LogitsProcessor):
         lengths: torch.Tensor,
         logits: torch.Tensor,
         batch_rows: torch.Tensor | None = None,
-        background: torch.LongTensor | None = None,
+        batch_tokens: torch.LongTensor | None = None,
         *,
         top_k: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +202,7 @@ class SpeculativeLogitsProcessor(LogitsProcessor):
             contexts: [N, T_max], entry ``i``'s prefix is ``contexts[i, :lengths[i]]``.
             lengths: [N] prefix lengths.
             logits: [N, V'] raw next-token logits after each prefix.
-            batch_rows, background: batch row of each entry [N] and the committed
+            batch_rows, batch_tokens: batch row of each entry [N] and the committed
                 tokens of the whole batch [B, T]; with them every processor call
                 sees the full batch in order (see :func:`call_as_batch`).
                 Without them the entries are processed as a batch of their own.
@@ -180,12 +213,19 @@ class SpeculativeLogitsProcessor(LogitsProcessor):
         """
         if batch_rows is None:
             batch_rows = torch.arange(contexts.shape[0], device=contexts.device)
-            background = contexts
+            batch_tokens = contexts
         width = self.vocab_size or logits.shape[-1]
         scores = logits.new_empty((logits.shape[0], width), dtype=self.dtype)
-        for entries, processed in call_as_batch(self, contexts, lengths, logits, batch_rows, background):
+        for entries, processed in call_as_batch(self, contexts, lengths, logits, batch_rows, batch_tokens):
             scores[entries] = processed
         return scores, self.probabilities(scores, top_k)
 
+    def view_distribution(
+        self, view: BatchView, logits: torch.Tensor, ahead: int = 0, *, top_k: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`ragged_distribution` after the prefixes ``view.contexts[i, :view.lengths[i] + ahead]``."""
+        lengths = view.lengths + ahead if ahead else view.lengths
+        return self.ragged_distribution(view.contexts, lengths, logits, view.batch_rows, view.batch_tokens, top_k=top_k)
 
-__all__ = ["SpeculativeLogitsProcessor", "call_as_batch", "length_groups", "truncated_softmax"]
+
+__all__ = ["BatchView", "SpeculativeLogitsProcessor", "call_as_batch", "length_groups", "truncated_softmax"]

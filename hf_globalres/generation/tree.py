@@ -44,6 +44,21 @@ class KVState:
     valid: torch.Tensor
 
 
+@dataclass
+class PendingTokens:
+    """Committed tokens a cache has not seen yet, right-aligned, as one forward feeds them.
+
+    Attributes:
+        tokens: [R, P] token ids (0 in holes).
+        valid: [R, P] the entry is a real token (left holes are not).
+        positions: [R, P] position ids.
+    """
+
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    positions: torch.Tensor
+
+
 def new_state(model: torch.nn.Module, rows: int, device: torch.device) -> KVState:
     """An empty :class:`KVState` for ``model``; raises unless every layer is a full-attention layer."""
     cache = DynamicCache(config=model.config)
@@ -139,11 +154,6 @@ def select_positions(state: KVState, keep: torch.Tensor, rows: torch.Tensor | No
     return KVState(cache=state.cache, valid=valid)
 
 
-def context_positions(valid: torch.Tensor) -> torch.Tensor:
-    """[R]: number of valid positions per row, the position id of the next token."""
-    return valid.sum(-1)
-
-
 @dataclass
 class Tree:
     """The deduplicated verification tree of one block, for B sequences.
@@ -224,10 +234,10 @@ def pack_tree(tokens: torch.Tensor, alive: torch.Tensor) -> Tree:
 
 __all__ = [
     "KVState",
+    "PendingTokens",
     "Tree",
     "additive_mask",
     "canonical_branches",
-    "context_positions",
     "forward_tokens",
     "new_state",
     "pack_tree",
