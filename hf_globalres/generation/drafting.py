@@ -41,7 +41,7 @@ sees at a node are still draws from p(·|node) under the draft scheme: the
 output law is unchanged. Drafting stops where the draft's tokens stop paying
 for the target tokens they cost.
 
-The ``shape`` of the draft tree says which nodes draft on:
+The draft shape (``draft_shape``) says which nodes draft on:
 
 - ``"tree"``: every branch drafts on (while confident), so the tree can be n
   nodes wide at every depth.
@@ -63,12 +63,33 @@ from typing import Literal
 import torch
 
 from ..verifiers.base import DraftScheme, sample_categorical
-from .processors import SpeculativeLogitsProcessor
+from .processors import BatchView, SpeculativeLogitsProcessor
 from .timing import PhaseTimer
-from .tree import KVState, canonical_branches, forward_tokens
+from .tree import KVState, PendingTokens, canonical_branches, forward_tokens
 
 DraftShape = Literal["tree", "spine"]
 DRAFT_SHAPES: tuple[DraftShape, ...] = ("tree", "spine")
+
+
+@dataclass(frozen=True)
+class DraftSettings:
+    """How the assistant drafts every block of a call (module docstring).
+
+    Attributes:
+        num_drafts: n ≥ 1 branches.
+        scheme: the verifier's ``draft_scheme``.
+        confidence_threshold: τ (None: every branch drafts the block's full depth).
+        draft_shape: ``"tree"`` or ``"spine"``, which nodes draft on.
+        top_k: draft from p truncated to its ``top_k`` most likely tokens and renormalised (None: all of p).
+        generator: source of every draw (None: the global RNG).
+    """
+
+    num_drafts: int
+    scheme: DraftScheme
+    confidence_threshold: float | None = None
+    draft_shape: DraftShape = "tree"
+    top_k: int | None = None
+    generator: torch.Generator | None = None
 
 
 @dataclass
@@ -94,6 +115,11 @@ class DraftBlock:
     state: KVState
     committed: torch.Tensor
     columns: torch.Tensor
+
+    @property
+    def depth(self) -> int:
+        """Depth L of the drafts: the block's depth, or less when every branch stopped on low confidence."""
+        return self.tokens.shape[2]
 
     def keep_path(self, accepted: torch.Tensor, branch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the draft cache keeps when branch ``branch`` [B] had its first ``accepted`` [B] tokens accepted.
@@ -126,7 +152,7 @@ def heaviest_child(tokens: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
     return members & (tokens == chosen)
 
 
-def check_drafting_options(confidence_threshold: object, shape: object, top_k: object = None) -> None:
+def check_drafting_options(confidence_threshold: object, draft_shape: object, top_k: object = None) -> None:
     """Raise ValueError naming a confidence threshold outside [0, 1], an unknown draft shape or a bad top-k."""
     if confidence_threshold is not None and (
         isinstance(confidence_threshold, bool)
@@ -136,8 +162,8 @@ def check_drafting_options(confidence_threshold: object, shape: object, top_k: o
         raise ValueError(
             f"assistant_confidence_threshold must be a number in [0, 1] or None, got {confidence_threshold!r}"
         )
-    if shape not in DRAFT_SHAPES:
-        raise ValueError(f"draft_shape must be one of {DRAFT_SHAPES}, got {shape!r}")
+    if draft_shape not in DRAFT_SHAPES:
+        raise ValueError(f"draft_shape must be one of {DRAFT_SHAPES}, got {draft_shape!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"assistant_top_k must be an integer ≥ 1 or None (the whole draft law), got {top_k!r}")
 
@@ -208,145 +234,234 @@ def sample_children(
     return torch.where(alive, tokens, 0), alive
 
 
+@dataclass
+class _Growth:
+    """The drafts of one block as they grow, depth by depth.
+
+    Attributes:
+        state: the draft cache: ``committed`` positions, then the node columns fed so far.
+        committed: [B, S_c] validity of the positions before the block's node columns.
+        tokens, alive: one [B, n] tensor per drafted depth; probs: one [B, n, V] per drafted depth.
+        columns: [B, n, L − 1] as in :class:`DraftBlock`.
+        going: [B, n] branches that draft another token.
+        on_spine: [B, n] branches whose path is the spine (see :func:`heaviest_child`).
+        rows, branch: ``arange(B)`` and ``arange(n)``, made once per block.
+    """
+
+    state: KVState
+    committed: torch.Tensor
+    tokens: list[torch.Tensor]
+    alive: list[torch.Tensor]
+    probs: list[torch.Tensor]
+    columns: torch.Tensor
+    going: torch.Tensor
+    on_spine: torch.Tensor
+    rows: torch.Tensor
+    branch: torch.Tensor
+
+    def extend(
+        self,
+        tokens: torch.Tensor,
+        alive: torch.Tensor,
+        probs: torch.Tensor,
+        going: torch.Tensor,
+        spine_members: torch.Tensor,
+        draft_shape: DraftShape,
+    ) -> None:
+        """Append one depth's draws; with ``draft_shape="spine"`` only the spine drafts on."""
+        self.on_spine = heaviest_child(tokens, spine_members)
+        self.going = going & self.on_spine if draft_shape == "spine" else going
+        self.tokens.append(tokens)
+        self.alive.append(alive)
+        self.probs.append(probs)
+
+
+def _draw(
+    processor: SpeculativeLogitsProcessor,
+    probs: torch.Tensor,
+    parent: torch.Tensor,
+    drafting: torch.Tensor,
+    scores: torch.Tensor,
+    node: torch.Tensor,
+    settings: DraftSettings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens [B, n], alive [B, n] and going [B, n] of the children of the ``drafting`` branches.
+
+    See :func:`sample_children` (``probs``, ``parent``) and :func:`keeps_drafting` (``scores``, ``node``).
+    """
+    tokens, alive = sample_children(probs, parent, drafting, settings.scheme, settings.generator)
+    going = keeps_drafting(processor, scores, node, probs, tokens, alive, settings.confidence_threshold)
+    return tokens, alive, going
+
+
 def draft_block(
     model: torch.nn.Module,
     state: KVState,
     processor: SpeculativeLogitsProcessor,
     *,
-    pending: torch.Tensor,
-    pending_valid: torch.Tensor,
-    pending_positions: torch.Tensor,
+    pending: PendingTokens,
     next_position: torch.Tensor,
-    contexts: torch.Tensor,
-    lengths: torch.Tensor,
-    batch_rows: torch.Tensor,
-    background: torch.Tensor,
-    num_drafts: int,
+    view: BatchView,
     depth: int,
-    scheme: DraftScheme,
+    settings: DraftSettings,
     timer: PhaseTimer,
-    confidence_threshold: float | None = None,
-    shape: DraftShape = "tree",
-    generator: torch.Generator | None = None,
-    top_k: int | None = None,
 ) -> DraftBlock:
-    """Draw ``num_drafts`` branches of at most ``depth`` ≥ 1 tokens.
+    """Draw ``settings.num_drafts`` branches of at most ``depth`` ≥ 1 tokens.
 
     Args:
         state: draft cache with B rows (committed context minus ``pending``).
-        pending: [B, P] committed tokens not yet in the cache (left holes allowed).
-        pending_valid: [B, P]; pending_positions: [B, P] their position ids.
-        contexts: [B, T] committed token ids (left-aligned), for the processors.
+        pending: [B, P] committed tokens not yet in the cache (left holes allowed) and their position ids.
         next_position: [B] position id of the first draft token.
-        lengths: [B] committed lengths.
-        batch_rows, background: each row's index in the caller's batch and that
-            batch's committed tokens, for the processors (see ``call_as_batch``).
-        confidence_threshold: τ of the module docstring (None: every branch drafts ``depth`` tokens).
-        shape: ``"tree"`` or ``"spine"``, which nodes draft on (module docstring).
-        top_k: draft from p truncated to its ``top_k`` most likely tokens and renormalised (module
-            docstring); None drafts from the whole of p.
+        view: the B rows' committed tokens and lengths, for the processors (see ``call_as_batch``).
+        settings: number of branches, draft scheme, τ, draft shape, top-k and generator (module docstring).
 
     Returns:
         the drafts, ``tokens.shape[2]`` ≤ ``depth`` deep (shallower when every branch stopped early).
     """
-    batch, n = pending.shape[0], num_drafts
-    device = pending.device
-    prompt_causal = torch.ones(pending.shape[1], pending.shape[1], dtype=torch.bool, device=device).tril()
+    growth = _draft_root(model, state, processor, pending, view, depth, settings, timer)
+    for d in range(2, depth + 1):
+        if not bool(growth.going.any()):
+            break
+        _draft_depth(model, processor, growth, d, next_position, view, settings, timer)
+    drafted = len(growth.tokens)
+    return DraftBlock(
+        tokens=torch.stack(growth.tokens, dim=-1),
+        alive=torch.stack(growth.alive, dim=-1),
+        probs=growth.probs,
+        state=growth.state,
+        committed=growth.committed,
+        columns=growth.columns[:, :, : drafted - 1],
+    )
+
+
+def _draft_root(
+    model: torch.nn.Module,
+    state: KVState,
+    processor: SpeculativeLogitsProcessor,
+    pending: PendingTokens,
+    view: BatchView,
+    depth: int,
+    settings: DraftSettings,
+    timer: PhaseTimer,
+) -> _Growth:
+    """Depth 1: feed the pending tokens on one row per sequence; every branch draws from p(·|context)."""
+    batch, width = pending.tokens.shape
+    n = settings.num_drafts
+    device = pending.tokens.device
+    prompt_causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     with timer.phase("draft_forward"):
         logits = forward_tokens(
             model,
             state,
-            pending,
-            past_allowed=state.valid[:, None, :].expand(-1, pending.shape[1], -1),
-            new_allowed=prompt_causal[None] & pending_valid[:, None, :],
-            positions=pending_positions,
+            pending.tokens,
+            past_allowed=state.valid[:, None, :].expand(-1, width, -1),
+            new_allowed=prompt_causal[None] & pending.valid[:, None, :],
+            positions=pending.positions,
             logits_to_keep=1,
         )[:, -1]
-    state = KVState(cache=state.cache, valid=torch.cat([state.valid, pending_valid], dim=1))
-    committed = state.valid
+    state = KVState(cache=state.cache, valid=torch.cat([state.valid, pending.valid], dim=1))
     rows = torch.arange(batch, device=device)
     with timer.phase("draft_sampling"):
-        root_scores, root_probs = processor.ragged_distribution(
-            contexts, lengths, logits, batch_rows, background, top_k=top_k
-        )
+        root_scores, root_probs = processor.view_distribution(view, logits, top_k=settings.top_k)
         probs = root_probs[:, None].expand(-1, n, -1)
         parent = torch.zeros(batch, n, dtype=torch.long, device=device)
         alive = torch.ones(batch, n, dtype=torch.bool, device=device)
-        tokens_d, alive_d = sample_children(probs, parent, alive, scheme, generator)
-        going = keeps_drafting(
-            processor, root_scores, rows[:, None].expand(-1, n), probs, tokens_d, alive_d, confidence_threshold
-        )
-    on_spine = heaviest_child(tokens_d, alive_d)  # [B, n] the branch's path is the spine
-    if shape == "spine":
-        going = going & on_spine
-    all_tokens, all_alive, all_probs = [tokens_d], [alive_d], [probs]
-    branch = torch.arange(n, device=device)
+        node = rows[:, None].expand(-1, n)  # every branch leaves the root, scored in its row
+        tokens_d, alive_d, going = _draw(processor, probs, parent, alive, root_scores, node, settings)
     columns = torch.full((batch, n, max(depth - 1, 0)), -1, dtype=torch.long, device=device)
-    for d in range(2, depth + 1):
-        if not bool(going.any()):
-            break
-        fed = torch.stack(all_tokens, dim=-1)  # [B, n, d − 1]
-        fed_alive = torch.stack(all_alive, dim=-1)
-        parent = canonical_branches(fed, fed_alive)[:, :, -1]
-        # One column per distinct node that drafts on, carried by its canonical branch.
-        is_node = (parent == branch) & going
-        width = int(is_node.sum(-1).max())
-        carrier = torch.sort((~is_node).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # [B, m]
-        fed_valid = is_node.gather(1, carrier)
-        start = state.valid.shape[1] - committed.shape[1]
-        slot = torch.full((batch, n), -1, dtype=torch.long, device=device)
-        slot.scatter_(1, carrier, torch.where(fed_valid, start + torch.arange(width, device=device), -1))
-        columns[:, :, d - 2] = torch.where(going, slot.gather(1, parent), -1)
-        ancestors = columns[rows[:, None], carrier, : d - 2]  # [B, m, d − 2]
-        block_allowed = (ancestors[..., None] == torch.arange(start, device=device)).any(-2)
-        with timer.phase("draft_forward"):
-            logits = forward_tokens(
-                model,
-                state,
-                fed[:, :, -1].gather(1, carrier),
-                past_allowed=torch.cat([committed[:, None, :].expand(-1, width, -1), block_allowed], dim=-1),
-                new_allowed=torch.zeros(batch, width, width, dtype=torch.bool, device=device),
-                positions=(next_position + d - 2)[:, None].expand(-1, width),
-                logits_to_keep=width,
-            )
-        state = KVState(cache=state.cache, valid=torch.cat([state.valid, fed_valid], dim=1))
-        # Distributions for fed nodes only: processors run once per distinct prefix.
-        node_b, node_j = fed_valid.nonzero(as_tuple=True)
-        node_i = carrier[node_b, node_j]
-        node_contexts = contexts[node_b].clone()
-        offsets = lengths[node_b, None] + torch.arange(d - 1, device=device)
-        node_contexts.scatter_(1, offsets, fed[node_b, node_i])
-        with timer.phase("draft_sampling"):
-            node_scores, node_probs = processor.ragged_distribution(
-                node_contexts, lengths[node_b] + d - 1, logits[node_b, node_j], batch_rows[node_b], background,
-                top_k=top_k,
-            )  # fmt: skip
-            node_of = torch.zeros(batch, n, dtype=torch.long, device=device)
-            node_of[node_b, node_i] = torch.arange(node_b.shape[0], device=device)
-            branch_node = node_of[rows[:, None], parent]
-            probs = node_probs[branch_node]  # [B, n, V]; rows of stopped branches are never read
-            tokens_d, alive_d = sample_children(probs, parent, going, scheme, generator)
-            going = keeps_drafting(processor, node_scores, branch_node, probs, tokens_d, alive_d, confidence_threshold)
-        on_spine = heaviest_child(tokens_d, on_spine & alive_d)
-        if shape == "spine":
-            going = going & on_spine
-        all_tokens.append(tokens_d)
-        all_alive.append(alive_d)
-        all_probs.append(probs)
-    drafted = len(all_tokens)
-    return DraftBlock(
-        tokens=torch.stack(all_tokens, dim=-1),
-        alive=torch.stack(all_alive, dim=-1),
-        probs=all_probs,
-        state=state,
-        committed=committed,
-        columns=columns[:, :, : drafted - 1],
-    )
+    branch = torch.arange(n, device=device)
+    growth = _Growth(
+        state=state, committed=state.valid, tokens=[], alive=[], probs=[], columns=columns, going=going,
+        on_spine=alive, rows=rows, branch=branch,
+    )  # fmt: skip
+    growth.extend(tokens_d, alive_d, probs, going, alive_d, settings.draft_shape)  # on_spine & alive_d = alive_d
+    return growth
+
+
+def _draft_depth(
+    model: torch.nn.Module,
+    processor: SpeculativeLogitsProcessor,
+    growth: _Growth,
+    d: int,
+    next_position: torch.Tensor,
+    view: BatchView,
+    settings: DraftSettings,
+    timer: PhaseTimer,
+) -> None:
+    """Depth d ≥ 2: feed the distinct depth-(d − 1) nodes that draft on and draw their children into ``growth``."""
+    batch, n = growth.going.shape
+    device = growth.going.device
+    fed = torch.stack(growth.tokens, dim=-1)  # [B, n, d − 1]
+    parent = canonical_branches(fed, torch.stack(growth.alive, dim=-1))[:, :, -1]
+    carrier, fed_valid, logits = _feed_nodes(model, growth, fed, parent, d, next_position, timer)
+    # Distributions for fed nodes only: processors run once per distinct prefix.
+    node_b, node_j = fed_valid.nonzero(as_tuple=True)
+    node_i = carrier[node_b, node_j]
+    node_contexts = view.contexts[node_b]  # a copy (tensor index), extended by each node's drafts
+    offsets = view.lengths[node_b, None] + torch.arange(d - 1, device=device)
+    node_contexts.scatter_(1, offsets, fed[node_b, node_i])
+    nodes = view.select(node_b, node_contexts)
+    with timer.phase("draft_sampling"):
+        node_scores, node_probs = processor.view_distribution(
+            nodes, logits[node_b, node_j], d - 1, top_k=settings.top_k
+        )
+        node_of = torch.zeros(batch, n, dtype=torch.long, device=device)
+        node_of[node_b, node_i] = torch.arange(node_b.shape[0], device=device)
+        branch_node = node_of[growth.rows[:, None], parent]
+        probs = node_probs[branch_node]  # [B, n, V]; rows of stopped branches are never read
+        tokens_d, alive_d, going = _draw(processor, probs, parent, growth.going, node_scores, branch_node, settings)
+    growth.extend(tokens_d, alive_d, probs, going, growth.on_spine & alive_d, settings.draft_shape)
+
+
+def _feed_nodes(
+    model: torch.nn.Module,
+    growth: _Growth,
+    fed: torch.Tensor,
+    parent: torch.Tensor,
+    d: int,
+    next_position: torch.Tensor,
+    timer: PhaseTimer,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Feed one column per distinct depth-(d − 1) node that drafts on, carried by its canonical branch.
+
+    Each column attends the committed context and its own ancestors' columns. Records the columns in
+    ``growth.columns[:, :, d − 2]`` and grows ``growth.state``.
+
+    Returns:
+        carrier [B, m] (the branch each column carries), fed_valid [B, m] (the column holds a node),
+        logits [B, m, V_d] after each column.
+    """
+    batch, n = parent.shape
+    device = parent.device
+    state, committed = growth.state, growth.committed
+    is_node = (parent == growth.branch) & growth.going
+    width = int(is_node.sum(-1).max())
+    carrier = torch.sort((~is_node).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # [B, m]
+    fed_valid = is_node.gather(1, carrier)
+    start = state.valid.shape[1] - committed.shape[1]
+    slot = torch.full((batch, n), -1, dtype=torch.long, device=device)
+    slot.scatter_(1, carrier, torch.where(fed_valid, start + torch.arange(width, device=device), -1))
+    growth.columns[:, :, d - 2] = torch.where(growth.going, slot.gather(1, parent), -1)
+    ancestors = growth.columns[growth.rows[:, None], carrier, : d - 2]  # [B, m, d − 2]
+    block_allowed = (ancestors[..., None] == torch.arange(start, device=device)).any(-2)
+    with timer.phase("draft_forward"):
+        logits = forward_tokens(
+            model,
+            state,
+            fed[:, :, -1].gather(1, carrier),
+            past_allowed=torch.cat([committed[:, None, :].expand(-1, width, -1), block_allowed], dim=-1),
+            new_allowed=torch.zeros(batch, width, width, dtype=torch.bool, device=device),
+            positions=(next_position + d - 2)[:, None].expand(-1, width),
+            logits_to_keep=width,
+        )
+    growth.state = KVState(cache=state.cache, valid=torch.cat([state.valid, fed_valid], dim=1))
+    return carrier, fed_valid, logits
 
 
 __all__ = [
     "DRAFT_SHAPES",
     "DraftBlock",
+    "DraftSettings",
     "DraftShape",
     "check_drafting_options",
     "draft_block",

@@ -31,17 +31,26 @@ docs/design.md §7):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from ..verifiers.base import VerificationResult, Verifier, sample_categorical
-from .drafting import DraftBlock, DraftShape, draft_block
-from .processors import SpeculativeLogitsProcessor, call_as_batch
+from .drafting import DraftBlock, DraftSettings, DraftShape, draft_block
+from .processors import BatchView, SpeculativeLogitsProcessor
 from .timing import PhaseTimer
-from .tree import KVState, Tree, canonical_branches, forward_tokens, new_state, pack_tree, select_positions
+from .tree import (
+    KVState,
+    PendingTokens,
+    Tree,
+    canonical_branches,
+    forward_tokens,
+    new_state,
+    pack_tree,
+    select_positions,
+)
 
 VerificationCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, VerificationResult], None]
 
@@ -170,20 +179,156 @@ def output_width(model: torch.nn.Module) -> int:
     return int(model.config.get_text_config().vocab_size)
 
 
-def _pending(
-    work: torch.Tensor, work_mask: torch.Tensor, cumulative: torch.Tensor, length: torch.Tensor, cached: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Committed tokens ``work[b, cached_b:length_b]`` not yet in a cache, right-aligned.
+@dataclass(frozen=True)
+class DecodeSettings:
+    """The settings of one :func:`multi_draft_decode` call, read by every block.
 
-    Returns tokens, valid and position ids, each [B, P] with P = max(length − cached);
-    left holes are invalid.
+    Attributes:
+        drafting: how the assistant drafts; its ``num_drafts`` is n, 1 when greedy (greedy drafts are
+            deterministic: extra branches would be copies).
+        num_assistant_tokens: L ≥ 1, the most draft tokens per branch.
+        max_length: total length cap (prompt included).
+        pad_token_id: written after a row stops.
+        verifier: the token-level rule of the walk.
+        tree_attention: the target holds one row per sequence with a tree mask (True) or n rows (False).
     """
-    width = int((length - cached).max())
-    index = length[:, None] - width + torch.arange(width, device=work.device)
-    valid = (index >= cached[:, None]) & work_mask.gather(1, index).bool()
-    tokens = torch.where(valid, work.gather(1, index), 0)
-    positions = (cumulative.gather(1, index) - 1).clamp_min(0)
-    return tokens, valid, positions
+
+    drafting: DraftSettings
+    num_assistant_tokens: int
+    max_length: int
+    pad_token_id: int
+    verifier: Verifier
+    tree_attention: bool
+
+    @property
+    def num_drafts(self) -> int:
+        """n, the branches per block."""
+        return self.drafting.num_drafts
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """Source of every draw of the call (None: the global RNG)."""
+        return self.drafting.generator
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What every step of every block reads: models, settings, timer and the per-token hooks.
+
+    Attributes:
+        target, draft: the models; target_width, draft_width: their logits' widths (:func:`output_width`).
+        processor: turns either model's logits into its law, once per prefix.
+    """
+
+    target: torch.nn.Module
+    draft: torch.nn.Module
+    processor: SpeculativeLogitsProcessor
+    target_width: int
+    draft_width: int
+    settings: DecodeSettings
+    timer: PhaseTimer
+    stopping_criteria: StoppingCriteriaList
+    verification_callback: VerificationCallback | None
+
+
+@dataclass
+class _Decoding:
+    """What a call carries from block to block.
+
+    Attributes:
+        tokens: [B, C] the whole batch's prompts and emitted tokens, ``pad_token_id`` after a row stops;
+            C = max_length + L + 1 leaves room for a block's tokens past the cap.
+        mask: [B, C] the prompts' attention mask, 1 after them.
+        prompt_len: T0.
+        generated: [B] tokens emitted per row.
+        target_forwards: [B] target forwards each row took part in.
+        accepted_lengths: per row, tokens emitted per block.
+        active: [R] batch rows still decoding, in the order of the caches' rows.
+        target_state, draft_state: the caches (n target rows per active row without tree attention).
+        target_cached, draft_cached: [R] committed tokens each cache holds.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    prompt_len: int
+    generated: torch.Tensor
+    target_forwards: torch.Tensor
+    accepted_lengths: list[list[int]]
+    active: torch.Tensor
+    target_state: KVState
+    draft_state: KVState
+    target_cached: torch.Tensor
+    draft_cached: torch.Tensor
+
+
+def _start(call: _Call, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _Decoding:
+    """The state before the first block: prompts in the token buffer, empty caches, every row active."""
+    device = input_ids.device
+    batch, prompt_len = input_ids.shape
+    settings = call.settings
+    capacity = settings.max_length + settings.num_assistant_tokens + 1
+    tokens = torch.full((batch, capacity), settings.pad_token_id, dtype=torch.long, device=device)
+    tokens[:, :prompt_len] = input_ids
+    mask = torch.ones(batch, capacity, dtype=torch.long, device=device)
+    if attention_mask is not None:
+        mask[:, :prompt_len] = attention_mask.to(device).long()
+    target_rows = 1 if settings.tree_attention else settings.num_drafts
+    return _Decoding(
+        tokens=tokens,
+        mask=mask,
+        prompt_len=prompt_len,
+        generated=torch.zeros(batch, dtype=torch.long, device=device),
+        target_forwards=torch.zeros(batch, dtype=torch.long, device=device),
+        accepted_lengths=[[] for _ in range(batch)],
+        active=torch.arange(batch, device=device),
+        target_state=new_state(call.target, batch * target_rows, device),
+        draft_state=new_state(call.draft, batch, device),
+        target_cached=torch.zeros(batch, dtype=torch.long, device=device),
+        draft_cached=torch.zeros(batch, dtype=torch.long, device=device),
+    )
+
+
+@dataclass
+class _Block:
+    """One block's rows: their committed tokens, attention masks and position ids, and the room left to draft.
+
+    Attributes:
+        view: the active rows; ``view.contexts`` is a copy of their tokens, into which the walk writes.
+        mask: [R, C] their attention masks; cumulative: [R, C] its running sum (position id + 1).
+        next_position: [R] position id of the first token after the committed ones.
+        depth: draft depth the length cap leaves (≤ L; 0: no room for a draft).
+    """
+
+    view: BatchView
+    mask: torch.Tensor
+    cumulative: torch.Tensor
+    next_position: torch.Tensor
+    depth: int
+
+    def pending(self, cached: torch.Tensor) -> PendingTokens:
+        """Committed tokens ``contexts[r, cached_r:length_r]`` not yet in a cache, right-aligned.
+
+        Each is [R, P] with P = max(length − cached); left holes are invalid.
+        """
+        work, length = self.view.contexts, self.view.lengths
+        width = int((length - cached).max())
+        index = length[:, None] - width + torch.arange(width, device=work.device)
+        valid = (index >= cached[:, None]) & self.mask.gather(1, index).bool()
+        tokens = torch.where(valid, work.gather(1, index), 0)
+        positions = (self.cumulative.gather(1, index) - 1).clamp_min(0)
+        return PendingTokens(tokens, valid, positions)
+
+
+def _next_block(decoding: _Decoding, settings: DecodeSettings) -> _Block:
+    """The active rows at the start of a block."""
+    length = decoding.prompt_len + decoding.generated[decoding.active]
+    depth = int(min(settings.num_assistant_tokens, int((settings.max_length - length).max()) - 1))
+    work = decoding.tokens[decoding.active]  # a copy: the walk writes into it
+    mask = decoding.mask[decoding.active]
+    cumulative = mask.cumsum(-1)
+    next_position = cumulative.gather(1, (length - 1)[:, None])[:, 0]
+    view = BatchView(work, length, decoding.active, decoding.tokens)
+    return _Block(view, mask, cumulative, next_position, max(depth, 0))
 
 
 def _feedable(tokens: torch.Tensor, width: int) -> torch.Tensor:
@@ -230,143 +375,66 @@ def multi_draft_decode(
         block_callback: called with each block's :class:`BlockTree` before it is verified (not
             for blocks without drafts); it costs a pass of the logits processors over every node.
     """
-    device = input_ids.device
-    batch, prompt_len = input_ids.shape
-    n = num_drafts if do_sample else 1  # greedy drafts are deterministic: extra branches would be copies
-    timer = PhaseTimer(device)
+    drafting = DraftSettings(
+        num_drafts=num_drafts if do_sample else 1,
+        scheme=verifier.draft_scheme,
+        confidence_threshold=confidence_threshold,
+        draft_shape=draft_shape,
+        top_k=assistant_top_k,
+        generator=generator,
+    )
+    settings = DecodeSettings(drafting, num_assistant_tokens, max_length, pad_token_id, verifier, tree_attention)
+    timer = PhaseTimer(input_ids.device)
     target_width, draft_width = output_width(model), output_width(assistant_model)
     processor = SpeculativeLogitsProcessor(
         logits_processor, do_sample=do_sample, vocab_size=max(target_width, draft_width)
     )
-    capacity = max_length + num_assistant_tokens + 1
-    buf = torch.full((batch, capacity), pad_token_id, dtype=torch.long, device=device)
-    buf[:, :prompt_len] = input_ids
-    buf_mask = torch.ones(batch, capacity, dtype=torch.long, device=device)
-    if attention_mask is not None:
-        buf_mask[:, :prompt_len] = attention_mask.to(device).long()
-    gen_len = torch.zeros(batch, dtype=torch.long, device=device)
-    target_forwards = torch.zeros(batch, dtype=torch.long, device=device)
-    accepted_lengths: list[list[int]] = [[] for _ in range(batch)]
-
-    active = torch.arange(batch, device=device)
-    target_rows = 1 if tree_attention else n
-    target_state = new_state(model, batch * target_rows, device)
-    draft_state = new_state(assistant_model, batch, device)
-    target_cached = torch.zeros(batch, dtype=torch.long, device=device)
-    draft_cached = torch.zeros(batch, dtype=torch.long, device=device)
+    call = _Call(model, assistant_model, processor, target_width, draft_width, settings, timer, stopping_criteria,
+                 verification_callback)  # fmt: skip
+    decoding = _start(call, input_ids, attention_mask)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-
-    while active.numel() > 0:
-        length = prompt_len + gen_len[active]
-        depth = int(min(num_assistant_tokens, int((max_length - length).max()) - 1))
-        depth = max(depth, 0)
-        work = buf[active].clone()
-        work_mask = buf_mask[active]
-        cumulative = work_mask.cumsum(-1)
-        next_position = cumulative.gather(1, (length - 1)[:, None])[:, 0]
-
-        # 1. Draft.
-        drafts: DraftBlock | None = None
-        if depth >= 1:
-            tokens, valid, positions = _pending(work, work_mask, cumulative, length, draft_cached)
-            drafts = draft_block(
-                assistant_model,
-                draft_state,
-                processor,
-                pending=_feedable(tokens, draft_width),
-                pending_valid=valid,
-                pending_positions=positions,
-                next_position=next_position,
-                contexts=work,
-                lengths=length,
-                batch_rows=active,
-                background=buf,
-                num_drafts=n,
-                depth=depth,
-                scheme=verifier.draft_scheme,
-                timer=timer,
-                confidence_threshold=confidence_threshold,
-                shape=draft_shape,
-                generator=generator,
-                top_k=assistant_top_k,
-            )
-            draft_state = drafts.state
-            depth = drafts.tokens.shape[2]  # shallower when every branch stopped on low confidence
-
-        # 2. One target forward over the pending tokens and the tree.
-        tokens, valid, positions = _pending(work, work_mask, cumulative, length, target_cached)
-        with timer.phase("target_forward"):
-            target = _target_forward(
-                model, target_state, tokens, valid, positions, next_position, drafts, n, tree_attention, target_width
-            )
-        target_forwards[active] += 1
+    while decoding.active.numel() > 0:  # one block, the steps of the module docstring
+        block = _next_block(decoding, settings)
+        drafts = _draft(call, decoding, block)  # 1.
+        target = _target_forward(call, decoding, block, drafts)  # 2.
         if block_callback is not None and drafts is not None:
-            block_callback(_block_tree(drafts, target, processor, work, length, active, buf))
-
-        # 3. Walk the tree.
-        emitted, accepted, cur, step_scores = _walk(
-            drafts,
-            depth,
-            target,
-            processor,
-            verifier,
-            work=work,
-            length=length,
-            batch_rows=active,
-            background=buf,
-            timer=timer,
-            callback=verification_callback,
-            generator=generator,
-        )
-
-        # 4. Stop after any emitted token, exactly as plain generate would.
-        count = torch.minimum(accepted + 1, max_length - length)
-        finished = length + count >= max_length
-        stop_at = torch.zeros_like(count)
-        with timer.phase("stopping"):
-            for s in range(1, int(count.max()) + 1):
-                rows = ((count >= s) & (stop_at == 0)).nonzero()[:, 0]
-                checks = call_as_batch(
-                    stopping_criteria, work[rows], length[rows] + s, step_scores[rows, s - 1], active[rows], buf
-                )
-                for entries, done in checks:
-                    members = rows[entries]
-                    stop_at[members[done.to(device)]] = s
-        finished |= stop_at > 0
-        count = torch.where(stop_at > 0, stop_at, count)
-        position = torch.arange(capacity, device=device)
-        keep_token = position[None, :] < (length + count)[:, None]
-        buf[active] = torch.where(keep_token, work, pad_token_id)
-        gen_len[active] += count
-        for row, emitted_count in zip(active.tolist(), count.tolist(), strict=True):
-            accepted_lengths[row].append(emitted_count)
-        if streamer is not None:
-            _stream(streamer, emitted, count, pad_token_id)
-
-        # 5. Keep the accepted path in both caches; drop finished rows.
-        survivors = (~finished).nonzero()[:, 0]
-        with timer.phase("cache"):
-            target_state = select_positions(target_state, *_target_keep(target, accepted, cur, survivors, n))
-            if drafts is not None:
-                draft_keep, path_cached = drafts.keep_path(accepted, cur)
-                draft_state = select_positions(draft_state, draft_keep, survivors)
-                draft_cached = (length + path_cached)[survivors]
-            else:
-                draft_state = select_positions(draft_state, draft_state.valid, survivors)
-                draft_cached = draft_cached[survivors]
-        target_cached = (length + accepted)[survivors]
-        active = active[survivors]
-
+            block_callback(_block_tree(drafts, target, processor, block.view))
+        walk = _walk(call, block.view, drafts, target)  # 3.
+        count, finished = _stop(call, block.view, walk)  # 4.
+        _commit(decoding, block.view, walk.emitted, count, pad_token_id, streamer)
+        _keep_cache(call, decoding, block.view, drafts, target, walk, finished)  # 5.
     if streamer is not None:
         streamer.end()
-    sequences = buf[:, : prompt_len + int(gen_len.max())]
     return DecodeResult(
-        sequences=sequences,
-        target_forwards=target_forwards,
-        accepted_lengths=accepted_lengths,
+        sequences=decoding.tokens[:, : decoding.prompt_len + int(decoding.generated.max())],
+        target_forwards=decoding.target_forwards,
+        accepted_lengths=decoding.accepted_lengths,
         timings=timer.summary(),
     )
+
+
+def _draft(call: _Call, decoding: _Decoding, block: _Block) -> DraftBlock | None:
+    """Step 1: the assistant drafts n branches of up to ``block.depth`` tokens (None: no room to draft).
+
+    The draft cache grows by the pending tokens and the drafted nodes (``decoding.draft_state``).
+    """
+    if block.depth < 1:
+        return None
+    pending = block.pending(decoding.draft_cached)
+    drafts = draft_block(
+        call.draft,
+        decoding.draft_state,
+        call.processor,
+        pending=replace(pending, tokens=_feedable(pending.tokens, call.draft_width)),
+        next_position=block.next_position,
+        view=block.view,
+        depth=block.depth,
+        settings=call.settings.drafting,
+        timer=call.timer,
+    )
+    decoding.draft_state = drafts.state
+    return drafts
 
 
 @dataclass
@@ -394,83 +462,85 @@ class TargetBlock:
         return self.logits[self.node_row[rows, cur[rows], depth]]
 
 
-def _block_tree(
-    drafts: DraftBlock,
-    target: TargetBlock,
-    processor: SpeculativeLogitsProcessor,
-    work: torch.Tensor,
-    length: torch.Tensor,
-    batch_rows: torch.Tensor,
-    background: torch.Tensor,
-) -> BlockTree:
-    """The :class:`BlockTree` of a block: q at every node, processed on that node's own prefix."""
-    batch, n, depth = drafts.tokens.shape
-    device = work.device
-    row = torch.arange(batch, device=device).repeat_interleave(n)
-    branch = torch.arange(n, device=device).repeat(batch)
-    contexts = work[row].clone()
-    target_probs = []
-    for d in range(depth + 1):
-        if d > 0:
-            contexts[torch.arange(batch * n, device=device), length[row] + d - 1] = drafts.tokens[row, branch, d - 1]
-        logits = target.logits[target.node_row[row, branch, d]]
-        _, q = processor.ragged_distribution(contexts, length[row] + d, logits, batch_rows[row], background)
-        target_probs.append(q.view(batch, n, -1))
-    canonical = target.tree.canonical if target.tree is not None else canonical_branches(drafts.tokens, drafts.alive)
-    return BlockTree(drafts.tokens, drafts.alive, canonical, drafts.probs, target_probs)
+def _target_forward(call: _Call, decoding: _Decoding, block: _Block, drafts: DraftBlock | None) -> TargetBlock:
+    """Step 2: one target forward over the pending committed tokens and every draft node."""
+    pending = block.pending(decoding.target_cached)
+    forward = _tree_forward if call.settings.tree_attention else _rows_forward
+    with call.timer.phase("target_forward"):
+        target = forward(
+            call.target,
+            decoding.target_state,
+            pending,
+            block.next_position,
+            drafts,
+            call.settings.num_drafts,
+            call.target_width,
+        )
+    decoding.target_forwards[decoding.active] += 1
+    return target
 
 
-def _target_forward(
+def _tree_forward(
     model: torch.nn.Module,
     state: KVState,
-    tokens: torch.Tensor,
-    valid: torch.Tensor,
-    positions: torch.Tensor,
+    pending: PendingTokens,
     next_position: torch.Tensor,
     drafts: DraftBlock | None,
-    n: int,
-    tree_attention: bool,
+    num_drafts: int,
     target_width: int,
 ) -> TargetBlock:
-    """Score the pending tokens [B, P] and every draft node in one forward.
+    """Tree layout: one row per sequence holding ``[pending | packed tree]``.
 
-    Tree layout: one row per sequence holding ``[pending | packed tree]``;
-    node ``j`` attends the valid pending tokens and its ancestors, at position
-    ``next_position + depth_j − 1``. Rows layout: n rows per sequence, row
-    ``b·n + i`` holding ``[pending | x_i1 .. x_iL]`` causally.
+    Node ``j`` attends the valid pending tokens and its ancestors, at position
+    ``next_position + depth_j − 1``.
     """
-    batch, width = tokens.shape
-    device = tokens.device
-    depth = drafts.tokens.shape[2] if drafts is not None else 0
+    batch, width = pending.tokens.shape
+    device = pending.tokens.device
+    depth = drafts.depth if drafts is not None else 0
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    pending_allowed = causal[None] & valid[:, None, :]
-    if tree_attention:
-        tree = pack_tree(drafts.tokens, drafts.alive) if drafts is not None else None
-        nodes = tree.tokens.shape[1] if tree is not None else 0
-        new_allowed, fed, fed_positions = pending_allowed, tokens, positions
-        if tree is not None:
-            top = torch.cat([pending_allowed, pending_allowed.new_zeros(batch, width, nodes)], dim=-1)
-            bottom = torch.cat([valid[:, None, :].expand(-1, nodes, -1), tree.ancestors], dim=-1)
-            new_allowed = torch.cat([top, bottom], dim=1)
-            fed = torch.cat([tokens, tree.tokens], dim=1)
-            fed_positions = torch.cat([positions, next_position[:, None] + tree.depth - 1], dim=1)
-        logits = forward_tokens(
-            model,
-            state,
-            _feedable(fed, target_width),
-            past_allowed=state.valid[:, None, :].expand(-1, width + nodes, -1),
-            new_allowed=new_allowed,
-            positions=fed_positions,
-            logits_to_keep=nodes + 1,
-        )  # [B, nodes + 1, V_t]
-        base = torch.arange(batch, device=device)[:, None, None] * (nodes + 1)
-        node_row = base.expand(batch, n, depth + 1).clone()
-        if tree is not None:
-            node_row[:, :, 1:] += 1 + tree.column
-        return TargetBlock(logits.flatten(0, 1), node_row, torch.cat([state.valid, valid], dim=1), tree, True)
-    chain = drafts.tokens.flatten(0, 1) if drafts is not None else tokens.new_zeros(batch * n, 0)
-    fed = torch.cat([tokens.repeat_interleave(n, 0), chain], dim=1)
-    fed_valid = torch.cat([valid, valid.new_ones(batch, depth)], dim=1).repeat_interleave(n, 0)
+    pending_allowed = causal[None] & pending.valid[:, None, :]
+    tree = pack_tree(drafts.tokens, drafts.alive) if drafts is not None else None
+    nodes = tree.tokens.shape[1] if tree is not None else 0
+    new_allowed, fed, fed_positions = pending_allowed, pending.tokens, pending.positions
+    if tree is not None:
+        top = torch.cat([pending_allowed, pending_allowed.new_zeros(batch, width, nodes)], dim=-1)
+        bottom = torch.cat([pending.valid[:, None, :].expand(-1, nodes, -1), tree.ancestors], dim=-1)
+        new_allowed = torch.cat([top, bottom], dim=1)
+        fed = torch.cat([pending.tokens, tree.tokens], dim=1)
+        fed_positions = torch.cat([pending.positions, next_position[:, None] + tree.depth - 1], dim=1)
+    logits = forward_tokens(
+        model,
+        state,
+        _feedable(fed, target_width),
+        past_allowed=state.valid[:, None, :].expand(-1, width + nodes, -1),
+        new_allowed=new_allowed,
+        positions=fed_positions,
+        logits_to_keep=nodes + 1,
+    )  # [B, nodes + 1, V_t]
+    base = torch.arange(batch, device=device)[:, None, None] * (nodes + 1)
+    node_row = base.expand(batch, num_drafts, depth + 1).clone()
+    if tree is not None:
+        node_row[:, :, 1:] += 1 + tree.column
+    return TargetBlock(logits.flatten(0, 1), node_row, torch.cat([state.valid, pending.valid], dim=1), tree, True)
+
+
+def _rows_forward(
+    model: torch.nn.Module,
+    state: KVState,
+    pending: PendingTokens,
+    next_position: torch.Tensor,
+    drafts: DraftBlock | None,
+    num_drafts: int,
+    target_width: int,
+) -> TargetBlock:
+    """Rows layout: n rows per sequence, row ``b·n + i`` holding ``[pending | x_i1 .. x_iL]`` causally."""
+    batch, width = pending.tokens.shape
+    device = pending.tokens.device
+    n = num_drafts
+    depth = drafts.depth if drafts is not None else 0
+    chain = drafts.tokens.flatten(0, 1) if drafts is not None else pending.tokens.new_zeros(batch * n, 0)
+    fed = torch.cat([pending.tokens.repeat_interleave(n, 0), chain], dim=1)
+    fed_valid = torch.cat([pending.valid, pending.valid.new_ones(batch, depth)], dim=1).repeat_interleave(n, 0)
     square = torch.ones(width + depth, width + depth, dtype=torch.bool, device=device).tril()
     chain_positions = next_position[:, None] + torch.arange(depth, device=device)
     logits = forward_tokens(
@@ -479,16 +549,191 @@ def _target_forward(
         _feedable(fed, target_width),
         past_allowed=state.valid[:, None, :].expand(-1, width + depth, -1),
         new_allowed=square[None] & fed_valid[:, None, :],
-        positions=torch.cat([positions, chain_positions], dim=1).repeat_interleave(n, 0),
+        positions=torch.cat([pending.positions, chain_positions], dim=1).repeat_interleave(n, 0),
         logits_to_keep=depth + 1,
     )  # [B·n, L + 1, V_t]
     node_row = torch.arange(batch * n * (depth + 1), device=device).view(batch, n, depth + 1)
-    keep = torch.cat([state.valid, valid.repeat_interleave(n, 0)], dim=1)
+    keep = torch.cat([state.valid, pending.valid.repeat_interleave(n, 0)], dim=1)
     return TargetBlock(logits.flatten(0, 1), node_row, keep, None, False)
 
 
+def _block_tree(
+    drafts: DraftBlock, target: TargetBlock, processor: SpeculativeLogitsProcessor, view: BatchView
+) -> BlockTree:
+    """The :class:`BlockTree` of a block: q at every node, processed on that node's own prefix."""
+    batch, n, depth = drafts.tokens.shape
+    device = view.contexts.device
+    row = torch.arange(batch, device=device).repeat_interleave(n)
+    branch = torch.arange(n, device=device).repeat(batch)
+    nodes = view.select(row)  # a copy of each row's tokens per branch, extended by its drafts below
+    entry = torch.arange(batch * n, device=device)
+    target_probs = []
+    for d in range(depth + 1):
+        if d > 0:
+            nodes.contexts[entry, nodes.lengths + d - 1] = drafts.tokens[row, branch, d - 1]
+        logits = target.logits[target.node_row[row, branch, d]]
+        _, q = processor.view_distribution(nodes, logits, d)
+        target_probs.append(q.view(batch, n, -1))
+    canonical = target.tree.canonical if target.tree is not None else canonical_branches(drafts.tokens, drafts.alive)
+    return BlockTree(drafts.tokens, drafts.alive, canonical, drafts.probs, target_probs)
+
+
+@dataclass
+class _Walk:
+    """The walk of one block (step 3), depth by depth.
+
+    Attributes:
+        emitted: [R, L + 1] accepted tokens, then the recovered or bonus one.
+        accepted: [R] count of accepted drafts.
+        branch: [R] canonical branch of the accepted path.
+        scores: [R, L + 1, V] processed target scores per emitted token.
+        stopped: [R] the row's block has ended.
+        surviving: [R, n] branches carrying the accepted path that draft at the next depth (None without drafts).
+    """
+
+    emitted: torch.Tensor
+    accepted: torch.Tensor
+    branch: torch.Tensor
+    scores: torch.Tensor
+    stopped: torch.Tensor
+    surviving: torch.Tensor | None
+
+    def write(self, view: BatchView, rows: torch.Tensor, index: int, token: torch.Tensor, scores: torch.Tensor) -> None:
+        """Emit ``token`` [R'] as token ``index`` of the block for ``rows``, into ``view.contexts`` too."""
+        view.contexts[rows, view.lengths[rows] + index] = token
+        self.emitted[rows, index] = token
+        self.scores[rows, index] = scores
+
+
+def _walk(call: _Call, view: BatchView, drafts: DraftBlock | None, target: TargetBlock) -> _Walk:
+    """Step 3: token-level verification depth by depth; the emitted tokens go into ``view.contexts``."""
+    batch = view.contexts.shape[0]
+    device = view.contexts.device
+    depth = drafts.depth if drafts is not None else 0
+    processor = call.processor
+    walk = _Walk(
+        emitted=torch.zeros(batch, depth + 1, dtype=torch.long, device=device),
+        accepted=torch.zeros(batch, dtype=torch.long, device=device),
+        branch=torch.zeros(batch, dtype=torch.long, device=device),
+        scores=torch.zeros(batch, depth + 1, processor.vocab_size, dtype=processor.dtype, device=device),
+        stopped=torch.zeros(batch, dtype=torch.bool, device=device),
+        surviving=drafts.alive[:, :, 0].clone() if drafts is not None else None,
+    )
+    for d in range(1, depth + 1):
+        if not _walk_depth(call, walk, d, view, drafts, target):
+            break
+    # A path that accepted all its drafts ends with a bonus token from q after them.
+    rows = torch.arange(batch, device=device)[~walk.stopped]
+    if rows.numel() > 0:
+        with call.timer.phase("target_probs"):
+            scores, q = processor.view_distribution(
+                view.select(rows), target.logits_at(rows, walk.branch, depth), depth
+            )
+        walk.write(view, rows, depth, sample_categorical(q, call.settings.generator), scores)
+    return walk
+
+
+def _walk_depth(call: _Call, walk: _Walk, d: int, view: BatchView, drafts: DraftBlock, target: TargetBlock) -> bool:
+    """Depth ``d`` of the walk: verify the drafts at each walking row's node; False once no row walks on."""
+    walking = (~walk.stopped).nonzero()[:, 0]
+    if walking.numel() == 0:
+        return False
+    generator = call.settings.generator
+    with call.timer.phase("target_probs"):
+        step_scores, q = call.processor.view_distribution(
+            view.select(walking), target.logits_at(walking, walk.branch, d - 1), d - 1
+        )
+    # A path whose branches all stopped drafting before depth d ends with a bonus token from q.
+    drafted = walk.surviving[walking].any(-1)
+    ended = walking[~drafted]
+    if ended.numel() > 0:
+        walk.write(view, ended, d - 1, sample_categorical(q[~drafted], generator), step_scores[~drafted])
+        walk.stopped[ended] = True
+    rows = walking[drafted]
+    if rows.numel() == 0:
+        return False
+    q, step_scores = q[drafted], step_scores[drafted]
+    p = drafts.probs[d - 1][rows, walk.branch[rows]]
+    present = walk.surviving[rows]
+    candidates, order = draft_candidates(drafts.tokens[rows, :, d - 1], present)
+    with call.timer.phase("verifier"):
+        result = call.settings.verifier.verify(q, p, candidates, generator)
+    if call.verification_callback is not None:
+        call.verification_callback(d, q, p, candidates, result)
+    token = result.token
+    branch = order.gather(1, result.draft_index.clamp_min(0)[:, None])[:, 0]
+    walk.write(view, rows, d - 1, token, step_scores)
+    walk.accepted[rows] += result.accepted.long()
+    walk.branch[rows] = torch.where(result.accepted, branch, walk.branch[rows])
+    walk.stopped[rows] = ~result.accepted
+    carries = drafts.tokens[rows, :, d - 1] == token[:, None]
+    next_alive = drafts.alive[rows, :, d] if d < drafts.depth else present
+    walk.surviving[rows] = present & carries & next_alive
+    return True
+
+
+def _stop(call: _Call, view: BatchView, walk: _Walk) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 4: how many of each row's emitted tokens stand [R], and which rows are finished [R].
+
+    The stopping criteria see each emitted token in turn, exactly as plain ``generate`` would; a row's
+    tokens after its first stop are dropped.
+    """
+    max_length = call.settings.max_length
+    count = torch.minimum(walk.accepted + 1, max_length - view.lengths)
+    finished = view.lengths + count >= max_length
+    stop_at = torch.zeros_like(count)
+    with call.timer.phase("stopping"):
+        for s in range(1, int(count.max()) + 1):
+            rows = ((count >= s) & (stop_at == 0)).nonzero()[:, 0]
+            for entries, done in view.select(rows).call(call.stopping_criteria, walk.scores[rows, s - 1], s):
+                members = rows[entries]
+                stop_at[members[done.to(count.device)]] = s
+    finished |= stop_at > 0
+    return torch.where(stop_at > 0, stop_at, count), finished
+
+
+def _commit(
+    decoding: _Decoding, view: BatchView, emitted: torch.Tensor, count: torch.Tensor, pad_token_id: int, streamer
+) -> None:
+    """Write each row's first ``count`` emitted tokens into the batch's token buffer and stream them."""
+    position = torch.arange(decoding.tokens.shape[1], device=count.device)
+    keep_token = position[None, :] < (view.lengths + count)[:, None]
+    decoding.tokens[decoding.active] = torch.where(keep_token, view.contexts, pad_token_id)
+    decoding.generated[decoding.active] += count
+    for row, emitted_count in zip(decoding.active.tolist(), count.tolist(), strict=True):
+        decoding.accepted_lengths[row].append(emitted_count)
+    if streamer is not None:
+        _stream(streamer, emitted, count, pad_token_id)
+
+
+def _keep_cache(
+    call: _Call,
+    decoding: _Decoding,
+    view: BatchView,
+    drafts: DraftBlock | None,
+    target: TargetBlock,
+    walk: _Walk,
+    finished: torch.Tensor,
+) -> None:
+    """Step 5: both caches keep only the accepted path; finished rows leave the batch."""
+    survivors = (~finished).nonzero()[:, 0]
+    accepted = walk.accepted
+    with call.timer.phase("cache"):
+        keep, source = _target_keep(target, accepted, walk.branch, survivors, call.settings.num_drafts)
+        decoding.target_state = select_positions(decoding.target_state, keep, source)
+        if drafts is not None:
+            draft_keep, path_cached = drafts.keep_path(accepted, walk.branch)
+            decoding.draft_state = select_positions(decoding.draft_state, draft_keep, survivors)
+            decoding.draft_cached = (view.lengths + path_cached)[survivors]
+        else:
+            decoding.draft_state = select_positions(decoding.draft_state, decoding.draft_state.valid, survivors)
+            decoding.draft_cached = decoding.draft_cached[survivors]
+    decoding.target_cached = (view.lengths + accepted)[survivors]
+    decoding.active = decoding.active[survivors]
+
+
 def _target_keep(
-    target: TargetBlock, accepted: torch.Tensor, cur: torch.Tensor, survivors: torch.Tensor, n: int
+    target: TargetBlock, accepted: torch.Tensor, cur: torch.Tensor, survivors: torch.Tensor, num_drafts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Arguments for :func:`select_positions` that keep the accepted path of the surviving rows.
 
@@ -505,96 +750,9 @@ def _target_keep(
             path_rows, path_depth = on_path.nonzero(as_tuple=True)
             block_keep[path_rows, target.tree.column[path_rows, cur[path_rows], path_depth]] = True
         return torch.cat([target.keep, block_keep], dim=1), survivors
-    block_keep = on_path.repeat_interleave(n, 0)
-    source = (survivors * n + cur[survivors]).repeat_interleave(n)
+    block_keep = on_path.repeat_interleave(num_drafts, 0)
+    source = (survivors * num_drafts + cur[survivors]).repeat_interleave(num_drafts)
     return torch.cat([target.keep, block_keep], dim=1), source
-
-
-def _walk(
-    drafts: DraftBlock | None,
-    depth: int,
-    target: TargetBlock,
-    processor: SpeculativeLogitsProcessor,
-    verifier: Verifier,
-    *,
-    work: torch.Tensor,
-    length: torch.Tensor,
-    batch_rows: torch.Tensor,
-    background: torch.Tensor,
-    timer: PhaseTimer,
-    callback: VerificationCallback | None,
-    generator: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token-level verification depth by depth; writes emitted tokens into ``work`` [B, T] at ``length``.
-
-    Returns:
-        emitted [B, L + 1] (accepted tokens, then the recovered or bonus one),
-        accepted [B] count of accepted drafts, cur [B] canonical branch of the
-        accepted path, scores [B, L + 1, V] processed target scores per emitted token.
-    """
-    batch = work.shape[0]
-    device = work.device
-    cur = torch.zeros(batch, dtype=torch.long, device=device)
-    accepted = torch.zeros(batch, dtype=torch.long, device=device)
-    stopped = torch.zeros(batch, dtype=torch.bool, device=device)
-    emitted = torch.zeros(batch, depth + 1, dtype=torch.long, device=device)
-    vocab = processor.vocab_size
-    scores = torch.zeros(batch, depth + 1, vocab, dtype=processor.dtype, device=device)
-    all_rows = torch.arange(batch, device=device)
-    surviving = drafts.alive[:, :, 0].clone() if drafts is not None else None
-    for d in range(1, depth + 1):
-        walking = (~stopped).nonzero()[:, 0]
-        if walking.numel() == 0:
-            break
-        with timer.phase("target_probs"):
-            step_scores, q = processor.ragged_distribution(
-                work[walking],
-                length[walking] + d - 1,
-                target.logits_at(walking, cur, d - 1),
-                batch_rows[walking],
-                background,
-            )
-        # A path whose branches all stopped drafting before depth d ends with a bonus token from q.
-        drafted = surviving[walking].any(-1)
-        ended = walking[~drafted]
-        if ended.numel() > 0:
-            token = sample_categorical(q[~drafted], generator)
-            work[ended, length[ended] + d - 1] = token
-            emitted[ended, d - 1] = token
-            scores[ended, d - 1] = step_scores[~drafted]
-            stopped[ended] = True
-        rows, q, step_scores = walking[drafted], q[drafted], step_scores[drafted]
-        if rows.numel() == 0:
-            break
-        p = drafts.probs[d - 1][rows, cur[rows]]
-        present = surviving[rows]
-        candidates, order = draft_candidates(drafts.tokens[rows, :, d - 1], present)
-        with timer.phase("verifier"):
-            result = verifier.verify(q, p, candidates, generator)
-        if callback is not None:
-            callback(d, q, p, candidates, result)
-        token = result.token
-        branch = order.gather(1, result.draft_index.clamp_min(0)[:, None])[:, 0]
-        work[rows, length[rows] + d - 1] = token
-        emitted[rows, d - 1] = token
-        scores[rows, d - 1] = step_scores
-        accepted[rows] += result.accepted.long()
-        cur[rows] = torch.where(result.accepted, branch, cur[rows])
-        stopped[rows] = ~result.accepted
-        carries = drafts.tokens[rows, :, d - 1] == token[:, None]
-        next_alive = drafts.alive[rows, :, d] if d < depth else present
-        surviving[rows] = present & carries & next_alive
-    rows = all_rows[~stopped]
-    if rows.numel() > 0:
-        with timer.phase("target_probs"):
-            step_scores, q = processor.ragged_distribution(
-                work[rows], length[rows] + depth, target.logits_at(rows, cur, depth), batch_rows[rows], background
-            )
-        token = sample_categorical(q, generator)
-        work[rows, length[rows] + depth] = token
-        emitted[rows, depth] = token
-        scores[rows, depth] = step_scores
-    return emitted, accepted, cur, scores
 
 
 def _stream(streamer, emitted: torch.Tensor, count: torch.Tensor, pad_token_id: int) -> None:

@@ -135,8 +135,8 @@ def _processors() -> LogitsProcessorList:
     return LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3)])
 
 
-@pytest.mark.parametrize(("tree_attention", "shape"), [(True, "tree"), (False, "tree"), (True, "spine")])
-def test_block_tree_holds_what_the_walk_verifies(target, draft, tree_attention, shape):
+@pytest.mark.parametrize(("tree_attention", "draft_shape"), [(True, "tree"), (False, "tree"), (True, "spine")])
+def test_block_tree_holds_what_the_walk_verifies(target, draft, tree_attention, draft_shape):
     """Every row the walk verifies sees q and p of some node of the block's tree, bit for bit, and its drafts."""
     trees: list[BlockTree] = []
     checked = []
@@ -156,7 +156,7 @@ def test_block_tree_holds_what_the_walk_verifies(target, draft, tree_attention, 
     hf_globalres.generate(
         target, torch.tensor([[1, 5, 7, 3], [1, 9, 9, 4]]), attention_mask=torch.ones(2, 4, dtype=torch.long),
         assistant_model=draft, num_drafts=3, num_assistant_tokens=3, do_sample=True, max_new_tokens=12,
-        tree_attention=tree_attention, draft_shape=shape, logits_processor=_processors(),
+        tree_attention=tree_attention, draft_shape=draft_shape, logits_processor=_processors(),
         block_callback=trees.append, verification_callback=on_verify, assistant_confidence_threshold=None,
     )  # fmt: skip
     assert trees and {1, 2} <= set(checked)

@@ -13,10 +13,17 @@ from transformers.generation.logits_process import (
 )
 
 from hf_globalres.generation import SpeculativeLogitsProcessor
-from hf_globalres.generation.drafting import draft_block
-from hf_globalres.generation.processors import call_as_batch
+from hf_globalres.generation.drafting import DraftSettings, draft_block
+from hf_globalres.generation.processors import BatchView, call_as_batch
 from hf_globalres.generation.timing import PhaseTimer
-from hf_globalres.generation.tree import additive_mask, forward_tokens, new_state, pack_tree, select_positions
+from hf_globalres.generation.tree import (
+    PendingTokens,
+    additive_mask,
+    forward_tokens,
+    new_state,
+    pack_tree,
+    select_positions,
+)
 
 from .conftest import VOCAB
 
@@ -160,7 +167,7 @@ def test_tree_forward_and_compaction_match_plain_forwards(target):
     assert torch.allclose(after, plain, atol=1e-5)
 
 
-def _draft(draft, prompt, *, n, depth, threshold, scheme="iid", shape="tree", do_sample=True, seed=0, **warpers):
+def _draft(draft, prompt, *, n, depth, threshold, scheme="iid", draft_shape="tree", do_sample=True, seed=0, **warpers):
     """One :func:`draft_block` call on a fresh cache for one prompt."""
     ids = torch.tensor([prompt])
     width = len(prompt)
@@ -170,21 +177,18 @@ def _draft(draft, prompt, *, n, depth, threshold, scheme="iid", shape="tree", do
         draft,
         new_state(draft, 1, ids.device),
         SpeculativeLogitsProcessor(processors, do_sample=do_sample, vocab_size=VOCAB),
-        pending=ids,
-        pending_valid=torch.ones_like(ids, dtype=torch.bool),
-        pending_positions=torch.arange(width)[None],
+        pending=PendingTokens(ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(width)[None]),
         next_position=torch.tensor([width]),
-        contexts=contexts,
-        lengths=torch.tensor([width]),
-        batch_rows=torch.tensor([0]),
-        background=contexts,
-        num_drafts=n,
+        view=BatchView(contexts, torch.tensor([width]), torch.tensor([0]), contexts),
         depth=depth,
-        scheme=scheme,
+        settings=DraftSettings(
+            num_drafts=n,
+            scheme=scheme,
+            confidence_threshold=threshold,
+            draft_shape=draft_shape,
+            generator=torch.Generator().manual_seed(seed),
+        ),
         timer=PhaseTimer(ids.device),
-        confidence_threshold=threshold,
-        shape=shape,
-        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -275,7 +279,7 @@ def test_spine_drafts_on_along_the_heaviest_child_only(draft, threshold):
     prompt = [1, 5, 7, 3]
     widths, off_first = [], 0
     for seed in range(30):
-        block = _draft(draft, prompt, n=4, depth=4, threshold=threshold, shape="spine", seed=seed, top_k=4)
+        block = _draft(draft, prompt, n=4, depth=4, threshold=threshold, draft_shape="spine", seed=seed, top_k=4)
         tokens, alive = block.tokens[0], block.alive[0]
         members = alive[:, 0].tolist()
         for d in range(1, tokens.shape[1]):
