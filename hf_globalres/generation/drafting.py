@@ -77,7 +77,7 @@ class DraftSettings:
 
     Attributes:
         num_drafts: n ≥ 1 branches.
-        scheme: the verifier's ``draft_scheme``.
+        draft_scheme: the verifier's ``draft_scheme`` (see :func:`sample_children`).
         confidence_threshold: τ (None: every branch drafts the block's full depth).
         draft_shape: ``"tree"`` or ``"spine"``, which nodes draft on.
         top_k: draft from p truncated to its ``top_k`` most likely tokens and renormalised (None: all of p).
@@ -85,7 +85,7 @@ class DraftSettings:
     """
 
     num_drafts: int
-    scheme: DraftScheme
+    draft_scheme: DraftScheme
     confidence_threshold: float | None = None
     draft_shape: DraftShape = "tree"
     top_k: int | None = None
@@ -289,7 +289,7 @@ def _draw(
 
     See :func:`sample_children` (``probs``, ``parent``) and :func:`keeps_drafting` (``scores``, ``node``).
     """
-    tokens, alive = sample_children(probs, parent, drafting, settings.scheme, settings.generator)
+    tokens, alive = sample_children(probs, parent, drafting, settings.draft_scheme, settings.generator)
     going = keeps_drafting(processor, scores, node, probs, tokens, alive, settings.confidence_threshold)
     return tokens, alive, going
 

@@ -377,7 +377,7 @@ def multi_draft_decode(
     """
     drafting = DraftSettings(
         num_drafts=num_drafts if do_sample else 1,
-        scheme=verifier.draft_scheme,
+        draft_scheme=verifier.draft_scheme,
         confidence_threshold=confidence_threshold,
         draft_shape=draft_shape,
         top_k=assistant_top_k,
@@ -457,9 +457,9 @@ class TargetBlock:
     tree: Tree | None
     tree_layout: bool
 
-    def logits_at(self, rows: torch.Tensor, cur: torch.Tensor, depth: int) -> torch.Tensor:
-        """[R, V_t]: logits after the first ``depth`` tokens of branch ``cur[rows]``, for ``rows``."""
-        return self.logits[self.node_row[rows, cur[rows], depth]]
+    def logits_at(self, rows: torch.Tensor, branch: torch.Tensor, depth: int) -> torch.Tensor:
+        """[R, V_t]: logits after the first ``depth`` tokens of branch ``branch[rows]``, for ``rows``."""
+        return self.logits[self.node_row[rows, branch[rows], depth]]
 
 
 def _target_forward(call: _Call, decoding: _Decoding, block: _Block, drafts: DraftBlock | None) -> TargetBlock:
@@ -661,10 +661,10 @@ def _walk_depth(call: _Call, walk: _Walk, d: int, view: BatchView, drafts: Draft
     if call.verification_callback is not None:
         call.verification_callback(d, q, p, candidates, result)
     token = result.token
-    branch = order.gather(1, result.draft_index.clamp_min(0)[:, None])[:, 0]
+    chosen = order.gather(1, result.draft_index.clamp_min(0)[:, None])[:, 0]  # the branch of the output
     walk.write(view, rows, d - 1, token, step_scores)
     walk.accepted[rows] += result.accepted.long()
-    walk.branch[rows] = torch.where(result.accepted, branch, walk.branch[rows])
+    walk.branch[rows] = torch.where(result.accepted, chosen, walk.branch[rows])
     walk.stopped[rows] = ~result.accepted
     carries = drafts.tokens[rows, :, d - 1] == token[:, None]
     next_alive = drafts.alive[rows, :, d] if d < drafts.depth else present
@@ -733,9 +733,9 @@ def _keep_cache(
 
 
 def _target_keep(
-    target: TargetBlock, accepted: torch.Tensor, cur: torch.Tensor, survivors: torch.Tensor, num_drafts: int
+    target: TargetBlock, accepted: torch.Tensor, branch: torch.Tensor, survivors: torch.Tensor, num_drafts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Arguments for :func:`select_positions` that keep the accepted path of the surviving rows.
+    """Arguments for :func:`select_positions` keeping the ``survivors``' accepted paths (``branch``, ``accepted``).
 
     Returns keep [R_t, S'] over every stored position and the source row of each new row.
     """
@@ -748,10 +748,10 @@ def _target_keep(
         block_keep = torch.zeros(batch, nodes, dtype=torch.bool, device=device)
         if target.tree is not None:
             path_rows, path_depth = on_path.nonzero(as_tuple=True)
-            block_keep[path_rows, target.tree.column[path_rows, cur[path_rows], path_depth]] = True
+            block_keep[path_rows, target.tree.column[path_rows, branch[path_rows], path_depth]] = True
         return torch.cat([target.keep, block_keep], dim=1), survivors
     block_keep = on_path.repeat_interleave(num_drafts, 0)
-    source = (survivors * num_drafts + cur[survivors]).repeat_interleave(num_drafts)
+    source = (survivors * num_drafts + branch[survivors]).repeat_interleave(num_drafts)
     return torch.cat([target.keep, block_keep], dim=1), source
 
 

@@ -183,7 +183,7 @@ def _draft(draft, prompt, *, n, depth, threshold, scheme="iid", draft_shape="tre
         depth=depth,
         settings=DraftSettings(
             num_drafts=n,
-            scheme=scheme,
+            draft_scheme=scheme,
             confidence_threshold=threshold,
             draft_shape=draft_shape,
             generator=torch.Generator().manual_seed(seed),
