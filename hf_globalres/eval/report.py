@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .datasets import MATH_SAMPLE, prompt_source
 from .metrics import (
     DepthStats,
     answer_match,
@@ -546,7 +547,20 @@ def plot(rows: Iterable[RowLike], directory: Path) -> list[Path]:
 # --- files ----------------------------------------------------------------------------------------------------------
 
 
-def _markdown(config: EvalConfig, rows: list[SummaryRow], checks: list[Finding], images: list[Path]) -> str:
+def prompt_sources_note(records: Iterable[Record]) -> str | None:
+    """A line for report.md when GSM8K's prompts came from the package's own math sample (offline fallback)."""
+    sample = {r.prompt for r in records if prompt_source(r.dataset, r.prompt) == MATH_SAMPLE}
+    if not sample:
+        return None
+    return (
+        f"The gsm8k rows ran on {len(sample)} problems of the package's embedded math sample (GSM8K could not be "
+        "reached), not on GSM8K: pass --gsm8k-path or set HF_GLOBALRES_GSM8K for GSM8K itself."
+    )
+
+
+def _markdown(
+    config: EvalConfig, rows: list[SummaryRow], checks: list[Finding], images: list[Path], note: str | None = None
+) -> str:
     """report.md: the setting, the headline table, the findings, the same-tree table and the plots."""
     lines = [
         f"# Evaluation: {config.run_name}",
@@ -558,6 +572,7 @@ def _markdown(config: EvalConfig, rows: list[SummaryRow], checks: list[Finding],
         "last block, usually cut by the token limit, left out); acceptance is per verified position, next to the",
         "theoretical optimum for the same q, p and number of drafts. Speedups compare tokens/s.",
         "",
+        *([note, ""] if note else []),
         format_table(rows, markdown=True),
         "",
     ]
@@ -585,6 +600,7 @@ def write_report(
 ) -> dict[str, Any]:
     """Write summary.json, summary.csv, the PNG plots and report.md; return the summary (JSON form)."""
     directory = Path(directory) if directory is not None else config.run_dir()
+    records = [as_record(record) for record in records]
     rows = summary_rows(records)
     checks = check_rows(rows)
     row_data = [row.to_dict() for row in rows]
@@ -592,7 +608,7 @@ def write_report(
     atomic_write(directory / "summary.json", json.dumps(summary, indent=2))
     atomic_write(directory / "summary.csv", _csv(row_data))
     images = plot(rows, directory) if rows else []
-    atomic_write(directory / "report.md", _markdown(config, rows, checks, images))
+    atomic_write(directory / "report.md", _markdown(config, rows, checks, images, prompt_sources_note(records)))
     return summary
 
 

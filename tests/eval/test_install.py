@@ -90,6 +90,7 @@ def test_installed_eval_runs_offline_on_the_embedded_prompts(installed, tiny_pai
     prompts = {dataset: {r["prompt"] for r in records if r["dataset"] == dataset} for dataset in ("gsm8k", "mtbench")}
     assert prompts == {"gsm8k": {"math-sample-0", "math-sample-1"}, "mtbench": {"mtbench-81", "mtbench-82"}}
     assert (run_dir / "report.md").is_file()
+    assert "embedded math sample" in (run_dir / "report.md").read_text()  # the report says GSM8K did not run
 
 
 def test_installed_eval_finds_the_packaged_configs(installed, tmp_path):

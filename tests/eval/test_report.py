@@ -126,3 +126,11 @@ def test_plot_writes_the_three_pngs(tmp_path):
     written = report.plot([row.to_dict() for row in rows[:-1]] + [rows[-1]], tmp_path)
     assert [p.name for p in written] == ["block_efficiency_vs_n.png", "speedup.png", "acceptance_per_depth.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_report_names_the_embedded_math_sample_when_gsm8k_rows_ran_on_it():
+    gsm8k = _records()
+    sample = [_record(Method("autoregressive"), f"math-sample-{i}", 20, 20, 1.0) for i in range(2)]
+    assert report.prompt_sources_note(gsm8k) is None
+    note = report.prompt_sources_note(gsm8k + sample)
+    assert note is not None and "2 problems of the package's embedded math sample" in note and "--gsm8k-path" in note
