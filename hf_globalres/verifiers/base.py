@@ -25,6 +25,8 @@ from typing import ClassVar, Literal
 
 import torch
 
+from .. import _sync
+
 DraftScheme = Literal["iid", "without_replacement"]
 
 #: Largest tolerated ``|Σ_y probs(y) − 1|`` for an input row (or the dtype's eps, if larger).
@@ -209,10 +211,10 @@ def check_inputs(
     """Raise ``ValueError`` naming the problem if the inputs are not a valid case.
 
     ``distinct``: drafts were drawn without replacement, so a row cannot repeat a token.
+    Every check on values is computed on the device and read back at once (one host read).
     """
     for label, probs in (("target_probs", target_probs), ("draft_probs", draft_probs)):
-        if probs.dim() != 2:
-            raise ValueError(f"{label} must have shape [B, V], got {tuple(probs.shape)}")
+        _check_probs_layout(probs, label)
     if target_probs.shape != draft_probs.shape:
         raise ValueError(
             f"target_probs {tuple(target_probs.shape)} and draft_probs "
@@ -221,8 +223,6 @@ def check_inputs(
         )
     if target_probs.device != draft_probs.device or draft_tokens.device != target_probs.device:
         raise ValueError("target_probs, draft_probs and draft_tokens must be on one device")
-    for label, probs in (("target_probs", target_probs), ("draft_probs", draft_probs)):
-        check_probs(probs, label)
     batch, vocab = target_probs.shape
     if draft_tokens.dim() != 2 or draft_tokens.shape[0] != batch:
         raise ValueError(f"draft_tokens must have shape [B, n] = [{batch}, n], got {tuple(draft_tokens.shape)}")
@@ -236,40 +236,80 @@ def check_inputs(
             f"this verifier takes at most {max_drafts} draft(s) per row, got n = {n}; "
             "optimal, spectr and rrs take any number"
         )
+    # Failure flags in the order their errors are reported; the first raised flag names the problem.
+    failures = [*_probs_failures(target_probs, "target_probs"), *_probs_failures(draft_probs, "draft_probs")]
     if draft_tokens.numel():
-        if bool(((draft_tokens < -1) | (draft_tokens >= vocab)).any()):
-            raise ValueError(f"draft_tokens must lie in [0, {vocab}) or be −1 (absent)")
-        present = draft_tokens >= 0
-        draft_mass = draft_probs.gather(1, draft_tokens.long().clamp_min(0))
-        if bool((present & (draft_mass <= 0)).any()):
-            raise ValueError("a draft token has zero draft probability: drafts must be sampled from draft_probs")
+        tokens = draft_tokens.long()
+        present = tokens >= 0
+        failures.append(
+            (
+                ((tokens < -1) | (tokens >= vocab)).any(),
+                lambda: f"draft_tokens must lie in [0, {vocab}) or be −1 (absent)",
+            )
+        )
+        # Clamped into range, so that the gather runs even when the range check fails.
+        draft_mass = draft_probs.gather(1, tokens.clamp(0, vocab - 1))
+        failures.append(
+            (
+                (present & (draft_mass <= 0)).any(),
+                lambda: "a draft token has zero draft probability: drafts must be sampled from draft_probs",
+            )
+        )
         if distinct and n > 1:
-            ordered = draft_tokens.sort(-1).values
-            if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
-                raise ValueError(
-                    "a row repeats a draft token, but this verifier needs drafts drawn without replacement"
+            ordered = tokens.sort(-1).values
+            failures.append(
+                (
+                    ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(),
+                    lambda: "a row repeats a draft token, but this verifier needs drafts drawn without replacement",
                 )
+            )
+    _raise_first(failures)
 
 
 def check_probs(probs: torch.Tensor, label: str) -> None:
-    """Raise ``ValueError`` unless ``probs`` is a [B, V] batch of probability rows."""
+    """Raise ``ValueError`` unless ``probs`` is a [B, V] batch of probability rows (one host read)."""
+    _check_probs_layout(probs, label)
+    _raise_first(_probs_failures(probs, label))
+
+
+def _check_probs_layout(probs: torch.Tensor, label: str) -> None:
+    """The checks of :func:`check_probs` that need no values: shape and dtype."""
     if probs.dim() != 2:
         raise ValueError(f"{label} must have shape [B, V], got {tuple(probs.shape)}")
     if not probs.dtype.is_floating_point:
         raise ValueError(f"{label} must be a floating-point tensor, got {probs.dtype}")
     if probs.shape[1] == 0:
         raise ValueError(f"{label} has an empty vocabulary")
+
+
+Failure = tuple[torch.Tensor, Callable[[], str]]
+
+
+def _probs_failures(probs: torch.Tensor, label: str) -> list[Failure]:
+    """Flags (0-d bool tensors) of what makes ``probs`` invalid, each with the message naming it."""
     sums = probs.sum(-1, dtype=torch.float64)  # NaN and ±inf propagate into the sums
-    if not bool(torch.isfinite(sums).all()):
-        raise ValueError(f"{label} contains NaN or infinite values")
-    if probs.numel() and bool(probs.amin() < 0):
-        raise ValueError(f"{label} contains negative probabilities")
     # Half-precision rows carry rounding of order eps; the verifiers renormalise them anyway.
     tolerance = max(ROW_SUM_TOLERANCE, torch.finfo(probs.dtype).eps)
     bad = (sums - 1).abs() > tolerance
-    if bool(bad.any()):
+
+    def unnormalised() -> str:
         row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{label} rows must sum to 1 (±{tolerance:g}); row {row} sums to {float(sums[row]):.6g}")
+        return f"{label} rows must sum to 1 (±{tolerance:g}); row {row} sums to {float(sums[row]):.6g}"
+
+    failures: list[Failure] = [(~torch.isfinite(sums).all(), lambda: f"{label} contains NaN or infinite values")]
+    if probs.numel():
+        failures.append((probs.amin() < 0, lambda: f"{label} contains negative probabilities"))
+    failures.append((bad.any(), unnormalised))
+    return failures
+
+
+def _raise_first(failures: list[Failure]) -> None:
+    """Read every flag back in one host read; raise the first raised flag's ``ValueError``."""
+    if not failures:
+        return
+    for failed, (_, message) in zip(torch.stack([flag for flag, _ in failures]).tolist(), failures, strict=True):
+        if failed:
+            raise ValueError(message())
 
 
 def distinct_rows(
@@ -280,9 +320,11 @@ def distinct_rows(
     Rows are grouped by a cheap signature (two dot products and the keys) and
     each group is then checked entry by entry against its first row, so
     equal-looking rows that differ are never merged (then no rows are merged).
+    Only on a CPU: the grouping takes three host reads, which on an accelerator
+    cost more than solving the repeated rows along with the others.
     """
     batch, vocab = target_probs.shape
-    if batch < 2:
+    if batch < 2 or not _sync.reads_are_cheap(target_probs):
         return None
     probe = torch.linspace(1, 2, vocab, dtype=target_probs.dtype, device=target_probs.device)
     signature = torch.cat([(target_probs @ probe)[:, None], (draft_probs @ probe)[:, None], keys.to(probe.dtype)], -1)
