@@ -425,6 +425,110 @@ def _drafted_emission(x: torch.Tensor, tokens: torch.Tensor, outer: torch.Tensor
     return torch.where(beyond.any(-1, keepdim=True), first_beyond.double(), sigma)
 
 
+@dataclass
+class LbfgsMemory:
+    """The last ``memory`` L-BFGS pairs of each row, newest last: steps s, gradient changes y [B, m, D], 1/(s·y) [B, m].
+
+    A curvature of 0 marks an empty slot.
+    """
+
+    steps: torch.Tensor
+    changes: torch.Tensor
+    curvature: torch.Tensor
+
+    @classmethod
+    def empty(cls, like: torch.Tensor, memory: int) -> LbfgsMemory:
+        batch, width = like.shape
+        return cls(
+            like.new_zeros(batch, memory, width), like.new_zeros(batch, memory, width), like.new_zeros(batch, memory)
+        )
+
+    def direction(self, free_grad: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """[B, D]: the quasi-Newton descent direction on the free variables (two-loop recursion).
+
+        The first step (empty memory) moves α by at most 1; a direction that is not downhill
+        falls back to that scaled projected gradient.
+        """
+        memory = self.curvature.shape[1]
+        work, coefs = free_grad.clone(), []
+        for i in reversed(range(memory)):
+            coef = self.curvature[:, i] * (self.steps[:, i] * work).sum(-1)
+            work = work - coef[:, None] * self.changes[:, i]
+            coefs.append(coef)
+        sy = (self.steps[:, -1] * self.changes[:, -1]).sum(-1)
+        yy = (self.changes[:, -1] ** 2).sum(-1)
+        first_scale = 1 / free_grad.abs().amax(-1).clamp_min(1e-300)
+        scale = torch.where(self.curvature[:, -1] > 0, sy / yy.clamp_min(1e-300), first_scale)
+        work = scale[:, None] * work
+        for i, coef in zip(range(memory), reversed(coefs), strict=True):
+            beta = self.curvature[:, i] * (self.changes[:, i] * work).sum(-1)
+            work = work + self.steps[:, i] * (coef - beta)[:, None]
+        direction = torch.where(free_grad != 0, -work, 0)
+        uphill = (direction * grad).sum(-1) >= 0
+        return torch.where(uphill[:, None], -first_scale[:, None] * free_grad, direction)
+
+    def push(self, rows: torch.Tensor, step: torch.Tensor, change: torch.Tensor) -> None:
+        """Store the pair (s, y) [B, D] for ``rows`` [B] whose s·y is positive (keeps the inverse Hessian positive)."""
+        sy = (step * change).sum(-1)
+        store = (rows & (sy > 1e-30))[:, None, None]
+        self.steps = torch.where(store, torch.cat([self.steps[:, 1:], step[:, None]], 1), self.steps)
+        self.changes = torch.where(store, torch.cat([self.changes[:, 1:], change[:, None]], 1), self.changes)
+        newest = torch.cat([self.curvature[:, 1:], (1 / sy.clamp_min(1e-300))[:, None]], 1)
+        self.curvature = torch.where(store[:, :, 0], newest, self.curvature)
+
+
+@dataclass
+class LbfgsPoint:
+    """The iterate of each row: α, F(α), b(α) and ∇F = b − target, all at the same α."""
+
+    alpha: torch.Tensor
+    value: torch.Tensor
+    emitted: torch.Tensor
+    grad: torch.Tensor
+
+    def take(self, rows: torch.Tensor, other: LbfgsPoint) -> LbfgsPoint:
+        """This point, with ``other``'s values on ``rows`` [B]."""
+        pick = rows[:, None]
+        return LbfgsPoint(
+            torch.where(pick, other.alpha, self.alpha),
+            torch.where(rows, other.value, self.value),
+            torch.where(pick, other.emitted, self.emitted),
+            torch.where(pick, other.grad, self.grad),
+        )
+
+
+def _armijo_search(
+    evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    target: torch.Tensor,
+    box: tuple[torch.Tensor, torch.Tensor],
+    point: LbfgsPoint,
+    direction: torch.Tensor,
+    pending: torch.Tensor,
+    history: LbfgsMemory,
+    max_halvings: int = 40,
+) -> tuple[LbfgsPoint, torch.Tensor]:
+    """Backtrack each ``pending`` row along ``direction`` (projected on the box) until its Armijo test passes.
+
+    Returns the new point and the rows that found no decrease. Each accepted step's pair joins ``history``.
+    """
+    step_size = torch.ones_like(point.value)
+    for _ in range(max_halvings):
+        trial_alpha = (point.alpha + step_size[:, None] * direction).clamp(*box)
+        trial_value, trial_emitted = evaluate(trial_alpha)
+        slack = 1e-13 * (1 + point.value.abs())
+        decrease = 1e-4 * (point.grad * (trial_alpha - point.alpha)).sum(-1)
+        ok = pending & (trial_value <= point.value + decrease + slack)
+        if bool(ok.any()):
+            trial = LbfgsPoint(trial_alpha, trial_value, trial_emitted, trial_emitted - target)
+            history.push(ok, trial.alpha - point.alpha, trial.grad - point.grad)
+            point = point.take(ok, trial)
+            pending = pending & ~ok
+        if not bool(pending.any()):
+            break
+        step_size = torch.where(pending, step_size / 2, step_size)
+    return point, pending
+
+
 def projected_lbfgs(
     evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     target: torch.Tensor,
@@ -452,73 +556,27 @@ def projected_lbfgs(
     Returns:
         ``(α, b(α), converged [B], iterations)`` with b recomputed at the α returned.
     """
-    batch, width = target.shape
     alpha = torch.zeros_like(target).clamp(lower, upper)
     value, emitted = evaluate(alpha)
-    grad = emitted - target
-    steps = target.new_zeros(batch, memory, width)
-    changes = target.new_zeros(batch, memory, width)
-    curvature = target.new_zeros(batch, memory)  # 1 / (s·y); 0 marks an empty slot
+    point = LbfgsPoint(alpha, value, emitted, emitted - target)
+    history = LbfgsMemory.empty(target, memory)
 
-    def projected(alpha: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        pinned = ((alpha <= lower) & (grad > 0)) | ((alpha >= upper) & (grad < 0))
-        return torch.where(pinned, 0, grad)
+    def projected(point: LbfgsPoint) -> torch.Tensor:
+        pinned = ((point.alpha <= lower) & (point.grad > 0)) | ((point.alpha >= upper) & (point.grad < 0))
+        return torch.where(pinned, 0, point.grad)
 
-    done = projected(alpha, grad).abs().sum(-1) <= tol
+    done = projected(point).abs().sum(-1) <= tol
     iterations = 0
     for _ in range(max_iters):
         if bool(done.all()):
             break
         iterations += 1
-        free_grad = projected(alpha, grad)
-        free = free_grad != 0
-        # Two-loop recursion with the newest pair last.
-        work, coefs = free_grad.clone(), []
-        for i in reversed(range(memory)):
-            coef = curvature[:, i] * (steps[:, i] * work).sum(-1)
-            work = work - coef[:, None] * changes[:, i]
-            coefs.append(coef)
-        sy = (steps[:, -1] * changes[:, -1]).sum(-1)
-        yy = (changes[:, -1] ** 2).sum(-1)
-        first_scale = 1 / free_grad.abs().amax(-1).clamp_min(1e-300)  # first step moves α by at most 1
-        scale = torch.where(curvature[:, -1] > 0, sy / yy.clamp_min(1e-300), first_scale)
-        work = scale[:, None] * work
-        for i, coef in zip(range(memory), reversed(coefs), strict=True):
-            beta = curvature[:, i] * (changes[:, i] * work).sum(-1)
-            work = work + steps[:, i] * (coef - beta)[:, None]
-        direction = torch.where(free, -work, 0)
-        uphill = (direction * grad).sum(-1) >= 0
-        direction = torch.where(uphill[:, None], -first_scale[:, None] * free_grad, direction)
-
-        step_size = torch.ones_like(value)
-        pending = ~done
-        for _ in range(40):
-            trial = (alpha + step_size[:, None] * direction).clamp(lower, upper)
-            trial_value, trial_emitted = evaluate(trial)
-            slack = 1e-13 * (1 + value.abs())
-            decrease = 1e-4 * (grad * (trial - alpha)).sum(-1)
-            ok = pending & (trial_value <= value + decrease + slack)
-            if bool(ok.any()):
-                trial_grad = trial_emitted - target
-                s, y = trial - alpha, trial_grad - grad
-                sy_new = (s * y).sum(-1)
-                store = (ok & (sy_new > 1e-30))[:, None, None]
-                steps = torch.where(store, torch.cat([steps[:, 1:], s[:, None]], 1), steps)
-                changes = torch.where(store, torch.cat([changes[:, 1:], y[:, None]], 1), changes)
-                new_curv = torch.cat([curvature[:, 1:], (1 / sy_new.clamp_min(1e-300))[:, None]], 1)
-                curvature = torch.where(store[:, :, 0], new_curv, curvature)
-                alpha = torch.where(ok[:, None], trial, alpha)
-                value = torch.where(ok, trial_value, value)
-                emitted = torch.where(ok[:, None], trial_emitted, emitted)
-                grad = torch.where(ok[:, None], trial_grad, grad)
-                pending = pending & ~ok
-            if not bool(pending.any()):
-                break
-            step_size = torch.where(pending, step_size / 2, step_size)
+        direction = history.direction(projected(point), point.grad)
+        point, stalled = _armijo_search(evaluate, target, (lower, upper), point, direction, ~done, history)
         # A row whose line search found no decrease has stalled; it stops (unconverged).
-        done = done | pending | (projected(alpha, grad).abs().sum(-1) <= tol)
-    converged = projected(alpha, grad).abs().sum(-1) <= tol
-    return alpha, emitted, converged, iterations
+        done = done | stalled | (projected(point).abs().sum(-1) <= tol)
+    converged = projected(point).abs().sum(-1) <= tol
+    return point.alpha, point.emitted, converged, iterations
 
 
 class FittedVerifier(Verifier):
