@@ -14,7 +14,7 @@ Definitions (docs/design.md §9):
 - speedup = tokens/s over a baseline's tokens/s, with a delta-method standard
   error from the two rates' standard errors (:func:`speedup_stderr`).
 
-The ``evaluate`` modules in ``hf_globalres/eval/metrics/`` wrap these
+The ``evaluate`` modules in ``hf_globalres/eval/evaluate_modules/`` wrap these
 functions. This module never imports transformers.
 """
 
@@ -305,7 +305,7 @@ def evaluate_module_path(name: str) -> str:
     """Folder of the ``evaluate`` module ``name``, for ``evaluate.load(evaluate_module_path(name))`` (offline)."""
     if name not in EVALUATE_MODULES:
         raise ValueError(f"unknown metric {name!r}; available: {', '.join(EVALUATE_MODULES)}")
-    return str(Path(__file__).with_name("metrics") / name)
+    return str(Path(__file__).with_name("evaluate_modules") / name)
 
 
 __all__ = [
