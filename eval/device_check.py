@@ -101,6 +101,7 @@ class Sizes:
     repeats: int
     min_repeats: int
     call_cap_s: float  # a rule slower than this per timed series takes fewer repeats (down to min_repeats)
+    call_limit_s: float  # a case predicted to take longer than this per call is skipped (recorded)
     target: dict[str, Any]
     draft: dict[str, Any]
     loop_batches: tuple[int, ...]
@@ -118,17 +119,20 @@ def sizes_for(device: torch.device, quick: bool) -> Sizes:
     """Real sizes on an accelerator; on a CPU V = 500, tiny models, B ∈ {1, 4} (seconds per section)."""
     if device.type == "cpu":
         return Sizes(
-            agreement_vocabs=(50, 200), vocab=500, batches=(1, 4), top_ks=(16, 64), repeats=3, min_repeats=1,
-            call_cap_s=0.3,
-            target=TINY_TARGET, draft=TINY_DRAFT, loop_batches=(1, 4), prompt_len=8, max_new_tokens=6 if quick else 12,
-            draft_length=2, cost_context=16, agreement_bins=16, reserve_s=10.0, profile_calls=1,
-            fitted_options={"max_iters": 10, "max_support": 12, "max_tuples": 500},
+            agreement_vocabs=(50, 200), vocab=500, batches=(1, 4), top_ks=(16, 64),
+            repeats=3, min_repeats=1, call_cap_s=0.3, call_limit_s=5.0,
+            target=TINY_TARGET, draft=TINY_DRAFT, loop_batches=(1, 4), prompt_len=8,
+            max_new_tokens=6 if quick else 12, draft_length=2, cost_context=16,
+            agreement_bins=16, fitted_options={"max_iters": 10, "max_support": 12, "max_tuples": 500},
+            reserve_s=10.0, profile_calls=1,
         )  # fmt: skip
     return Sizes(
         agreement_vocabs=(50, 5000), vocab=152064, batches=(1, 64) if quick else (1, 8, 64), top_ks=(64, 1000),
-        repeats=10, min_repeats=3, call_cap_s=8.0 if quick else 15.0, target=QWEN2_7B_LIKE, draft=QWEN2_05B_LIKE,
-        loop_batches=(1, 64), prompt_len=64, max_new_tokens=16 if quick else 32, draft_length=4, cost_context=256,
-        agreement_bins=64, fitted_options={}, reserve_s=150.0, profile_calls=5,
+        repeats=10, min_repeats=3, call_cap_s=8.0 if quick else 15.0, call_limit_s=20.0,
+        target=QWEN2_7B_LIKE, draft=QWEN2_05B_LIKE, loop_batches=(1, 64), prompt_len=64,
+        max_new_tokens=16 if quick else 32, draft_length=4, cost_context=256,
+        agreement_bins=64, fitted_options={},
+        reserve_s=150.0, profile_calls=5,
     )  # fmt: skip
 
 
@@ -368,23 +372,47 @@ def time_verify(name: str, q: torch.Tensor, p: torch.Tensor, ctx: Context) -> di
     return row
 
 
+def budget_skip(ctx: Context, earlier: tuple[int, float] | None, batch: int) -> str | None:
+    """Why a case should not start, or None: only the reserve is left, or the rule's warm-up at a smaller B
+    predicts (linearly in B) a call longer than ``call_limit_s`` or than the time left."""
+    if ctx.budget.remaining() < ctx.sizes.reserve_s:
+        return "time budget: kept for later sections"
+    if earlier is None:
+        return None
+    smaller, seconds = earlier
+    predicted = seconds * batch / smaller
+    spare = ctx.budget.remaining() - ctx.sizes.reserve_s
+    if predicted > ctx.sizes.call_limit_s or predicted * (2 + ctx.sizes.min_repeats) > spare:
+        return f"time budget: a call is predicted to take {predicted:.1f} s (B = {smaller} took {seconds:.2f} s)"
+    return None
+
+
 def section_verify_timing(ctx: Context) -> dict[str, Any]:
-    """Every rule × support (full, top-k) × B at V; stops (rows say so) when only the reserve is left."""
+    """Every rule × support (full, top-k) × B at V, B ascending; cases the budget cannot afford say so."""
     rows = []
+    warmups: dict[tuple[str, int | None], tuple[int, float]] = {}  # (rule, support) → (B, warm-up seconds)
     for support in (None, *ctx.sizes.top_ks):
-        for batch in ctx.sizes.batches:
+        for batch in sorted(ctx.sizes.batches):
             q, p = random_case(batch, ctx.sizes.vocab, support, ctx.device, seed=batch)
             for name in verifiers.available():
-                case = {"batch": batch, "vocab": ctx.sizes.vocab, "support": support or ctx.sizes.vocab}
-                if ctx.budget.remaining() < ctx.sizes.reserve_s:
-                    rows.append({"verifier": name, **case, "skipped": "time budget: kept for later sections"})
+                case = {
+                    "verifier": name,
+                    "batch": batch,
+                    "vocab": ctx.sizes.vocab,
+                    "support": support or ctx.sizes.vocab,
+                }
+                reason = budget_skip(ctx, warmups.get((name, support)), batch)
+                if reason is not None:
+                    rows.append({**case, "skipped": reason})
                     continue
                 try:
                     rows.append({**case, **time_verify(name, q, p, ctx)})
                 except Exception as error:
-                    rows.append({"verifier": name, **case, "error": error_text(error)})
+                    rows.append({**case, "error": error_text(error)})
                     if ctx.device.type == "cuda":
                         torch.cuda.empty_cache()
+                if "warmup_ms" in rows[-1]:
+                    warmups[(name, support)] = (batch, rows[-1]["warmup_ms"] / 1e3)
             del q, p
     errors = [row for row in rows if "error" in row]
     return {"ok": not errors, "rows": rows, "timed": sum("median_ms" in row for row in rows), "errors": len(errors)}

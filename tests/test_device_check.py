@@ -165,3 +165,14 @@ def test_interpolation_and_projection_formula(script) -> None:
 def test_a_missing_device_is_a_clear_error(script, capsys) -> None:
     assert script.main(["--device", "cuda"]) == 2
     assert "--device cpu" in capsys.readouterr().out
+
+
+def test_a_case_predicted_too_slow_is_skipped_with_its_reason(script) -> None:
+    cpu = torch.device("cpu")
+    ctx = script.Context(cpu, script.sizes_for(cpu, True), script.Budget(300.0), "", script.BENCH_REPORT)
+    assert script.budget_skip(ctx, None, 4) is None
+    assert script.budget_skip(ctx, (1, 0.01), 4) is None
+    reason = script.budget_skip(ctx, (1, 2.0), 4)  # 8 s predicted, over the CPU limit of 5 s
+    assert reason is not None and "8.0 s" in reason and "B = 1" in reason
+    spent = script.Context(cpu, script.sizes_for(cpu, True), script.Budget(5.0), "", script.BENCH_REPORT)
+    assert script.budget_skip(spent, None, 1) == "time budget: kept for later sections"
