@@ -14,8 +14,8 @@ budget (``--budget``, 450 s by default) stops the optional ones (3-6) before 8 m
 3. ``verify_timing``: ``verify`` at V = 152064, n = 4, B ∈ {1, 8, 64}, full support and top-k support
    (k ∈ {64, 1000}): median of ≥ 10 timed calls after a warm-up (``torch.cuda.synchronize``), peak memory
    above the inputs (``torch.cuda.max_memory_allocated``), host reads (a dispatch-mode counter) and
-   synchronisations (``torch.cuda.set_sync_debug_mode("warn")``). A combination a rule refuses is
-   recorded with its reason.
+   synchronisations (``torch.cuda.set_sync_debug_mode("warn")``). A combination a rule refuses, or one
+   whose warm-up at a smaller B predicts more time than the budget affords, is recorded with the reason.
 4. ``profile``: ``torch.profiler`` summary of ``optimal.verify`` at B = 64, top-1000: kernel launches,
    time in ``cudaStreamSynchronize`` / ``cudaMemcpy*``, the 10 kernels with the most device time.
 5. ``block_loop``: random-weight models of real sizes (a Qwen2-7B-like target, a Qwen2-0.5B-like draft,
