@@ -41,6 +41,12 @@ sees at a node are still draws from p(·|node) under the draft scheme: the
 output law is unchanged. Drafting stops where the draft's tokens stop paying
 for the target tokens they cost.
 
+Which nodes draft at depth d is data the host needs for the shape of the
+depth-d forward. It reads their count per sequence back once per depth, unless
+it knows it: without a threshold, a single branch, or the spine, drafts
+through exactly one node per sequence at every depth (the first branch leaving
+a node always draws a token in the support of p).
+
 The draft shape (``draft_shape``) says which nodes draft on:
 
 - ``"tree"``: every branch drafts on (while confident), so the tree can be n
@@ -62,10 +68,11 @@ from typing import Literal
 
 import torch
 
+from .. import _sync
 from ..verifiers.base import DraftScheme, sample_categorical
 from .processors import BatchView, SpeculativeLogitsProcessor
 from .timing import PhaseTimer
-from .tree import KVState, PendingTokens, canonical_branches, forward_tokens
+from .tree import KVState, PendingTokens, canonical_branches, forward_tokens, true_rows
 
 DraftShape = Literal["tree", "spine"]
 DRAFT_SHAPES: tuple[DraftShape, ...] = ("tree", "spine")
@@ -107,6 +114,8 @@ class DraftBlock:
         columns: [B, n, L − 1] block column (0-based, after ``committed``) holding the
             key/values of token ``x[i, d]``, −1 where that token was never fed
             (the branch stopped drafting there, or it is the last depth).
+        tree_width: most distinct nodes of one sequence's tree, when the host knows it
+            without a read (one branch drafting every depth), else None.
     """
 
     tokens: torch.Tensor
@@ -115,6 +124,7 @@ class DraftBlock:
     state: KVState
     committed: torch.Tensor
     columns: torch.Tensor
+    tree_width: int | None = None
 
     @property
     def depth(self) -> int:
@@ -320,9 +330,8 @@ def draft_block(
     """
     growth = _draft_root(model, state, processor, pending, view, depth, settings, timer)
     for d in range(2, depth + 1):
-        if not bool(growth.going.any()):
+        if not _draft_depth(model, processor, growth, d, next_position, view, settings, timer):
             break
-        _draft_depth(model, processor, growth, d, next_position, view, settings, timer)
     drafted = len(growth.tokens)
     return DraftBlock(
         tokens=torch.stack(growth.tokens, dim=-1),
@@ -331,7 +340,31 @@ def draft_block(
         state=growth.state,
         committed=growth.committed,
         columns=growth.columns[:, :, : drafted - 1],
+        tree_width=drafted if _one_node_per_depth(settings) and settings.num_drafts == 1 else None,
     )
+
+
+def _one_node_per_depth(settings: DraftSettings) -> bool:
+    """Every sequence drafts through exactly one node at every depth, known without a read.
+
+    Without a threshold every node that holds a branch drafts on, and the first branch leaving a
+    node always draws a token (rank 0 of a draw without replacement lies in the support of p); a
+    single branch, or the spine, is then one node per depth.
+    """
+    return settings.confidence_threshold is None and (settings.num_drafts == 1 or settings.draft_shape == "spine")
+
+
+def _node_counts(is_node: torch.Tensor, settings: DraftSettings) -> list[int]:
+    """Per sequence, how many distinct depth-(d − 1) nodes draft on (``is_node`` [B, n] marks them).
+
+    One host read, unless :func:`_one_node_per_depth` says every count is 1 (checked where reads are free).
+    """
+    if not _one_node_per_depth(settings):
+        return is_node.sum(-1).tolist()
+    counts = [1] * is_node.shape[0]
+    if _sync.reads_are_cheap(is_node) and is_node.sum(-1).tolist() != counts:
+        raise RuntimeError("internal error: a sequence drafts through other than one node")
+    return counts
 
 
 def _draft_root(
@@ -387,20 +420,29 @@ def _draft_depth(
     view: BatchView,
     settings: DraftSettings,
     timer: PhaseTimer,
-) -> None:
-    """Depth d ≥ 2: feed the distinct depth-(d − 1) nodes that draft on and draw their children into ``growth``."""
+) -> bool:
+    """Depth d ≥ 2: feed the distinct depth-(d − 1) nodes that draft on and draw their children into ``growth``.
+
+    Returns False, drafting nothing, when no branch drafts on.
+    """
     batch, n = growth.going.shape
     device = growth.going.device
     fed = torch.stack(growth.tokens, dim=-1)  # [B, n, d − 1]
     parent = canonical_branches(fed, torch.stack(growth.alive, dim=-1))[:, :, -1]
-    carrier, fed_valid, logits = _feed_nodes(model, growth, fed, parent, d, next_position, timer)
+    # A branch that drafts on does so from its node, which its canonical branch holds: is_node.any() ⇔ going.any().
+    is_node = (parent == growth.branch) & growth.going
+    counts = _node_counts(is_node, settings)
+    if max(counts) == 0:
+        return False
+    carrier, fed_valid, logits = _feed_nodes(model, growth, fed, parent, is_node, max(counts), d, next_position, timer)
     # Distributions for fed nodes only: processors run once per distinct prefix.
-    node_b, node_j = fed_valid.nonzero(as_tuple=True)
+    flat = true_rows(fed_valid.flatten(), sum(counts))  # the nodes, row by row (columns are left-packed)
+    node_b, node_j = flat // fed_valid.shape[1], flat % fed_valid.shape[1]
     node_i = carrier[node_b, node_j]
     node_contexts = view.contexts[node_b]  # a copy (tensor index), extended by each node's drafts
     offsets = view.lengths[node_b, None] + torch.arange(d - 1, device=device)
     node_contexts.scatter_(1, offsets, fed[node_b, node_i])
-    nodes = view.select(node_b, node_contexts)
+    nodes = view.select(node_b, node_contexts, [b for b, count in enumerate(counts) for _ in range(count)])
     with timer.phase("draft_sampling"):
         node_scores, node_probs = processor.view_distribution(
             nodes, logits[node_b, node_j], d - 1, top_k=settings.top_k
@@ -411,6 +453,7 @@ def _draft_depth(
         probs = node_probs[branch_node]  # [B, n, V]; rows of stopped branches are never read
         tokens_d, alive_d, going = _draw(processor, probs, parent, growth.going, node_scores, branch_node, settings)
     growth.extend(tokens_d, alive_d, probs, going, growth.on_spine & alive_d, settings.draft_shape)
+    return True
 
 
 def _feed_nodes(
@@ -418,12 +461,16 @@ def _feed_nodes(
     growth: _Growth,
     fed: torch.Tensor,
     parent: torch.Tensor,
+    is_node: torch.Tensor,
+    width: int,
     d: int,
     next_position: torch.Tensor,
     timer: PhaseTimer,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Feed one column per distinct depth-(d − 1) node that drafts on, carried by its canonical branch.
 
+    ``parent`` [B, n] is each branch's canonical branch at depth d − 1, ``is_node`` [B, n] marks the
+    canonical branches of the nodes that draft on, and ``width`` = m is the most of them in one sequence.
     Each column attends the committed context and its own ancestors' columns. Records the columns in
     ``growth.columns[:, :, d − 2]`` and grows ``growth.state``.
 
@@ -431,11 +478,9 @@ def _feed_nodes(
         carrier [B, m] (the branch each column carries), fed_valid [B, m] (the column holds a node),
         logits [B, m, V_d] after each column.
     """
-    batch, n = parent.shape
-    device = parent.device
+    batch, n = is_node.shape
+    device = is_node.device
     state, committed = growth.state, growth.committed
-    is_node = (parent == growth.branch) & growth.going
-    width = int(is_node.sum(-1).max())
     carrier = torch.sort((~is_node).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # [B, m]
     fed_valid = is_node.gather(1, carrier)
     start = state.valid.shape[1] - committed.shape[1]

@@ -26,6 +26,17 @@ docs/design.md §7):
    would show them; tokens after a stop are dropped (truncating a sample of
    the joint law leaves the law of its prefix unchanged).
 5. Both caches keep only the accepted path; finished rows leave the batch.
+
+On an accelerator every read of a tensor value on the host stalls the device,
+so the host keeps its own copy of each active row's length and cache fill
+(:class:`_Known`) and reads back only what is data: at each depth of the walk
+after the first, which rows walk on and which of them still have drafts (the
+verifier's draws depend on how many rows it gets); where more than one branch
+may differ, how many distinct draft nodes there are at each depth and in the
+tree (the shapes of the forwards); and once per block, after the stopping
+criteria, the emitted counts, the finished rows and the caches' kept lengths
+in one read. Processors and stopping criteria are grouped by length from the
+host's copy (:class:`~.processors.HostRows`).
 """
 
 from __future__ import annotations
@@ -37,9 +48,10 @@ import torch
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
+from .. import _sync
 from ..verifiers.base import VerificationResult, Verifier, sample_categorical
 from .drafting import DraftBlock, DraftSettings, DraftShape, draft_block
-from .processors import BatchView, SpeculativeLogitsProcessor
+from .processors import BatchView, HostRows, SpeculativeLogitsProcessor
 from .timing import PhaseTimer
 from .tree import (
     KVState,
@@ -50,6 +62,7 @@ from .tree import (
     new_state,
     pack_tree,
     select_positions,
+    true_rows,
 )
 
 VerificationCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, VerificationResult], None]
@@ -232,6 +245,30 @@ class _Call:
 
 
 @dataclass
+class _Known:
+    """What the host knows of the rows without reading the device; each block's one read keeps it current.
+
+    Attributes:
+        active: batch row of each active row (``_Decoding.active`` on the host).
+        lengths: committed tokens of each active row.
+        target_cached, draft_cached: committed tokens each cache holds, per active row.
+        generated: tokens emitted per batch row.
+    """
+
+    active: list[int]
+    lengths: list[int]
+    target_cached: list[int]
+    draft_cached: list[int]
+    generated: list[int]
+
+
+def _check_known(tensor: torch.Tensor, values: list) -> None:
+    """Where reads are free, check that ``values`` is the host's copy of ``tensor`` (a wrong copy misshapes blocks)."""
+    if _sync.reads_are_cheap(tensor) and tensor.tolist() != values:
+        raise RuntimeError(f"internal error: the host holds {values}, the device {tensor.tolist()}")
+
+
+@dataclass
 class _Decoding:
     """What a call carries from block to block.
 
@@ -246,6 +283,7 @@ class _Decoding:
         active: [R] batch rows still decoding, in the order of the caches' rows.
         target_state, draft_state: the caches (n target rows per active row without tree attention).
         target_cached, draft_cached: [R] committed tokens each cache holds.
+        known: the host's copy of the row bookkeeping.
     """
 
     tokens: torch.Tensor
@@ -259,6 +297,7 @@ class _Decoding:
     draft_state: KVState
     target_cached: torch.Tensor
     draft_cached: torch.Tensor
+    known: _Known
 
 
 def _start(call: _Call, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _Decoding:
@@ -285,6 +324,7 @@ def _start(call: _Call, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         draft_state=new_state(call.draft, batch, device),
         target_cached=torch.zeros(batch, dtype=torch.long, device=device),
         draft_cached=torch.zeros(batch, dtype=torch.long, device=device),
+        known=_Known(list(range(batch)), [prompt_len] * batch, [0] * batch, [0] * batch, [0] * batch),
     )
 
 
@@ -297,6 +337,7 @@ class _Block:
         mask: [R, C] their attention masks; cumulative: [R, C] its running sum (position id + 1).
         next_position: [R] position id of the first token after the committed ones.
         depth: draft depth the length cap leaves (≤ L; 0: no room for a draft).
+        lengths: the rows' committed lengths, on the host.
     """
 
     view: BatchView
@@ -304,14 +345,16 @@ class _Block:
     cumulative: torch.Tensor
     next_position: torch.Tensor
     depth: int
+    lengths: list[int]
 
-    def pending(self, cached: torch.Tensor) -> PendingTokens:
+    def pending(self, cached: torch.Tensor, cached_host: list[int]) -> PendingTokens:
         """Committed tokens ``contexts[r, cached_r:length_r]`` not yet in a cache, right-aligned.
 
-        Each is [R, P] with P = max(length − cached); left holes are invalid.
+        Each is [R, P] with P = max(length − cached), from the host's copy ``cached_host`` of ``cached``;
+        left holes are invalid.
         """
         work, length = self.view.contexts, self.view.lengths
-        width = int((length - cached).max())
+        width = max(total - held for total, held in zip(self.lengths, cached_host, strict=True))
         index = length[:, None] - width + torch.arange(width, device=work.device)
         valid = (index >= cached[:, None]) & self.mask.gather(1, index).bool()
         tokens = torch.where(valid, work.gather(1, index), 0)
@@ -321,14 +364,16 @@ class _Block:
 
 def _next_block(decoding: _Decoding, settings: DecodeSettings) -> _Block:
     """The active rows at the start of a block."""
+    known = decoding.known
     length = decoding.prompt_len + decoding.generated[decoding.active]
-    depth = int(min(settings.num_assistant_tokens, int((settings.max_length - length).max()) - 1))
+    _check_known(length, known.lengths)
+    depth = min(settings.num_assistant_tokens, max(settings.max_length - total for total in known.lengths) - 1)
     work = decoding.tokens[decoding.active]  # a copy: the walk writes into it
     mask = decoding.mask[decoding.active]
     cumulative = mask.cumsum(-1)
     next_position = cumulative.gather(1, (length - 1)[:, None])[:, 0]
-    view = BatchView(work, length, decoding.active, decoding.tokens)
-    return _Block(view, mask, cumulative, next_position, max(depth, 0))
+    view = BatchView(work, length, decoding.active, decoding.tokens, HostRows(known.lengths, known.active))
+    return _Block(view, mask, cumulative, next_position, max(depth, 0), known.lengths)
 
 
 def _feedable(tokens: torch.Tensor, width: int) -> torch.Tensor:
@@ -394,24 +439,31 @@ def multi_draft_decode(
     decoding = _start(call, input_ids, attention_mask)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    while decoding.active.numel() > 0:  # one block, the steps of the module docstring
-        block = _next_block(decoding, settings)
-        drafts = _draft(call, decoding, block)  # 1.
-        target = _target_forward(call, decoding, block, drafts)  # 2.
-        if block_callback is not None and drafts is not None:
-            block_callback(_block_tree(drafts, target, processor, block.view))
-        walk = _walk(call, block.view, drafts, target)  # 3.
-        count, finished = _stop(call, block.view, walk)  # 4.
-        _commit(decoding, block.view, walk.emitted, count, pad_token_id, streamer)
-        _keep_cache(call, decoding, block.view, drafts, target, walk, finished)  # 5.
+    while decoding.active.numel() > 0:
+        _block(call, decoding, block_callback, streamer)
     if streamer is not None:
         streamer.end()
     return DecodeResult(
-        sequences=decoding.tokens[:, : decoding.prompt_len + int(decoding.generated.max())],
+        sequences=decoding.tokens[:, : decoding.prompt_len + max(decoding.known.generated)],
         target_forwards=decoding.target_forwards,
         accepted_lengths=decoding.accepted_lengths,
         timings=timer.summary(),
     )
+
+
+def _block(call: _Call, decoding: _Decoding, block_callback: BlockCallback | None, streamer) -> None:
+    """One block, the steps of the module docstring."""
+    block = _next_block(decoding, call.settings)
+    drafts = _draft(call, decoding, block)  # 1.
+    target = _target_forward(call, decoding, block, drafts)  # 2.
+    if block_callback is not None and drafts is not None:
+        block_callback(_block_tree(drafts, target, call.processor, block.view))
+    walk = _walk(call, block.view, drafts, target)  # 3.
+    count, finished = _stop(call, block.view, walk, block.lengths)  # 4.
+    kept = _kept(call, decoding, drafts, target, walk)
+    settled = _Settled.read(count, finished, kept)  # the block's one read
+    _commit(decoding, block.view, walk.emitted, count, settled, call.settings.pad_token_id, streamer)
+    _keep_cache(call, decoding, block, target, walk, kept, finished, settled)  # 5.
 
 
 def _draft(call: _Call, decoding: _Decoding, block: _Block) -> DraftBlock | None:
@@ -421,7 +473,7 @@ def _draft(call: _Call, decoding: _Decoding, block: _Block) -> DraftBlock | None
     """
     if block.depth < 1:
         return None
-    pending = block.pending(decoding.draft_cached)
+    pending = block.pending(decoding.draft_cached, decoding.known.draft_cached)
     drafts = draft_block(
         call.draft,
         decoding.draft_state,
@@ -464,7 +516,7 @@ class TargetBlock:
 
 def _target_forward(call: _Call, decoding: _Decoding, block: _Block, drafts: DraftBlock | None) -> TargetBlock:
     """Step 2: one target forward over the pending committed tokens and every draft node."""
-    pending = block.pending(decoding.target_cached)
+    pending = block.pending(decoding.target_cached, decoding.known.target_cached)
     forward = _tree_forward if call.settings.tree_attention else _rows_forward
     with call.timer.phase("target_forward"):
         target = forward(
@@ -499,7 +551,7 @@ def _tree_forward(
     depth = drafts.depth if drafts is not None else 0
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     pending_allowed = causal[None] & pending.valid[:, None, :]
-    tree = pack_tree(drafts.tokens, drafts.alive) if drafts is not None else None
+    tree = pack_tree(drafts.tokens, drafts.alive, drafts.tree_width) if drafts is not None else None
     nodes = tree.tokens.shape[1] if tree is not None else 0
     new_allowed, fed, fed_positions = pending_allowed, pending.tokens, pending.positions
     if tree is not None:
@@ -565,7 +617,8 @@ def _block_tree(
     device = view.contexts.device
     row = torch.arange(batch, device=device).repeat_interleave(n)
     branch = torch.arange(n, device=device).repeat(batch)
-    nodes = view.select(row)  # a copy of each row's tokens per branch, extended by its drafts below
+    # A copy of each row's tokens per branch, extended by its drafts below.
+    nodes = view.select(row, host_entries=[b for b in range(batch) for _ in range(n)])
     entry = torch.arange(batch * n, device=device)
     target_probs = []
     for d in range(depth + 1):
@@ -589,6 +642,7 @@ class _Walk:
         scores: [R, L + 1, V] processed target scores per emitted token.
         stopped: [R] the row's block has ended.
         surviving: [R, n] branches carrying the accepted path that draft at the next depth (None without drafts).
+        walked: on the host, the depths each row has walked; ``accepted + 1`` once the walk is over.
     """
 
     emitted: torch.Tensor
@@ -597,6 +651,7 @@ class _Walk:
     scores: torch.Tensor
     stopped: torch.Tensor
     surviving: torch.Tensor | None
+    walked: list[int]
 
     def write(self, view: BatchView, rows: torch.Tensor, index: int, token: torch.Tensor, scores: torch.Tensor) -> None:
         """Emit ``token`` [R'] as token ``index`` of the block for ``rows``, into ``view.contexts`` too."""
@@ -604,9 +659,22 @@ class _Walk:
         self.emitted[rows, index] = token
         self.scores[rows, index] = scores
 
+    def next_rows(self, drafting: bool) -> tuple[list[int], list[int]]:
+        """The rows that walk at the next depth, and those of them with drafts there (``drafting``): one read."""
+        walking = ~self.stopped
+        has_drafts = self.surviving.any(-1) if drafting and self.surviving is not None else torch.zeros_like(walking)
+        drafted = walking & has_drafts
+        flags = torch.stack([walking, drafted]).tolist()
+        return [r for r, go in enumerate(flags[0]) if go], [r for r, go in enumerate(flags[1]) if go]
+
 
 def _walk(call: _Call, view: BatchView, drafts: DraftBlock | None, target: TargetBlock) -> _Walk:
-    """Step 3: token-level verification depth by depth; the emitted tokens go into ``view.contexts``."""
+    """Step 3: token-level verification depth by depth; the emitted tokens go into ``view.contexts``.
+
+    Depth L + 1 has no drafts: the paths that accepted all theirs end there with a bonus token from q.
+    Every row walks at depth 1 and has drafts there (the first branch always draws a token); before each
+    later depth one read tells the host which rows walk on and which of them have drafts.
+    """
     batch = view.contexts.shape[0]
     device = view.contexts.device
     depth = drafts.depth if drafts is not None else 0
@@ -618,41 +686,57 @@ def _walk(call: _Call, view: BatchView, drafts: DraftBlock | None, target: Targe
         scores=torch.zeros(batch, depth + 1, processor.vocab_size, dtype=processor.dtype, device=device),
         stopped=torch.zeros(batch, dtype=torch.bool, device=device),
         surviving=drafts.alive[:, :, 0].clone() if drafts is not None else None,
+        walked=[0] * batch,
     )
-    for d in range(1, depth + 1):
-        if not _walk_depth(call, walk, d, view, drafts, target):
+    walking = list(range(batch))
+    drafted = walking if drafts is not None else []
+    if walk.surviving is not None:
+        _check_known(walk.surviving.any(-1), [True] * batch)
+    for d in range(1, depth + 2):
+        if d > 1:
+            walking, drafted = walk.next_rows(d <= depth)
+            if not walking:
+                break
+        if not _walk_depth(call, walk, d, view, drafts, target, walking, drafted):
             break
-    # A path that accepted all its drafts ends with a bonus token from q after them.
-    rows = torch.arange(batch, device=device)[~walk.stopped]
-    if rows.numel() > 0:
-        with call.timer.phase("target_probs"):
-            scores, q = processor.view_distribution(
-                view.select(rows), target.logits_at(rows, walk.branch, depth), depth
-            )
-        walk.write(view, rows, depth, sample_categorical(q, call.settings.generator), scores)
     return walk
 
 
-def _walk_depth(call: _Call, walk: _Walk, d: int, view: BatchView, drafts: DraftBlock, target: TargetBlock) -> bool:
-    """Depth ``d`` of the walk: verify the drafts at each walking row's node; False once no row walks on."""
-    walking = (~walk.stopped).nonzero()[:, 0]
-    if walking.numel() == 0:
-        return False
+def _walk_depth(
+    call: _Call,
+    walk: _Walk,
+    d: int,
+    view: BatchView,
+    drafts: DraftBlock | None,
+    target: TargetBlock,
+    walking: list[int],
+    drafted: list[int],
+) -> bool:
+    """Depth ``d`` of the walk: verify the drafts at the node of each row in ``drafted``.
+
+    ``walking`` (host) are the rows still walking, ``drafted`` those of them whose path has drafts at
+    depth d; the others end here with a token from q. False once no row walks on.
+    """
     generator = call.settings.generator
+    rows_walking = true_rows(~walk.stopped, len(walking))
+    for row in walking:
+        walk.walked[row] += 1
     with call.timer.phase("target_probs"):
         step_scores, q = call.processor.view_distribution(
-            view.select(walking), target.logits_at(walking, walk.branch, d - 1), d - 1
+            view.select(rows_walking, host_entries=walking), target.logits_at(rows_walking, walk.branch, d - 1), d - 1
         )
-    # A path whose branches all stopped drafting before depth d ends with a bonus token from q.
-    drafted = walk.surviving[walking].any(-1)
-    ended = walking[~drafted]
-    if ended.numel() > 0:
-        walk.write(view, ended, d - 1, sample_categorical(q[~drafted], generator), step_scores[~drafted])
+    # A path whose branches all stopped drafting before depth d (or that accepted them all) ends with a token from q.
+    has_drafts = walk.surviving[rows_walking].any(-1) if drafted else torch.zeros_like(rows_walking, dtype=torch.bool)
+    if len(drafted) < len(walking):
+        local = true_rows(~has_drafts, len(walking) - len(drafted))
+        ended = rows_walking[local]
+        walk.write(view, ended, d - 1, sample_categorical(q[local], generator), step_scores[local])
         walk.stopped[ended] = True
-    rows = walking[drafted]
-    if rows.numel() == 0:
+    if not drafted:
         return False
-    q, step_scores = q[drafted], step_scores[drafted]
+    local = true_rows(has_drafts, len(drafted))
+    rows = rows_walking[local]
+    q, step_scores = q[local], step_scores[local]
     p = drafts.probs[d - 1][rows, walk.branch[rows]]
     present = walk.surviving[rows]
     candidates, order = draft_candidates(drafts.tokens[rows, :, d - 1], present)
@@ -672,95 +756,179 @@ def _walk_depth(call: _Call, walk: _Walk, d: int, view: BatchView, drafts: Draft
     return True
 
 
-def _stop(call: _Call, view: BatchView, walk: _Walk) -> tuple[torch.Tensor, torch.Tensor]:
+def _stop(call: _Call, view: BatchView, walk: _Walk, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 4: how many of each row's emitted tokens stand [R], and which rows are finished [R].
 
     The stopping criteria see each emitted token in turn, exactly as plain ``generate`` would; a row's
-    tokens after its first stop are dropped.
+    tokens after its first stop are dropped. The host knows how many tokens each row emitted
+    (``walk.walked``, capped by ``max_length``), so at token s it calls the criteria on the rows that
+    have one; a row that stopped before is shown there as its committed tokens and its answer ignored.
     """
     max_length = call.settings.max_length
+    emitted = [min(walked, max_length - total) for walked, total in zip(walk.walked, lengths, strict=True)]
     count = torch.minimum(walk.accepted + 1, max_length - view.lengths)
+    _check_known(count, emitted)
     finished = view.lengths + count >= max_length
     stop_at = torch.zeros_like(count)
     with call.timer.phase("stopping"):
-        for s in range(1, int(count.max()) + 1):
-            rows = ((count >= s) & (stop_at == 0)).nonzero()[:, 0]
-            for entries, done in view.select(rows).call(call.stopping_criteria, walk.scores[rows, s - 1], s):
-                members = rows[entries]
-                stop_at[members[done.to(count.device)]] = s
+        for s in range(1, max(emitted, default=0) + 1):
+            members = [r for r, tokens in enumerate(emitted) if tokens >= s]
+            rows = true_rows(count >= s, len(members))
+            going = stop_at[rows] == 0
+            candidates = view.select(rows, host_entries=members)
+            for entries, done in candidates.call(call.stopping_criteria, walk.scores[rows, s - 1], s, going):
+                hit = rows[entries]
+                stop_at[hit] = torch.where(done.to(count.device) & going[entries], s, stop_at[hit])
     finished |= stop_at > 0
     return torch.where(stop_at > 0, stop_at, count), finished
 
 
+@dataclass
+class _Kept:
+    """The positions each cache keeps of the block's rows (step 5), before the finished rows leave.
+
+    Attributes:
+        target_keep: [R_t, S_t] per target row; target_sums: [R] kept positions per sequence.
+        draft_keep: [R, S_d] per draft row.
+        path_cached: [R] accepted tokens the draft cache now holds (None without drafts: unchanged).
+    """
+
+    target_keep: torch.Tensor
+    target_sums: torch.Tensor
+    draft_keep: torch.Tensor
+    path_cached: torch.Tensor | None
+
+
+def _kept(call: _Call, decoding: _Decoding, drafts: DraftBlock | None, target: TargetBlock, walk: _Walk) -> _Kept:
+    """What both caches keep of the accepted paths (``walk.branch``, ``walk.accepted``)."""
+    n = call.settings.num_drafts
+    with call.timer.phase("cache"):
+        target_keep = _target_keep(target, walk.accepted, walk.branch, n)
+        # Without tree attention the n rows of a sequence hold the same positions.
+        target_sums = (target_keep if target.tree_layout else target_keep[::n]).sum(-1)
+        if drafts is None:
+            return _Kept(target_keep, target_sums, decoding.draft_state.valid, None)
+        draft_keep, path_cached = drafts.keep_path(walk.accepted, walk.branch)
+    return _Kept(target_keep, target_sums, draft_keep, path_cached)
+
+
+@dataclass
+class _Settled:
+    """The block's one host read, per row: emitted counts, finished flags, kept lengths of both caches.
+
+    Attributes:
+        counts: tokens that stand; finished: the row leaves the batch.
+        target_kept, draft_kept: positions each cache keeps; path_cached: accepted tokens in the draft cache.
+    """
+
+    counts: list[int]
+    finished: list[int]
+    target_kept: list[int]
+    draft_kept: list[int]
+    path_cached: list[int]
+
+    @classmethod
+    def read(cls, count: torch.Tensor, finished: torch.Tensor, kept: _Kept) -> _Settled:
+        """Read ``count`` [R], ``finished`` [R] and what ``kept`` sums per row, stacked into one read."""
+        path = kept.path_cached if kept.path_cached is not None else torch.zeros_like(count)
+        return cls(*torch.stack([count, finished.long(), kept.target_sums, kept.draft_keep.sum(-1), path]).tolist())
+
+    @property
+    def staying(self) -> list[int]:
+        """The rows that stay in the batch."""
+        return [r for r, done in enumerate(self.finished) if not done]
+
+
 def _commit(
-    decoding: _Decoding, view: BatchView, emitted: torch.Tensor, count: torch.Tensor, pad_token_id: int, streamer
+    decoding: _Decoding,
+    view: BatchView,
+    emitted: torch.Tensor,
+    count: torch.Tensor,
+    settled: _Settled,
+    pad_token_id: int,
+    streamer,
 ) -> None:
     """Write each row's first ``count`` emitted tokens into the batch's token buffer and stream them."""
     position = torch.arange(decoding.tokens.shape[1], device=count.device)
     keep_token = position[None, :] < (view.lengths + count)[:, None]
     decoding.tokens[decoding.active] = torch.where(keep_token, view.contexts, pad_token_id)
     decoding.generated[decoding.active] += count
-    for row, emitted_count in zip(decoding.active.tolist(), count.tolist(), strict=True):
+    for row, emitted_count in zip(decoding.known.active, settled.counts, strict=True):
         decoding.accepted_lengths[row].append(emitted_count)
+        decoding.known.generated[row] += emitted_count
     if streamer is not None:
-        _stream(streamer, emitted, count, pad_token_id)
+        _stream(streamer, emitted, count, settled.counts, pad_token_id)
 
 
 def _keep_cache(
     call: _Call,
     decoding: _Decoding,
-    view: BatchView,
-    drafts: DraftBlock | None,
+    block: _Block,
     target: TargetBlock,
     walk: _Walk,
+    kept: _Kept,
     finished: torch.Tensor,
+    settled: _Settled,
 ) -> None:
     """Step 5: both caches keep only the accepted path; finished rows leave the batch."""
-    survivors = (~finished).nonzero()[:, 0]
-    accepted = walk.accepted
+    staying = settled.staying
+    survivors = true_rows(~finished, len(staying))
     with call.timer.phase("cache"):
-        keep, source = _target_keep(target, accepted, walk.branch, survivors, call.settings.num_drafts)
-        decoding.target_state = select_positions(decoding.target_state, keep, source)
-        if drafts is not None:
-            draft_keep, path_cached = drafts.keep_path(accepted, walk.branch)
-            decoding.draft_state = select_positions(decoding.draft_state, draft_keep, survivors)
-            decoding.draft_cached = (view.lengths + path_cached)[survivors]
-        else:
-            decoding.draft_state = select_positions(decoding.draft_state, decoding.draft_state.valid, survivors)
-            decoding.draft_cached = decoding.draft_cached[survivors]
-    decoding.target_cached = (view.lengths + accepted)[survivors]
+        source = _target_source(target, walk.branch, survivors, call.settings.num_drafts)
+        width = max((settled.target_kept[r] for r in staying), default=0)
+        decoding.target_state = select_positions(decoding.target_state, kept.target_keep, source, width)
+        width = max((settled.draft_kept[r] for r in staying), default=0)
+        decoding.draft_state = select_positions(decoding.draft_state, kept.draft_keep, survivors, width)
+    known, lengths = decoding.known, block.lengths
+    if kept.path_cached is not None:
+        decoding.draft_cached = (block.view.lengths + kept.path_cached)[survivors]
+        known.draft_cached = [lengths[r] + settled.path_cached[r] for r in staying]
+    else:
+        decoding.draft_cached = decoding.draft_cached[survivors]
+        known.draft_cached = [known.draft_cached[r] for r in staying]
+    decoding.target_cached = (block.view.lengths + walk.accepted)[survivors]
     decoding.active = decoding.active[survivors]
+    known.target_cached = [lengths[r] + walk.walked[r] - 1 for r in staying]
+    known.lengths = [lengths[r] + settled.counts[r] for r in staying]
+    known.active = [known.active[r] for r in staying]
 
 
-def _target_keep(
-    target: TargetBlock, accepted: torch.Tensor, branch: torch.Tensor, survivors: torch.Tensor, num_drafts: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Arguments for :func:`select_positions` keeping the ``survivors``' accepted paths (``branch``, ``accepted``).
+def _target_keep(target: TargetBlock, accepted: torch.Tensor, branch: torch.Tensor, num_drafts: int) -> torch.Tensor:
+    """keep [R_t, S'] for :func:`select_positions`: the positions kept before the block, then its accepted path.
 
-    Returns keep [R_t, S'] over every stored position and the source row of each new row.
+    The path is branch ``branch`` [R]'s first ``accepted`` [R] tokens; the rows are those of ``target``
+    (n per sequence without tree attention).
     """
     batch = accepted.shape[0]
     device = accepted.device
     depth = target.node_row.shape[2] - 1
     on_path = torch.arange(depth, device=device)[None, :] < accepted[:, None]  # [B, L]
+    if not target.tree_layout:
+        return torch.cat([target.keep, on_path.repeat_interleave(num_drafts, 0)], dim=1)
+    nodes = target.tree.tokens.shape[1] if target.tree is not None else 0
+    block_keep = torch.zeros(batch, nodes + 1, dtype=torch.bool, device=device)  # the last column takes the rest
+    if target.tree is not None:
+        path = target.tree.column[torch.arange(batch, device=device), branch]  # [B, L]
+        block_keep.scatter_(1, torch.where(on_path, path, nodes), on_path)
+    return torch.cat([target.keep, block_keep[:, :nodes]], dim=1)
+
+
+def _target_source(target: TargetBlock, branch: torch.Tensor, survivors: torch.Tensor, num_drafts: int) -> torch.Tensor:
+    """The source row of each new target row: a survivor's own row, or n copies of its accepted branch's row."""
     if target.tree_layout:
-        nodes = target.tree.tokens.shape[1] if target.tree is not None else 0
-        block_keep = torch.zeros(batch, nodes, dtype=torch.bool, device=device)
-        if target.tree is not None:
-            path_rows, path_depth = on_path.nonzero(as_tuple=True)
-            block_keep[path_rows, target.tree.column[path_rows, branch[path_rows], path_depth]] = True
-        return torch.cat([target.keep, block_keep], dim=1), survivors
-    block_keep = on_path.repeat_interleave(num_drafts, 0)
-    source = (survivors * num_drafts + branch[survivors]).repeat_interleave(num_drafts)
-    return torch.cat([target.keep, block_keep], dim=1), source
+        return survivors
+    return (survivors * num_drafts + branch[survivors]).repeat_interleave(num_drafts)
 
 
-def _stream(streamer, emitted: torch.Tensor, count: torch.Tensor, pad_token_id: int) -> None:
-    """Send a block's emitted tokens: one call per block for one row, per token position for a batch."""
+def _stream(streamer, emitted: torch.Tensor, count: torch.Tensor, counts: list[int], pad_token_id: int) -> None:
+    """Send a block's emitted tokens: one call per block for one row, per token position for a batch.
+
+    ``counts`` is the host's copy of ``count``; the tokens themselves go to the host, a read per call.
+    """
     if emitted.shape[0] == 1:
-        streamer.put(emitted[0, : int(count[0])].cpu())
+        streamer.put(emitted[0, : counts[0]].cpu())
         return
-    for s in range(int(count.max())):
+    for s in range(max(counts)):
         streamer.put(torch.where(count > s, emitted[:, s], pad_token_id).cpu())
 
 

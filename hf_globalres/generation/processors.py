@@ -19,22 +19,101 @@ Rows of different lengths (tree nodes at different depths, batch rows that
 accepted different numbers of tokens) are processed in groups of equal length
 (:meth:`SpeculativeLogitsProcessor.ragged_distribution`): length-dependent
 processors (``min_new_tokens``, exponential decay, ngram bans) then see exactly
-the ``input_ids`` that plain ``generate`` would have shown them.
+the ``input_ids`` that plain ``generate`` would have shown them. Processors
+that only reshape each row of scores (temperature, top-k, top-p, min-p, ...:
+:data:`ROW_WISE`) run once over every entry instead, whatever its length.
+
+The loop knows every entry's length and batch row on the host
+(:class:`HostRows`), so grouping reads nothing back from the device; without
+them, one read per call recovers them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers.generation import logits_process
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+
+from .tree import true_rows
+
+#: Processors and warpers whose output row ``i`` is a function of score row ``i`` alone: they read
+#: neither ``input_ids`` nor the batch size, so one call over entries of any lengths equals the
+#: per-length calls row for row. Exact types only (a subclass may read ``input_ids``).
+ROW_WISE: frozenset[type] = frozenset(
+    getattr(logits_process, name)
+    for name in (
+        "TemperatureLogitsWarper",
+        "TopKLogitsWarper",
+        "TopPLogitsWarper",
+        "TopHLogitsWarper",
+        "MinPLogitsWarper",
+        "TypicalLogitsWarper",
+        "EpsilonLogitsWarper",
+        "EtaLogitsWarper",
+        "InfNanRemoveLogitsProcessor",
+        "LogitNormalization",
+        "SuppressTokensLogitsProcessor",
+    )
+    if hasattr(logits_process, name)
+)
 
 
 def length_groups(lengths: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(length, rows)`` for each distinct value of ``lengths`` [N]; rows is a LongTensor [N_g]."""
     for length in torch.unique(lengths).tolist():
         yield int(length), (lengths == length).nonzero()[:, 0]
+
+
+@dataclass(frozen=True)
+class HostRows:
+    """Host copies of the entries' prefix lengths and batch rows, so that grouping reads nothing back.
+
+    Attributes:
+        lengths: prefix length of each entry; rows: batch row of each entry.
+    """
+
+    lengths: list[int]
+    rows: list[int]
+
+    @classmethod
+    def read(cls, lengths: torch.Tensor, batch_rows: torch.Tensor) -> HostRows:
+        """The host copies of ``lengths`` and ``batch_rows`` [N], in one read."""
+        both = torch.stack([lengths.to(batch_rows.dtype), batch_rows]).tolist() if lengths.numel() else [[], []]
+        return cls(both[0], both[1])
+
+    def select(self, entries: Sequence[int]) -> HostRows:
+        """The entries ``entries`` (host positions, repeats allowed)."""
+        return HostRows([self.lengths[i] for i in entries], [self.rows[i] for i in entries])
+
+    def ahead(self, count: int) -> HostRows:
+        """Every prefix ``count`` tokens longer."""
+        return HostRows([length + count for length in self.lengths], self.rows) if count else self
+
+    def groups(self) -> list[tuple[int, int, int]]:
+        """``(length, slot, size)`` of each call of :func:`call_as_batch`, in call order.
+
+        An entry's slot counts the earlier entries of its batch row; a call takes the entries
+        of one length and one slot, so no batch row holds two entries in one call.
+        """
+        seen: Counter[int] = Counter()
+        sizes: Counter[tuple[int, int]] = Counter()
+        for length, row in zip(self.lengths, self.rows, strict=True):
+            sizes[length, seen[row]] += 1
+            seen[row] += 1
+        return [(length, slot, size) for (length, slot), size in sorted(sizes.items())]
+
+
+def entry_slots(batch_rows: torch.Tensor) -> torch.Tensor:
+    """[N]: how many earlier entries share each entry's batch row (see :meth:`HostRows.groups`)."""
+    order = torch.sort(batch_rows, stable=True)
+    first = torch.searchsorted(order.values, order.values, side="left")
+    slot = torch.empty_like(batch_rows)
+    slot[order.indices] = torch.arange(batch_rows.shape[0], device=batch_rows.device) - first
+    return slot
 
 
 def call_as_batch(
@@ -44,13 +123,16 @@ def call_as_batch(
     values: torch.Tensor,
     batch_rows: torch.Tensor,
     batch_tokens: torch.Tensor,
+    host: HostRows | None = None,
+    include: torch.Tensor | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Call ``fn(input_ids, values)`` the way plain ``generate`` does: on the whole batch, one length at a time.
 
     Processors and stopping criteria may hold per-row state sized to the
     batch (e.g. the prompt padding lengths of the repetition penalty), so each
     call gets all B rows in their original order: the entries being evaluated
-    in their batch row, every other row its committed tokens from ``batch_tokens``.
+    in their batch row, every other row its committed tokens from ``batch_tokens``
+    (and zero ``values``).
 
     Args:
         contexts: [N, T] entry ``i``'s prefix is ``contexts[i, :lengths[i]]``.
@@ -58,23 +140,28 @@ def call_as_batch(
         batch_rows: [N] batch row of each entry (several entries may share a row:
             they go to separate calls).
         batch_tokens: [B, T'] committed tokens of every batch row, T' ≥ max(lengths).
+        host: host copies of ``lengths`` and ``batch_rows`` (None: read once).
+        include: [N] bool; an entry marked False is shown as its batch row's committed tokens
+            and zero values instead (its output is then meaningless).
 
     Yields:
         (entries [N_g], fn's output rows for those entries).
     """
-    count = batch_rows.shape[0]
-    order = torch.sort(batch_rows, stable=True)
-    first = torch.searchsorted(order.values, order.values, side="left")
-    slot = torch.empty_like(batch_rows)
-    slot[order.indices] = torch.arange(count, device=batch_rows.device) - first
-    key = lengths * (count + 1) + slot
-    for _, entries in length_groups(key):
-        length = int(lengths[entries[0]])
+    host = host if host is not None else HostRows.read(lengths, batch_rows)
+    slot = entry_slots(batch_rows)
+    for length, group_slot, size in host.groups():
+        entries = true_rows((lengths == length) & (slot == group_slot), size)
         rows = batch_rows[entries]
+        own = contexts[entries, :length]
+        own_values = values[entries]
         input_ids = batch_tokens[:, :length].clone()
-        input_ids[rows] = contexts[entries, :length]
+        if include is not None:
+            shown = include[entries]
+            own = torch.where(shown[:, None], own, input_ids[rows])
+            own_values = torch.where(shown.view(-1, *[1] * (values.dim() - 1)), own_values, 0)
+        input_ids[rows] = own
         full = values.new_zeros((batch_tokens.shape[0], *values.shape[1:]))
-        full[rows] = values[entries]
+        full[rows] = own_values
         yield entries, fn(input_ids, full)[rows]
 
 
@@ -90,24 +177,37 @@ class BatchView:
         lengths: [N] committed length of each entry.
         batch_rows: [N] batch row of each entry.
         batch_tokens: [B, T'] committed tokens of every batch row, T' ≥ max(lengths).
+        host: host copies of ``lengths`` and ``batch_rows`` (None: read when first needed).
     """
 
     contexts: torch.Tensor
     lengths: torch.Tensor
     batch_rows: torch.Tensor
     batch_tokens: torch.Tensor
+    host: HostRows | None = None
 
-    def select(self, entries: torch.Tensor, contexts: torch.Tensor | None = None) -> BatchView:
-        """The entries ``entries`` [N'] of this view (repeats allowed), with ``contexts`` [N', T] in place of theirs."""
+    def select(
+        self, entries: torch.Tensor, contexts: torch.Tensor | None = None, host_entries: Sequence[int] | None = None
+    ) -> BatchView:
+        """The entries ``entries`` [N'] of this view (repeats allowed), with ``contexts`` [N', T] in place of theirs.
+
+        ``host_entries`` names the same entries on the host; without it the view has no host copies.
+        """
         own = self.contexts[entries] if contexts is None else contexts
-        return BatchView(own, self.lengths[entries], self.batch_rows[entries], self.batch_tokens)
+        host = self.host.select(host_entries) if self.host is not None and host_entries is not None else None
+        return BatchView(own, self.lengths[entries], self.batch_rows[entries], self.batch_tokens, host)
 
     def call(
-        self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], values: torch.Tensor, ahead: int = 0
+        self,
+        fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        values: torch.Tensor,
+        ahead: int = 0,
+        include: torch.Tensor | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """:func:`call_as_batch` on the prefixes ``contexts[i, :lengths[i] + ahead]``."""
         lengths = self.lengths + ahead if ahead else self.lengths
-        return call_as_batch(fn, self.contexts, lengths, values, self.batch_rows, self.batch_tokens)
+        host = self.host.ahead(ahead) if self.host is not None else None
+        return call_as_batch(fn, self.contexts, lengths, values, self.batch_rows, self.batch_tokens, host, include)
 
 
 def truncated_softmax(scores: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -186,6 +286,11 @@ class SpeculativeLogitsProcessor(LogitsProcessor):
         scores = self(input_ids, logits)
         return scores, self.probabilities(scores)
 
+    @property
+    def row_wise(self) -> bool:
+        """Every processor is in :data:`ROW_WISE`: one call serves prefixes of any lengths."""
+        return all(type(processor) in ROW_WISE for processor in self.logits_processor)
+
     def ragged_distribution(
         self,
         contexts: torch.LongTensor,
@@ -195,6 +300,7 @@ class SpeculativeLogitsProcessor(LogitsProcessor):
         batch_tokens: torch.LongTensor | None = None,
         *,
         top_k: int | None = None,
+        host: HostRows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`distribution` for prefixes of different lengths.
 
@@ -207,16 +313,21 @@ class SpeculativeLogitsProcessor(LogitsProcessor):
                 sees the full batch in order (see :func:`call_as_batch`).
                 Without them the entries are processed as a batch of their own.
             top_k: truncate the probabilities to each row's ``top_k`` largest scores (see :meth:`probabilities`).
+            host: host copies of ``lengths`` and ``batch_rows`` (None: read once, when the processors need them).
 
         Returns:
             scores, probs: [N, V] each.
         """
+        if self.row_wise and logits.shape[0] > 0:
+            # Row i of the output depends on logits row i alone: the same rows the per-length calls give.
+            scores = self(contexts, logits)
+            return scores, self.probabilities(scores, top_k)
         if batch_rows is None:
             batch_rows = torch.arange(contexts.shape[0], device=contexts.device)
             batch_tokens = contexts
         width = self.vocab_size or logits.shape[-1]
         scores = logits.new_empty((logits.shape[0], width), dtype=self.dtype)
-        for entries, processed in call_as_batch(self, contexts, lengths, logits, batch_rows, batch_tokens):
+        for entries, processed in call_as_batch(self, contexts, lengths, logits, batch_rows, batch_tokens, host):
             scores[entries] = processed
         return scores, self.probabilities(scores, top_k)
 
@@ -225,7 +336,19 @@ class SpeculativeLogitsProcessor(LogitsProcessor):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`ragged_distribution` after the prefixes ``view.contexts[i, :view.lengths[i] + ahead]``."""
         lengths = view.lengths + ahead if ahead else view.lengths
-        return self.ragged_distribution(view.contexts, lengths, logits, view.batch_rows, view.batch_tokens, top_k=top_k)
+        host = view.host.ahead(ahead) if view.host is not None else None
+        return self.ragged_distribution(
+            view.contexts, lengths, logits, view.batch_rows, view.batch_tokens, top_k=top_k, host=host
+        )
 
 
-__all__ = ["BatchView", "SpeculativeLogitsProcessor", "call_as_batch", "length_groups", "truncated_softmax"]
+__all__ = [
+    "ROW_WISE",
+    "BatchView",
+    "HostRows",
+    "SpeculativeLogitsProcessor",
+    "call_as_batch",
+    "entry_slots",
+    "length_groups",
+    "truncated_softmax",
+]

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicCache
 
+from .. import _sync
+
 
 @dataclass
 class KVState:
@@ -57,6 +59,20 @@ class PendingTokens:
     tokens: torch.Tensor
     valid: torch.Tensor
     positions: torch.Tensor
+
+
+def true_rows(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """[count] LongTensor: the indices where ``mask`` [N] holds, ascending, when the host knows there are ``count``.
+
+    ``nonzero`` would read the count back; a stable sort of ``~mask`` puts the same indices first
+    without a read. On a CPU the read is free, so ``nonzero`` runs there and checks ``count``.
+    """
+    if _sync.reads_are_cheap(mask):
+        rows = mask.nonzero()[:, 0]
+        if rows.shape[0] != count:
+            raise RuntimeError(f"internal error: {rows.shape[0]} rows hold, the host counted {count}")
+        return rows
+    return torch.sort((~mask).to(torch.int8), stable=True).indices[:count]
 
 
 def new_state(model: torch.nn.Module, rows: int, device: torch.device) -> KVState:
@@ -128,16 +144,19 @@ def forward_tokens(
     return logits if logits.dtype.itemsize >= 4 else logits.float()
 
 
-def select_positions(state: KVState, keep: torch.Tensor, rows: torch.Tensor | None = None) -> KVState:
+def select_positions(
+    state: KVState, keep: torch.Tensor, rows: torch.Tensor | None = None, width: int | None = None
+) -> KVState:
     """Keep only the positions ``keep`` [R, S] marks, for source rows ``rows`` [R'] (default: all).
 
-    Returns a state with R' rows and ``max_r Σ_s keep[rows[r], s]`` positions,
-    each row's kept positions in order and right-aligned.
+    Returns a state with R' rows and ``width = max_r Σ_s keep[rows[r], s]`` positions (read back
+    unless given), each row's kept positions in order and right-aligned.
     """
     if rows is not None:
         keep = keep[rows]
     stored = keep.shape[1]
-    width = int(keep.sum(-1).max()) if keep.numel() else 0
+    if width is None:
+        width = int(keep.sum(-1).max()) if keep.numel() else 0
     # A stable sort on keep puts holes first and kept positions after, each in storage order.
     order = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices[:, stored - width :]
     valid = keep.gather(1, order)
@@ -190,11 +209,12 @@ def canonical_branches(tokens: torch.Tensor, alive: torch.Tensor) -> torch.Tenso
     return torch.where(alive, first, own)
 
 
-def pack_tree(tokens: torch.Tensor, alive: torch.Tensor) -> Tree:
+def pack_tree(tokens: torch.Tensor, alive: torch.Tensor, width: int | None = None) -> Tree:
     """Deduplicate the n branches of each sequence into a packed tree.
 
     Args:
         tokens: [B, n, L] draft tokens; alive: [B, n, L].
+        width: M, the most distinct nodes of a sequence, when the host knows it (None: read back).
     """
     batch, n, depth_max = tokens.shape
     device = tokens.device
@@ -203,7 +223,8 @@ def pack_tree(tokens: torch.Tensor, alive: torch.Tensor) -> Tree:
     distinct = alive & (canonical == branch[None, :, None])  # [B, n, L]
     # Flat node index f = (d − 1)·n + i, so packing keeps nodes sorted by depth.
     flat_distinct = distinct.transpose(1, 2).reshape(batch, depth_max * n)
-    width = int(flat_distinct.sum(-1).max()) if flat_distinct.numel() else 0
+    if width is None:
+        width = int(flat_distinct.sum(-1).max()) if flat_distinct.numel() else 0
     order = torch.sort((~flat_distinct).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # [B, M]
     column_of_flat = torch.zeros(batch, depth_max * n, dtype=torch.long, device=device)
     column_of_flat.scatter_(1, order, torch.arange(width, device=device).expand(batch, width))
@@ -242,4 +263,5 @@ __all__ = [
     "new_state",
     "pack_tree",
     "select_positions",
+    "true_rows",
 ]
