@@ -22,3 +22,16 @@ def reads_are_cheap(tensor: torch.Tensor) -> bool:
     tests can take the accelerator path on CPU tensors.
     """
     return tensor.device.type == "cpu"
+
+
+#: On an accelerator, iterative solvers read their convergence back every this many iterations
+#: (a converged row only idles until the next read).
+CHECK_EVERY = 4
+
+
+def check_now(tensor: torch.Tensor, iteration: int) -> bool:
+    """An iterative solver reads its convergence back before iteration ``iteration`` (0-based).
+
+    Before every iteration on a CPU; elsewhere after every ``CHECK_EVERY`` iterations.
+    """
+    return reads_are_cheap(tensor) or (iteration > 0 and iteration % CHECK_EVERY == 0)

@@ -24,6 +24,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from . import _sync
+
 Scheme = Literal["iid", "without_replacement"]
 
 
@@ -36,12 +38,15 @@ def _as_float64(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _drafts_per_row(num_drafts: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """[B] long drafts per row; negative counts raise, except in a tensor on an accelerator (no host read there)."""
+    if not isinstance(num_drafts, torch.Tensor) and num_drafts < 0:
+        raise ValueError("num_drafts must be non-negative")
     n = torch.as_tensor(num_drafts, device=device).long()
     if n.dim() == 0:
         n = n.expand(batch)
     if n.shape != (batch,):
         raise ValueError(f"num_drafts must be an int or a [B] = [{batch}] tensor, got shape {tuple(n.shape)}")
-    if bool((n < 0).any()):
+    if isinstance(num_drafts, torch.Tensor) and _sync.reads_are_cheap(n) and bool((n < 0).any()):
         raise ValueError("num_drafts must be non-negative")
     return n
 
@@ -92,7 +97,9 @@ def spectr_rho(
     smallest, which maximises acceptance. Solved by Newton's method kept inside
     a bisection bracket; ``g' = P_{q>ρp} + n (1 − β)^{n−1} Q_{q<ρp} / ρ²`` where
     ``P_S = Σ_S p``, ``Q_S = Σ_S q``. Works in the input dtype, to ``tol`` or a
-    few ulps of it, whichever is larger.
+    few ulps of it, whichever is larger. Rows that converged keep their ρ; on
+    an accelerator convergence is read back every ``CHECK_EVERY`` iterations
+    only (each read stalls it), which changes no result.
     """
     q, p = target_probs, draft_probs
     n = _drafts_per_row(num_drafts, q.shape[0], q.device).to(q.dtype)
@@ -116,8 +123,8 @@ def spectr_rho(
     g_x, slope_x = g_and_slope(x)
     done = g_x >= 0  # ρ* = 1
     rho = torch.where(done, lo, hi)
-    for _ in range(max_iters):
-        if bool(done.all()):
+    for iteration in range(max_iters):
+        if _sync.check_now(done, iteration) and bool(done.all()):
             break
         newton = x - g_x / slope_x.clamp_min(1e-300)
         inside = (newton > lo) & (newton < hi) & torch.isfinite(newton)
@@ -165,9 +172,13 @@ class OptimalPrefix(NamedTuple):
 def power(base: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
     """``base ** exponent`` for ``base`` [B, M] and integer-valued ``exponent`` [B].
 
-    One shared exponent up to 16 takes repeated squaring (a few multiplications
-    per element, where ``pow`` with a tensor exponent costs ~10× more).
+    On a CPU, one shared exponent up to 16 takes repeated squaring (a few
+    multiplications per element, where ``pow`` with a tensor exponent costs
+    ~10× more); finding it takes two host reads, which on an accelerator cost
+    more than ``pow`` itself.
     """
+    if not _sync.reads_are_cheap(exponent):
+        return base.pow(exponent.to(base.dtype)[:, None])
     values = exponent.unique()
     if values.numel() != 1 or not 0 <= float(values) <= 16:
         return base.pow(exponent.to(base.dtype)[:, None])
