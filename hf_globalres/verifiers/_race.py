@@ -36,6 +36,8 @@ from functools import cached_property
 
 import torch
 
+from .. import _sync
+
 #: Quadrature window. Nodes are uniform in u, with s = log t = c + u − e^{−u}
 #: and c = −max α − SHIFT: for u ≫ 0 that is the plain log grid, and below it
 #: the map compresses t → 0 double-exponentially, where the integrand only
@@ -70,6 +72,12 @@ MERGE_LOSS = 1e-5
 #: their reduced problem is solved to this residual, not further (each Newton step past it
 #: gains ~10× on a residual that no longer shows in the acceptance).
 GROUPED_TOL = 1e-8
+#: Widest window in u of a tier whose α spans at most ``ALPHA_SPAN`` (every α the solver evaluates):
+#: on an accelerator the number of quadrature nodes comes from it, with no host read.
+WINDOW_BOUND = ALPHA_SPAN + SHIFT + UPPER_MARGIN - U_START
+#: On an accelerator, the line search of a Newton iteration evaluates this many step sizes at once
+#: (halving each time) instead of halving until one helps, which would read back every halving.
+TRIAL_STEPS = 4
 
 
 @dataclass
@@ -137,14 +145,18 @@ def quadrature_nodes(problems: RaceProblems, alpha: torch.Tensor, step: float) -
     ``U_START``): the integrands are analytic in a strip of half-width about
     π/2 and decay double-exponentially at both ends, so the trapezoid rule
     with step ``h ≤ step`` in u errs by ~ exp(−π²/h). Each problem has its own
-    window and step; the batch shares one number of nodes ``K``.
+    window and step; the batch shares one number of nodes ``K``: on a CPU from
+    the widest window (a host read), elsewhere from ``WINDOW_BOUND``, which
+    needs α to span at most ``ALPHA_SPAN`` on each tier (as :func:`_normalise`
+    leaves it).
     """
     tier = problems.tier
     empty = ~tier.any(-1)
     top = torch.where(tier, alpha, -math.inf).amax(-1).masked_fill(empty, 0)
     bottom = torch.where(tier, alpha, math.inf).amin(-1).masked_fill(empty, 0)
     span = (top - bottom + SHIFT + UPPER_MARGIN) - U_START  # u window length, [P]
-    nodes = math.ceil(float(span.max()) / step) + 1
+    widest = float(span.max()) if _sync.reads_are_cheap(span) else WINDOW_BOUND
+    nodes = math.ceil(widest / step) + 1
     grid = torch.linspace(0, 1, nodes, dtype=alpha.dtype, device=alpha.device)
     u = U_START + span[:, None] * grid
     compress = torch.exp(-u)
@@ -230,11 +242,15 @@ def expanded_race_law(
     low = torch.where(torch.isfinite(low), low, 0)
     high = torch.where(tier, alpha, -math.inf).amax(-1, keepdim=True)
     high = torch.where(torch.isfinite(high), high, 0)
-    groups = int(((high - low) / width).max()) + 1
+    if _sync.reads_are_cheap(alpha):
+        groups = int(((high - low) / width).max()) + 1
+    else:  # α spans at most ALPHA_SPAN (see quadrature_nodes)
+        groups = math.ceil(ALPHA_SPAN / width) + 1
     bucket = ((alpha - low) / width).floor().clamp(0, groups - 1).long()
     centre = low + (torch.arange(groups, dtype=alpha.dtype, device=alpha.device) + 0.5) * width  # [P, G]
     delta = torch.where(tier, alpha - centre.gather(1, bucket), 0)
-    factorial = torch.tensor([math.factorial(j) for j in range(order + 1)], dtype=alpha.dtype, device=alpha.device)
+    # j! on the device itself: a tensor built from host values would be a blocking copy there.
+    factorial = torch.arange(order + 1, dtype=alpha.dtype, device=alpha.device).clamp_min(1).cumprod(0)
     scaled_powers = torch.stack([delta**j for j in range(order + 1)], dim=-1) / factorial  # δ^j / j!, [P, S, J+1]
     moments = p.new_zeros(size, groups, order + 1)
     moments.scatter_add_(1, bucket[..., None].expand(-1, -1, order + 1), p[..., None] * scaled_powers)
@@ -314,7 +330,8 @@ def newton_direction(problems: RaceProblems, terms: RaceTerms, alpha: torch.Tens
         # Fewer slots than nodes: the dense |S| × |S| system is the cheaper one.
         hessian = torch.diag_embed(diagonal) - torch.bmm(low_rank, low_rank.transpose(1, 2))
         hessian = hessian + tau[:, None, None] * v[:, :, None] * v[:, None, :]
-        return torch.where(free, torch.linalg.solve(hessian, grad[:, :, None])[..., 0], 0)
+        # solve_ex: no host read of its error flag; a singular system gives a step that lowers nothing.
+        return torch.where(free, torch.linalg.solve_ex(hessian, grad[:, :, None]).result[..., 0], 0)
     # Whitened: H' = D^{1/2} (I − E Σ Eᵀ) D^{1/2} with E = D^{−1/2} [W, v] (W in place).
     root = diagonal.sqrt()
     whitened = low_rank.div_(root[:, :, None])
@@ -334,7 +351,7 @@ def newton_direction(problems: RaceProblems, terms: RaceTerms, alpha: torch.Tens
     rhs = torch.cat(
         [torch.bmm(whitened.transpose(1, 2), grad_w[:, :, None]), (gauge_column * grad_w).sum(-1)[:, None, None]], 1
     )
-    solution = torch.linalg.solve(inner, rhs)
+    solution = torch.linalg.solve_ex(inner, rhs).result
     lifted = torch.bmm(whitened, solution[:, :-1])[..., 0] + gauge_column * solution[:, -1]
     return torch.where(free, (grad_w + lifted) / root, 0)
 
@@ -358,7 +375,9 @@ def solve_race(
     iteration works on the problems still above ``tol`` only, trimmed to their
     widest tier; a problem stops when no step size helps. Each iteration costs
     O(|S| K²): problems of many thousand slots take :func:`wide_weights` instead.
-    The returned law is always the law at the returned α.
+    The returned law is always the law at the returned α. On an accelerator
+    every problem takes part in every pass, masked, so that the only host reads
+    are the convergence checks of :func:`_newton_loop`.
     """
     tier, boxed = problems.tier, problems.boxed[:, None]
     alpha = _normalise(problems, torch.where(boxed, alpha.clamp_min(0), alpha))
@@ -367,25 +386,26 @@ def solve_race(
     solvable = (problems.num_draws >= 2) & tier.any(-1)
     # Most iterations run on a coarser quadrature (half the nodes, a quarter of the Woodbury
     # cost); its solution is within ~exp(−π²/h) of the fine one, which the last steps remove.
-    coarse = (solvable & (tier.sum(-1) > COARSE_MIN_WIDTH)).nonzero()[:, 0]
-    if coarse.numel() > 0 and max_iters > 0:
-        sub = problems.select(coarse)
-        sub_alpha = alpha[coarse]
-        sub_law = race_law(sub, sub_alpha, min(2 * step, COARSE_STEP))
-        sub_alpha, _, _ = _newton_loop(
-            sub,
-            sub_alpha,
-            sub_law,
-            kkt_residual(sub, sub_alpha, sub_law),
-            tol=max(tol, COARSE_TOL),
-            max_iters=max_iters,
-            step=min(2 * step, COARSE_STEP),
-            max_halvings=max_halvings,
-        )
-        alpha = alpha.index_put((coarse,), sub_alpha)
-    racing = solvable.nonzero()[:, 0]
-    if racing.numel() > 0:
-        law[racing] = race_law(problems.select(racing), alpha[racing], step)
+    coarse = solvable & (tier.sum(-1) > COARSE_MIN_WIDTH)
+    coarse_options = {"tol": max(tol, COARSE_TOL), "max_iters": max_iters, "max_halvings": max_halvings}
+    coarse_step = min(2 * step, COARSE_STEP)
+    if not _sync.reads_are_cheap(alpha):
+        if max_iters > 0 and tier.shape[1] > COARSE_MIN_WIDTH:
+            coarse_law = race_law(problems, alpha, coarse_step)
+            coarse_residual = torch.where(coarse, kkt_residual(problems, alpha, coarse_law), 0)
+            alpha, _, _ = _newton_loop(problems, alpha, coarse_law, coarse_residual, step=coarse_step, **coarse_options)
+        law = torch.where(solvable[:, None], race_law(problems, alpha, step), law)
+    else:
+        coarse = coarse.nonzero()[:, 0]
+        if coarse.numel() > 0 and max_iters > 0:
+            sub, sub_alpha = problems.select(coarse), alpha[coarse]
+            sub_law = race_law(sub, sub_alpha, coarse_step)
+            sub_residual = kkt_residual(sub, sub_alpha, sub_law)
+            sub_alpha, _, _ = _newton_loop(sub, sub_alpha, sub_law, sub_residual, step=coarse_step, **coarse_options)
+            alpha = alpha.index_put((coarse,), sub_alpha)
+        racing = solvable.nonzero()[:, 0]
+        if racing.numel() > 0:
+            law[racing] = race_law(problems.select(racing), alpha[racing], step)
     residual = kkt_residual(problems, alpha, law)
     residual = torch.where(solvable, residual, 0)
     alpha, law, residual = _newton_loop(
@@ -405,7 +425,14 @@ def _newton_loop(
     step: float,
     max_halvings: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Newton iterations on the problems with ``residual > tol``, each on the unconverged ones only."""
+    """Newton iterations on the problems with ``residual > tol``, each on the unconverged ones only.
+
+    On an accelerator, :func:`_masked_newton_loop` instead.
+    """
+    if not _sync.reads_are_cheap(residual):
+        return _masked_newton_loop(
+            problems, alpha, law, residual, tol=tol, max_iters=max_iters, step=step, max_halvings=max_halvings
+        )
     tier = problems.tier
     active = residual > tol
     # The last iteration's problems, width and (when all of them took the full step) terms at their
@@ -429,6 +456,55 @@ def _newton_loop(
         # A problem no step size improves has reached the quadrature's noise floor.
         active[chosen] = improved & (sub_residual > tol)
         carried = (chosen.numel(), width, sub, terms)
+    return alpha, law, residual
+
+
+def _masked_newton_loop(
+    problems: RaceProblems,
+    alpha: torch.Tensor,
+    law: torch.Tensor,
+    residual: torch.Tensor,
+    *,
+    tol: float,
+    max_iters: int,
+    step: float,
+    max_halvings: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_newton_loop` with no host read but one convergence check every ``_sync.CHECK_EVERY`` iterations.
+
+    Every problem takes part in every iteration; only the active ones move. The
+    line search evaluates ``TRIAL_STEPS`` sizes ``s, s/2, s/4, …`` at once and
+    takes the largest that lowers the residual; ``s`` is 1 after a successful
+    step, and a problem none of them helps searches on from the next smaller
+    size in the next iteration, stopping after ``max_halvings`` halvings in all
+    (as the CPU loop gives up after ``max_halvings`` halvings in one iteration).
+    """
+    tier, boxed = problems.tier, problems.boxed[:, None]
+    count = residual.shape[0]
+    halvings = torch.pow(0.5, torch.arange(TRIAL_STEPS, dtype=alpha.dtype, device=alpha.device))[:, None]
+    trials = problems.select(torch.arange(count, device=alpha.device).repeat(TRIAL_STEPS))  # [T·P, S]
+    first = torch.ones_like(residual)  # largest trial size of the next line search
+    active = residual > tol
+    for iteration in range(max_iters):
+        if _sync.check_now(active, iteration) and not bool(active.any()):
+            break
+        terms = race_terms(problems, alpha, step)
+        free = tier & ~(boxed & (alpha <= 0) & (terms.law > problems.target))
+        direction = newton_direction(problems, terms, alpha, free)
+        trial = (alpha - (halvings * first)[:, :, None] * direction).flatten(0, 1)
+        trial = _normalise(trials, torch.where(trials.boxed[:, None], trial.clamp_min(0), trial))
+        trial_law = race_law(trials, trial, step)
+        trial_residual = kkt_residual(trials, trial, trial_law).view(TRIAL_STEPS, count)
+        better = active & (trial_residual < residual)  # [T, P]
+        improved = better.any(0)
+        pick = better.int().argmax(0)  # the largest size that helps (0 where none)
+        rows = pick * count + torch.arange(count, device=pick.device)
+        alpha = torch.where(improved[:, None], trial[rows], alpha)
+        law = torch.where(improved[:, None], trial_law[rows], law)
+        residual = torch.where(improved, trial_residual.gather(0, pick[None])[0], residual)
+        first = torch.where(improved, 1.0, torch.where(active, first * 0.5**TRIAL_STEPS, first))
+        # A problem no step size improves has reached the quadrature's noise floor.
+        active = active & (residual > tol) & (first > 0.5**max_halvings)
     return alpha, law, residual
 
 
@@ -536,7 +612,9 @@ def binned_start(problems: RaceProblems, bins: int, *, tol: float, step: float, 
     mass = torch.where(reduced_tier, reduced.draft_mass, 1)
     start = reduced.proportional_alpha()
     coarser = bins // 8
-    if bins >= 512 and int(reduced_tier.sum(-1).max()) > 2 * coarser:
+    # On an accelerator the reduced width stands in for the widest reduced tier (no host read).
+    widest = int(reduced_tier.sum(-1).max()) if _sync.reads_are_cheap(mass) else reduced_tier.shape[1]
+    if bins >= 512 and widest > 2 * coarser:
         # The reduced problem is itself wide enough to start from a coarser one.
         start = binned_start(reduced, coarser, tol=tol, step=step, max_iters=max_iters)
     coarse, _, _ = solve_race(reduced, start, tol=tol, max_iters=max_iters, step=step)
@@ -614,8 +692,11 @@ def wide_weights(
     bound, which is tiny where the target mass sits on a few hundred slots (LLM
     rows). Where the bound exceeds ``MERGE_LOSS`` (flat rows), the per-slot
     weights of :func:`binned_start` are tried too, their law evaluated over all
-    slots, and the weights that keep more target mass ``Σ min(c, b)`` win.
+    slots, and the weights that keep more target mass ``Σ min(c, b)`` win. On
+    an accelerator, :func:`_masked_wide_weights`.
     """
+    if not _sync.reads_are_cheap(problems.draft_mass):
+        return _masked_wide_weights(problems, bins, tol=tol, step=step, max_iters=max_iters)
     group, reduced, loss = slot_groups(problems, bins)
     alpha, law = grouped_race(reduced, group, problems.draft_mass, tol=tol, step=step, max_iters=max_iters)
     loose = (loss > MERGE_LOSS).nonzero()[:, 0]
@@ -638,3 +719,32 @@ def wide_weights(
         rows = loose[better]
         alpha[rows], law[rows] = binned[better], binned_law[better]
     return alpha, law
+
+
+def _masked_wide_weights(
+    problems: RaceProblems, bins: int, *, tol: float, step: float, max_iters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`wide_weights` with no host read: every problem takes every fallback, and masks keep what it would.
+
+    Finding the problems whose merge bound exceeds ``MERGE_LOSS`` would read
+    them back; the finer groups and per-slot weights are computed for all
+    problems instead, and kept only by those.
+    """
+
+    def kept(values: torch.Tensor) -> torch.Tensor:
+        return torch.where(problems.tier, torch.minimum(problems.target, values), 0).sum(-1)
+
+    group, reduced, loss = slot_groups(problems, bins)
+    alpha, law = grouped_race(reduced, group, problems.draft_mass, tol=tol, step=step, max_iters=max_iters)
+    loose = loss > MERGE_LOSS
+    if problems.draft_mass.shape[1] > 8 * bins:
+        group, reduced, finer_loss = slot_groups(problems, 4 * bins)
+        finer = grouped_race(reduced, group, problems.draft_mass, tol=tol, step=step, max_iters=max_iters)
+        alpha, law = (torch.where(loose[:, None], new, old) for new, old in zip(finer, (alpha, law), strict=True))
+        loose = loose & (finer_loss > MERGE_LOSS)
+    binned = binned_start(problems, bins, tol=tol, step=step, max_iters=max_iters)
+    binned = _normalise(problems, torch.where(problems.boxed[:, None], binned.clamp_min(0), binned))
+    binned_law = race_law(problems, binned, step)
+    # Problems with fewer than two draws are exact as grouped (b = p); their quadrature law is not.
+    better = (loose & (problems.num_draws >= 2) & (kept(binned_law) > kept(law)))[:, None]
+    return torch.where(better, binned, alpha), torch.where(better, binned_law, law)

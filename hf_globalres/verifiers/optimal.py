@@ -43,6 +43,7 @@ from functools import cached_property
 
 import torch
 
+from .. import _sync
 from ..rates import OptimalPrefix, optimal_prefix, prefix_members
 from . import register
 from ._race import RaceProblems, kkt_residual, solve_race, wide_weights
@@ -166,11 +167,16 @@ class TierProblems:
         )
 
     def races(self, in_l_race: torch.Tensor) -> RaceProblems:
-        """[B, S]: each row's L problem where ``in_l_race`` [B], else its H problem."""
-        if bool(in_l_race.all()):
-            return self.l_race
-        if not bool(in_l_race.any()):
-            return self.h_race
+        """[B, S]: each row's L problem where ``in_l_race`` [B], else its H problem.
+
+        On a CPU a batch racing in one tier takes that tier's problems as they
+        are; elsewhere the rows are always merged (no host read).
+        """
+        if _sync.reads_are_cheap(in_l_race):
+            if bool(in_l_race.all()):
+                return self.l_race
+            if not bool(in_l_race.any()):
+                return self.h_race
         low, high, pick = self.l_race, self.h_race, in_l_race[:, None]
         return RaceProblems(
             draft_mass=torch.where(pick, low.draft_mass, high.draft_mass),
@@ -294,17 +300,27 @@ class Optimal(Verifier):
         # Work on supp p only: slots [B, S] in token order; padding slots hold the token id V.
         supported = draft_probs > 0
         count = supported.sum(-1)
-        width = max(int(count.max()), 1)
-        if width == vocab and bool((count == vocab).all()):
+        cheap = _sync.reads_are_cheap(count)
+        if cheap:
+            width = max(int(count.max()), 1)
+            full = width == vocab and bool((count == vocab).all())
+        else:  # one host read for both
+            width, full = torch.stack([count.amax(), (count == vocab).all().long()]).tolist()
+            width = max(width, 1)
+        if full:
             # Full support (an unwarped draft): the slots are the tokens.
             index = torch.arange(vocab, device=supported.device).repeat(batch, 1)
             on = supported
             p_s, q_s = draft_probs.double(), target_probs.double()
         else:
-            rows, tokens = supported.nonzero(as_tuple=True)  # row-major: tokens ascend within a row
-            first = count.cumsum(0) - count
-            index = torch.full((batch, width), vocab, dtype=torch.long, device=tokens.device)
-            index[rows, torch.arange(rows.shape[0], device=rows.device) - first[rows]] = tokens
+            if cheap:
+                rows, tokens = supported.nonzero(as_tuple=True)  # row-major: tokens ascend within a row
+                first = count.cumsum(0) - count
+                index = torch.full((batch, width), vocab, dtype=torch.long, device=tokens.device)
+                index[rows, torch.arange(rows.shape[0], device=rows.device) - first[rows]] = tokens
+            else:  # the supported tokens ascending, then V: the ``width`` smallest of these keys
+                keys = torch.where(supported, torch.arange(vocab, device=supported.device), vocab)
+                index = keys.topk(width, dim=-1, largest=False, sorted=True).values
             on = index < vocab
             gather_at = index.clamp_max(vocab - 1)
             p_s = torch.where(on, draft_probs.gather(1, gather_at).double(), 0)
@@ -333,8 +349,15 @@ class Optimal(Verifier):
         :func:`._race.wide_weights` where it lies (no packing: its passes run
         over the S slots once, whichever tier they belong to); the narrower
         ones are packed to the front and solved by Newton at the width of the
-        widest of them.
+        widest of them. On an accelerator the slot count decides for the whole
+        batch with no host read: wider than ``2 · bins`` slots, every problem
+        takes the grouped weights (a tier of at most ``bins`` slots keeps one
+        weight per slot there; a wider one may lose up to its merge bound), else
+        Newton at the slot width.
         """
+        if not _sync.reads_are_cheap(problems.draft_mass):
+            wide = self.bins > 0 and self.max_iters > 0 and problems.draft_mass.shape[1] > 2 * self.bins
+            return self._solve_wide(problems) if wide else self._solve_packed(problems)
         count, many = problems.tier.sum(-1), problems.num_draws >= 2
         wide = (count > 2 * self.bins) & many if self.bins > 0 and self.max_iters > 0 else torch.zeros_like(many)
         if bool(wide.all()):
@@ -350,8 +373,13 @@ class Optimal(Verifier):
         return wide_weights(problems, self.bins, tol=self.tol, step=self.step, max_iters=self.max_iters)
 
     def _solve_packed(self, problems: RaceProblems) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`_solve_tiers` by Newton, with each problem's tier slots packed to the front."""
+        """:meth:`_solve_tiers` by Newton, with each problem's tier slots packed to the front (on a CPU)."""
         tier = problems.tier
+        if not _sync.reads_are_cheap(tier):  # packing would read the widest tier back
+            alpha, _, law = solve_race(
+                problems, problems.proportional_alpha(), tol=self.tol, max_iters=self.max_iters, step=self.step
+            )
+            return torch.where(tier, alpha, 0), torch.where(tier, law, 0)
         batch, width = tier.shape
         count = tier.sum(-1)
         packed_width = max(int(count.max()), 1)
@@ -377,7 +405,16 @@ class Optimal(Verifier):
         return unpack(alpha), unpack(law)
 
     def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
-        """Rows with at most one draft take the single-draft plan (optimal for k = 1); the rest race."""
+        """Rows with at most one draft take the single-draft plan (optimal for k = 1); the rest race.
+
+        On an accelerator, when the batch has several draft columns, every row
+        races (finding the rows would read them back): with k ≤ 1 drafts the race
+        has the single-draft plan's law, ``min(1, q/p)`` and residual ``∝ (q − p)_+``.
+        """
+        if draft_tokens.shape[1] == 1:
+            return _single_draft_plan(target_probs, draft_probs, draft_tokens)
+        if not _sync.reads_are_cheap(draft_tokens):
+            return self._race_plan(target_probs, draft_probs, draft_tokens)
         lone = (draft_tokens >= 0).sum(-1) <= 1
         if not bool(lone.any()):
             return self._race_plan(target_probs, draft_probs, draft_tokens)

@@ -1,0 +1,181 @@
+"""Host reads per ``verify`` on the accelerator code path, counted on CPU tensors.
+
+On an accelerator every host read of a tensor value (``.item()``, ``bool(t)``,
+``.tolist()``, ``nonzero``, …) stalls the device (``hf_globalres._sync``). The
+verifiers take the accelerator path here on CPU tensors (:func:`accelerator_path`)
+and :class:`~tests.syncs.SyncCounter` counts the reads. ``optimal`` reads a fixed
+number of values per call at a fixed iteration count, whatever the vocabulary,
+batch or data; the accelerator path itself is checked for exactness here too,
+since the other tests run the CPU path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_globalres import _sync, rates, verifiers
+from hf_globalres.reference import enumerate_law
+from hf_globalres.verifiers.base import check_inputs
+from hf_globalres.verifiers.optimal import Optimal
+
+from ..syncs import accelerator_path, count_syncs
+from .cases import make_case
+
+VOCABS = (50, 5000)
+BATCHES = (1, 8)
+#: Options that fix the iteration counts where a rule has them. ``tol=1e-300``: optimal's Newton
+#: loops never stop early. ``bins=64``: at V = 5000 optimal takes its wide path (more than
+#: 2 · bins slots), at V = 50 Newton at the slot width.
+OPTIONS = {
+    "optimal": {"max_iters": 3, "tol": 1e-300, "bins": 64},
+    "khisti": {"max_iters": 3},
+    "global_resolution": {"max_iters": 3},
+}
+#: Most host reads of one ``verify`` on the accelerator path, with ``OPTIONS``, at every V in
+#: ``VOCABS`` and B in ``BATCHES`` (n = 4 drafts, 1 for ``single``). Every rule pays two:
+#: ``check_inputs`` reads all its failure flags at once, and ``verify`` finds the rows that
+#: rejected every draft (``nonzero``), which alone draw from the residual.
+BUDGET = {
+    # + 1: _tier_problems reads the width of supp p and whether every row has full support (one
+    # read). Nothing else: the quadrature takes its node count from the α-span bound, the line
+    # search tries TRIAL_STEPS sizes at once, tier problems are merged and solved masked, and
+    # convergence is read every _sync.CHECK_EVERY Newton iterations, so never at max_iters = 3.
+    # The other tier's solve on rejection reads nothing either.
+    "optimal": 3,
+    "single": 2,
+    "rrs": 2,
+    "rrs_without_replacement": 2,
+    # + 2: spectr_rho reads its convergence every CHECK_EVERY iterations; it converges within 8.
+    "spectr": 4,
+    # The fitted selection rule (verifiers/_selection.py): 3 reads in fitted_plan and 4 in
+    # _plan_fixed_drafts (the fallback alone runs here).
+    "optimal_without_replacement": 9,
+    # 2 + fitted_plan 3 + _plan_fixed_drafts 6 + _fit_rows 1 + draft_sets 4 (masked_select), then
+    # 3 per L-BFGS iteration (its convergence, and two in its one Armijo step), 3 at max_iters = 3.
+    "khisti": 25,
+    # As khisti with 2 more in _plan_fixed_drafts, and spectr_rho's 2 reads twice (the SpecTr
+    # fallback's acceptance and its plan): 25 + 2 + 4.
+    "global_resolution": 31,
+}
+
+
+def rows(name: str, vocab: int, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, p, drafts) [B, V], [B, n]: softmax rows and drafts drawn under the rule's scheme."""
+    g = torch.Generator().manual_seed(seed + vocab + batch)
+    q = torch.softmax(torch.randn(batch, vocab, generator=g, dtype=torch.float64) * 2, -1)
+    p = torch.softmax(torch.randn(batch, vocab, generator=g, dtype=torch.float64) * 2, -1)
+    rule = verifiers.get(name)
+    n = min(4, rule.max_drafts or 4)
+    drafts = torch.multinomial(p, n, replacement=rule.draft_scheme == "iid", generator=g)
+    return q, p, drafts
+
+
+def reads(rule: verifiers.Verifier, q: torch.Tensor, p: torch.Tensor, drafts: torch.Tensor) -> int:
+    g = torch.Generator().manual_seed(3)
+    with accelerator_path(), count_syncs() as syncs:
+        rule.verify(q, p, drafts, g)
+    return syncs.total
+
+
+def test_every_rule_has_a_budget() -> None:
+    assert set(BUDGET) == set(verifiers.available())
+
+
+@pytest.mark.parametrize("name", sorted(BUDGET))
+def test_verify_reads_within_budget(name: str) -> None:
+    rule = verifiers.get(name, **OPTIONS.get(name, {}))
+    counts = {(vocab, batch): reads(rule, *rows(name, vocab, batch)) for vocab in VOCABS for batch in BATCHES}
+    assert max(counts.values()) <= BUDGET[name], counts
+
+
+def test_optimal_reads_depend_on_neither_vocabulary_nor_batch_nor_rejection() -> None:
+    """At a fixed iteration count: the same reads at V = 50 (Newton) and 5000 (wide path), B = 1 and 8,
+    and when every row rejects its drafts (q = 0 on them), so that the other tier is solved too."""
+    rule = verifiers.get("optimal", **OPTIONS["optimal"])
+    counts = {}
+    for vocab in VOCABS:
+        for batch in BATCHES:
+            q, p, drafts = rows("optimal", vocab, batch)
+            counts[vocab, batch] = reads(rule, q, p, drafts)
+            q = q.scatter(1, drafts, 0)
+            q = q / q.sum(-1, keepdim=True)
+            counts[vocab, batch, "rejected"] = reads(rule, q, p, drafts)
+    assert set(counts.values()) == {BUDGET["optimal"]}, counts
+
+
+def test_optimal_reads_at_the_default_options_stay_few() -> None:
+    """Default options (Newton to 1e-10): a few convergence reads on top of the fixed three."""
+    rule = verifiers.get("optimal")
+    for batch in BATCHES:
+        q, p, drafts = rows("optimal", 50, batch)
+        assert reads(rule, q, p, drafts) <= 10
+
+
+@pytest.mark.parametrize(
+    ("kind", "vocab", "n", "options"),
+    [
+        ("random", 6, 3, {}),
+        ("sparse", 8, 2, {}),
+        ("q_zero_where_p", 6, 3, {}),
+        ("random", 12, 2, {"bins": 2}),  # wide path: 12 slots > 2 · bins
+    ],
+)
+def test_accelerator_path_is_exact_and_optimal(kind: str, vocab: int, n: int, options: dict) -> None:
+    """Every draft tuple enumerated on the accelerator path: law q (1e-10), acceptance α* (1e-9; wide: 1e-3)."""
+    q, p = make_case(kind, vocab, 4)
+    with accelerator_path():
+        marginal, acceptance, _ = enumerate_law(Optimal(**options), q, p, n)
+    best = float(rates.optimal_acceptance(q[None], p[None], n)[0])
+    assert float((marginal - q).abs().max()) <= 1e-10
+    assert float(acceptance) <= best + 1e-10
+    assert float(acceptance) >= best - (1e-3 if options else 1e-9)
+
+
+def test_accelerator_path_gives_the_cpu_path_law() -> None:
+    """Rows with 0, 1 and 3 drafts in one batch (the accelerator path races them all): same law (1e-9)."""
+    q, p = make_case("sparse", 10, 2)
+    support = p.nonzero()[:, 0]
+    drafts = torch.stack([support[[0, 1, 2]], support[[1, -1, -1]], support[[2, 2, 0]], support[[0, 0, 0]]])
+    drafts[1, 1:] = -1  # one draft
+    drafts[3] = -1  # none
+    rule = verifiers.get("optimal")
+    batch = drafts.shape[0]
+    on_cpu = rule.conditional(q.expand(batch, -1), p.expand(batch, -1), drafts)
+    with accelerator_path():
+        on_accelerator = rule.conditional(q.expand(batch, -1), p.expand(batch, -1), drafts)
+    assert torch.allclose(on_accelerator, on_cpu, rtol=0, atol=1e-9)
+
+
+def test_spectr_rho_is_the_same_on_both_paths() -> None:
+    """Rows that converged keep their ρ: checking convergence less often changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.softmax(torch.randn(16, 300, generator=g, dtype=torch.float64) * 3, -1)
+    p = torch.softmax(torch.randn(16, 300, generator=g, dtype=torch.float64) * 3, -1)
+    n = torch.arange(16) % 6
+    with accelerator_path():
+        on_accelerator = rates.spectr_rho(q, p, n)
+    assert torch.equal(on_accelerator, rates.spectr_rho(q, p, n))
+
+
+def test_check_inputs_reads_once_and_names_the_first_problem() -> None:
+    q, p, drafts = rows("rrs_without_replacement", 50, 4)
+    with count_syncs() as syncs:
+        check_inputs(q, p, drafts, distinct=True)
+    assert syncs.total == 1
+    bad = q.clone()
+    bad[2, 3] = float("nan")
+    drafts[1, 0] = 50
+    with pytest.raises(ValueError, match="target_probs contains NaN"):
+        check_inputs(bad, p, drafts)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 50\)"):
+        check_inputs(q, p, drafts)
+
+
+def test_accelerator_path_is_taken_only_off_the_cpu() -> None:
+    cpu = torch.zeros(1)
+    assert _sync.reads_are_cheap(cpu)
+    with accelerator_path():
+        assert not _sync.reads_are_cheap(cpu)
+    assert _sync.reads_are_cheap(cpu)
+    assert [_sync.check_now(cpu, i) for i in range(3)] == [True] * 3
