@@ -78,6 +78,9 @@ WINDOW_BOUND = ALPHA_SPAN + SHIFT + UPPER_MARGIN - U_START
 #: On an accelerator, the line search of a Newton iteration evaluates this many step sizes at once
 #: (halving each time) instead of halving until one helps, which would read back every halving.
 TRIAL_STEPS = 4
+#: Least chunk (elements of [P, ·, K]) of the race law's passes on an accelerator, where each chunk
+#: costs kernel launches and memory is plentiful; the CPU's smaller chunks stay in its caches.
+ACCELERATOR_CHUNK = 1 << 24
 
 
 @dataclass
@@ -171,7 +174,8 @@ def race_law(problems: RaceProblems, alpha: torch.Tensor, step: float, chunk: in
     Two passes: the survival function ``M_k`` accumulates over all slots, then
     ``b_y = n p_y Σ_k ω_k x_yk e^{−x_yk} M_k^{n−1}`` with ``x_yk = t_k w_y``.
     Chunking keeps the [P, S, K] values of a wide tier out of memory (they are
-    recomputed in the second pass), which on a CPU is faster than storing them.
+    recomputed in the second pass), which on a CPU is faster than storing them;
+    elsewhere chunks hold at least ``ACCELERATOR_CHUNK`` elements.
     """
     tier = problems.tier
     alpha = torch.where(tier, alpha, 0)
@@ -182,6 +186,7 @@ def race_law(problems: RaceProblems, alpha: torch.Tensor, step: float, chunk: in
     p = problems.draft_mass
     n = problems.num_draws[:, None]
     size, width, nodes = p.shape[0], p.shape[1], t.shape[1]
+    chunk = chunk if _sync.reads_are_cheap(p) else max(chunk, ACCELERATOR_CHUNK)
     per_chunk = max(1, chunk // max(1, size * nodes))
     blocks = [slice(start, start + per_chunk) for start in range(0, width, per_chunk)]
     survive = problems.background[:, None].expand(size, nodes).clone()  # M_k
@@ -233,6 +238,8 @@ def expanded_race_law(
     ``m_gj = Σ_{y∈g} p_y δ_y^j``, and ``b_y = p_y Σ_j H_gj δ_y^j / j!`` with
     ``H_gj = −Σ_k n ω_k M_k^{n−1} D^{j+1} e^{−s_gk}``. The truncation after
     ``order`` terms errs by less than the quadrature (see ``EXPANSION_WIDTH``).
+    Buckets are taken in chunks of about ``chunk`` [P, ·, K, J] elements (at least
+    ``ACCELERATOR_CHUNK`` off the CPU).
     """
     tier = problems.tier
     p = problems.draft_mass
@@ -255,6 +262,7 @@ def expanded_race_law(
     moments = p.new_zeros(size, groups, order + 1)
     moments.scatter_add_(1, bucket[..., None].expand(-1, -1, order + 1), p[..., None] * scaled_powers)
     survive = problems.background[:, None].expand(size, nodes).clone()  # M_k
+    chunk = chunk if _sync.reads_are_cheap(p) else max(chunk, ACCELERATOR_CHUNK)
     per_chunk = max(1, chunk // max(1, size * nodes * (order + 2)))
     blocks = [slice(start, start + per_chunk) for start in range(0, groups, per_chunk)]
     for block in blocks:
