@@ -214,7 +214,8 @@ def pack_tree(tokens: torch.Tensor, alive: torch.Tensor, width: int | None = Non
 
     Args:
         tokens: [B, n, L] draft tokens; alive: [B, n, L].
-        width: M, the most distinct nodes of a sequence, when the host knows it (None: read back).
+        width: M, the most distinct nodes of a sequence, when the host knows it (None: read back;
+            checked where reads are free).
     """
     batch, n, depth_max = tokens.shape
     device = tokens.device
@@ -223,8 +224,11 @@ def pack_tree(tokens: torch.Tensor, alive: torch.Tensor, width: int | None = Non
     distinct = alive & (canonical == branch[None, :, None])  # [B, n, L]
     # Flat node index f = (d − 1)·n + i, so packing keeps nodes sorted by depth.
     flat_distinct = distinct.transpose(1, 2).reshape(batch, depth_max * n)
-    if width is None:
-        width = int(flat_distinct.sum(-1).max()) if flat_distinct.numel() else 0
+    if width is None or _sync.reads_are_cheap(flat_distinct):
+        counted = int(flat_distinct.sum(-1).max()) if flat_distinct.numel() else 0
+        if width is not None and width != counted:
+            raise RuntimeError(f"internal error: the host expected {width} tree nodes, there are {counted}")
+        width = counted
     order = torch.sort((~flat_distinct).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # [B, M]
     column_of_flat = torch.zeros(batch, depth_max * n, dtype=torch.long, device=device)
     column_of_flat.scatter_(1, order, torch.arange(width, device=device).expand(batch, width))
