@@ -26,7 +26,7 @@ import torch
 
 from . import _sync
 
-Scheme = Literal["iid", "without_replacement"]
+DraftScheme = Literal["iid", "without_replacement"]
 
 
 def _as_float64(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -196,7 +196,7 @@ def optimal_prefix(
     target_probs: torch.Tensor,
     draft_probs: torch.Tensor,
     num_drafts: int | torch.Tensor,
-    scheme: Scheme = "iid",
+    scheme: DraftScheme = "iid",
 ) -> OptimalPrefix:
     """The optimal acceptance and ``H*`` as a prefix of the tokens sorted by ``q/p``.
 
@@ -233,7 +233,7 @@ def optimal_subset(
     target_probs: torch.Tensor,
     draft_probs: torch.Tensor,
     num_drafts: int | torch.Tensor,
-    scheme: Scheme = "iid",
+    scheme: DraftScheme = "iid",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The optimal acceptance and the largest minimising subset ``H*`` (see :func:`optimal_prefix`).
 
@@ -253,7 +253,7 @@ def optimal_acceptance(
     target_probs: torch.Tensor,
     draft_probs: torch.Tensor,
     num_drafts: int | torch.Tensor,
-    scheme: Scheme = "iid",
+    scheme: DraftScheme = "iid",
 ) -> torch.Tensor:
     """[B] float64: the best acceptance of any lossless rule (the transport LP's value)."""
     return optimal_subset(target_probs, draft_probs, num_drafts, scheme)[0]

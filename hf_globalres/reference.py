@@ -12,11 +12,11 @@ import itertools
 
 import torch
 
-from .rates import Scheme
+from .rates import DraftScheme
 
 
 def draft_tuples(
-    draft_probs: torch.Tensor, num_drafts: int, scheme: Scheme = "iid"
+    draft_probs: torch.Tensor, num_drafts: int, scheme: DraftScheme = "iid"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every ordered draft tuple of one row and its probability.
 
@@ -84,7 +84,7 @@ def enumerate_law(
 
 
 def transport_lp(
-    target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: int, scheme: Scheme = "iid"
+    target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: int, scheme: DraftScheme = "iid"
 ) -> float:
     """Optimal acceptance of one row by the transport LP over draft tuples (scipy HiGHS).
 
@@ -122,7 +122,7 @@ def transport_lp(
 
 
 def transport_maxflow(
-    target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: int, scheme: Scheme = "iid"
+    target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: int, scheme: DraftScheme = "iid"
 ) -> float:
     """Optimal acceptance of one row as a maximum flow (Thomas & Pal 2025, §3).
 

@@ -72,7 +72,7 @@ from .. import _sync
 from ..verifiers.base import DraftScheme, sample_categorical
 from .processors import BatchView, SpeculativeLogitsProcessor
 from .timing import PhaseTimer
-from .tree import KVState, PendingTokens, canonical_branches, forward_tokens, true_rows
+from .tree import KVState, PendingTokens, canonical_branches, forward_tokens, mask_to_front, true_rows
 
 DraftShape = Literal["tree", "spine"]
 DRAFT_SHAPES: tuple[DraftShape, ...] = ("tree", "spine")
@@ -481,7 +481,7 @@ def _feed_nodes(
     batch, n = is_node.shape
     device = is_node.device
     state, committed = growth.state, growth.committed
-    carrier = torch.sort((~is_node).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # [B, m]
+    carrier = mask_to_front(is_node)[:, :width]  # [B, m]
     fed_valid = is_node.gather(1, carrier)
     start = state.valid.shape[1] - committed.shape[1]
     slot = torch.full((batch, n), -1, dtype=torch.long, device=device)

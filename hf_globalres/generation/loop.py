@@ -59,6 +59,7 @@ from .tree import (
     Tree,
     canonical_branches,
     forward_tokens,
+    mask_to_front,
     new_state,
     pack_tree,
     select_positions,
@@ -114,7 +115,7 @@ def draft_candidates(tokens: torch.Tensor, present: torch.Tensor) -> tuple[torch
     Returns:
         candidates [R, n] and order [R, n], the branch of each candidate column.
     """
-    order = torch.sort((~present).to(torch.int8), dim=-1, stable=True).indices
+    order = mask_to_front(present)
     return torch.where(present, tokens, -1).gather(1, order), order
 
 

@@ -61,6 +61,14 @@ class PendingTokens:
     positions: torch.Tensor
 
 
+def mask_to_front(mask: torch.Tensor) -> torch.Tensor:
+    """[..., N] LongTensor: the indices along the last dim with ``mask``'s True entries first, each group in order.
+
+    A stable sort of ``~mask``: the same indices as ``nonzero`` (then the rest) without reading a count back.
+    """
+    return torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices
+
+
 def true_rows(mask: torch.Tensor, count: int) -> torch.Tensor:
     """[count] LongTensor: the indices where ``mask`` [N] holds, ascending, when the host knows there are ``count``.
 
@@ -72,7 +80,7 @@ def true_rows(mask: torch.Tensor, count: int) -> torch.Tensor:
         if rows.shape[0] != count:
             raise RuntimeError(f"internal error: {rows.shape[0]} rows hold, the host counted {count}")
         return rows
-    return torch.sort((~mask).to(torch.int8), stable=True).indices[:count]
+    return mask_to_front(mask)[:count]
 
 
 def new_state(model: torch.nn.Module, rows: int, device: torch.device) -> KVState:
@@ -157,8 +165,8 @@ def select_positions(
     stored = keep.shape[1]
     if width is None:
         width = int(keep.sum(-1).max()) if keep.numel() else 0
-    # A stable sort on keep puts holes first and kept positions after, each in storage order.
-    order = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices[:, stored - width :]
+    # Holes first and kept positions after, each in storage order.
+    order = mask_to_front(~keep)[:, stored - width :]
     valid = keep.gather(1, order)
     for layer in state.cache.layers:
         if not getattr(layer, "is_initialized", False) or layer.keys is None or layer.keys.numel() == 0:
@@ -229,7 +237,7 @@ def pack_tree(tokens: torch.Tensor, alive: torch.Tensor, width: int | None = Non
         if width is not None and width != counted:
             raise RuntimeError(f"internal error: the host expected {width} tree nodes, there are {counted}")
         width = counted
-    order = torch.sort((~flat_distinct).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # [B, M]
+    order = mask_to_front(flat_distinct)[:, :width]  # [B, M]
     column_of_flat = torch.zeros(batch, depth_max * n, dtype=torch.long, device=device)
     column_of_flat.scatter_(1, order, torch.arange(width, device=device).expand(batch, width))
     depth_index = torch.arange(depth_max, device=device)
@@ -264,6 +272,7 @@ __all__ = [
     "additive_mask",
     "canonical_branches",
     "forward_tokens",
+    "mask_to_front",
     "new_state",
     "pack_tree",
     "select_positions",

@@ -83,6 +83,13 @@ TRIAL_STEPS = 4
 ACCELERATOR_CHUNK = 1 << 24
 
 
+def masked_range(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lowest, highest) [P, 1] of ``values`` [P, S] over ``mask`` per row; ±inf (inverted) on rows it leaves empty."""
+    low = torch.where(mask, values, math.inf).amin(-1, keepdim=True)
+    high = torch.where(mask, values, -math.inf).amax(-1, keepdim=True)
+    return low, high
+
+
 @dataclass
 class RaceProblems:
     """A batch of ``P`` race problems over padded token slots ``S``.
@@ -155,8 +162,7 @@ def quadrature_nodes(problems: RaceProblems, alpha: torch.Tensor, step: float) -
     """
     tier = problems.tier
     empty = ~tier.any(-1)
-    top = torch.where(tier, alpha, -math.inf).amax(-1).masked_fill(empty, 0)
-    bottom = torch.where(tier, alpha, math.inf).amin(-1).masked_fill(empty, 0)
+    bottom, top = (bound[:, 0].masked_fill(empty, 0) for bound in masked_range(alpha, tier))
     span = (top - bottom + SHIFT + UPPER_MARGIN) - U_START  # u window length, [P]
     widest = float(span.max()) if _sync.reads_are_cheap(span) else WINDOW_BOUND
     nodes = math.ceil(widest / step) + 1
@@ -245,10 +251,7 @@ def expanded_race_law(
     p = problems.draft_mass
     n = problems.num_draws[:, None]
     size, nodes = p.shape[0], t.shape[1]
-    low = torch.where(tier, alpha, math.inf).amin(-1, keepdim=True)
-    low = torch.where(torch.isfinite(low), low, 0)
-    high = torch.where(tier, alpha, -math.inf).amax(-1, keepdim=True)
-    high = torch.where(torch.isfinite(high), high, 0)
+    low, high = (torch.where(torch.isfinite(bound), bound, 0) for bound in masked_range(alpha, tier))
     if _sync.reads_are_cheap(alpha):
         groups = int(((high - low) / width).max()) + 1
     else:  # α spans at most ALPHA_SPAN (see quadrature_nodes)
@@ -520,8 +523,7 @@ def _normalise(problems: RaceProblems, alpha: torch.Tensor) -> torch.Tensor:
     """α [P, S] shifted to its gauge (box: lowest slot at 0; equality: highest at 0), span ≤ ``ALPHA_SPAN``."""
     tier, boxed = problems.tier, problems.boxed[:, None]
     alpha = torch.where(tier, alpha, 0)
-    low = torch.where(tier, alpha, math.inf).amin(-1, keepdim=True)
-    high = torch.where(tier, alpha, -math.inf).amax(-1, keepdim=True)
+    low, high = masked_range(alpha, tier)
     shifted = torch.where(boxed, (alpha - low).clamp_min(0), alpha - high)
     shifted = torch.where(boxed, shifted.clamp_max(ALPHA_SPAN), shifted.clamp_min(-ALPHA_SPAN))
     return torch.where(tier & torch.isfinite(low), shifted, 0)
@@ -579,8 +581,7 @@ def ratio_bins(problems: RaceProblems, binned: torch.Tensor, bins: int) -> torch
     p, c = problems.draft_mass, problems.target
     ratio = torch.where(binned, c / torch.where(binned, p, 1), 1)
     key = torch.log(ratio) - torch.log((problems.num_draws[:, None] - ratio).clamp_min(1e-300))
-    low = torch.where(binned, key, math.inf).amin(-1, keepdim=True)
-    high = torch.where(binned, key, -math.inf).amax(-1, keepdim=True)
+    low, high = masked_range(key, binned)
     low = torch.where(torch.isfinite(low), low, 0)
     span = (high - low).clamp_min(1e-12)
     which = ((key - low) / span * bins).floor().clamp(0, bins - 1).long()

@@ -55,7 +55,7 @@ from typing import ClassVar
 
 import torch
 
-from ..rates import Scheme, optimal_subset
+from ..rates import DraftScheme, optimal_subset
 from .base import EmissionPlan, Verifier, gather_draft_probs, normalize_rows
 
 #: Box bound on the log-weights α; e^{−2A} ≈ 2e−35 is below float64 resolution.
@@ -109,7 +109,7 @@ class SolveStats:
 class FitOptions:
     """Options of a fitted selection rule (see the verifiers' docstrings)."""
 
-    scheme: Scheme
+    scheme: DraftScheme
     tau: float
     max_support: int
     max_iters: int
@@ -128,7 +128,7 @@ def check_options(tau: float, max_support: int, max_iters: int, max_tuples: int)
             raise ValueError(f"{label} must be a positive integer, got {value}")
 
 
-def tuple_count(support: int, drafts: int, scheme: Scheme) -> int:
+def tuple_count(support: int, drafts: int, scheme: DraftScheme) -> int:
     """Number of enumerated draft sets over ``support`` slots (orderings counted for w/o replacement)."""
     if scheme == "iid":
         return math.comb(support + drafts - 1, drafts)
@@ -233,7 +233,7 @@ def _plan_fixed_drafts(
     return EmissionPlan(draft_emit=draft_emit, residual=residual), stats, acceptance
 
 
-def truncation_size(p_sorted: torch.Tensor, drafts: int, tau: float, scheme: Scheme) -> torch.Tensor:
+def truncation_size(p_sorted: torch.Tensor, drafts: int, tau: float, scheme: DraftScheme) -> torch.Tensor:
     """[B]: the smallest |T| (a prefix of p sorted descending) with ``P(some draft ∉ T) ≤ τ``.
 
     i.i.d.: ``P = 1 − (1 − p(V∖T))^k``. Without replacement each draw lands
@@ -269,14 +269,14 @@ def _largest_enumerable(drafts: int, options: FitOptions) -> int:
     return lo
 
 
-def draft_sets(support: int, drafts: int, scheme: Scheme, device: torch.device) -> torch.Tensor:
+def draft_sets(support: int, drafts: int, scheme: DraftScheme, device: torch.device) -> torch.Tensor:
     """[M, k] slot indices of every multiset (i.i.d.) or subset (w/o replacement) of ``support`` slots."""
     slots = torch.arange(support, device=device)
     sets = torch.combinations(slots, r=drafts, with_replacement=scheme == "iid")
     return sets.reshape(-1, drafts)
 
 
-def set_probs(p_slots: torch.Tensor, sets: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+def set_probs(p_slots: torch.Tensor, sets: torch.Tensor, scheme: DraftScheme) -> torch.Tensor:
     """[B, M]: probability that the drafts form each set.
 
     i.i.d. multiset with counts c: ``k! / Π c! · Π p^c``. Without replacement,

@@ -21,13 +21,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
 from .. import _sync
-
-DraftScheme = Literal["iid", "without_replacement"]
+from ..rates import DraftScheme
 
 #: Largest tolerated ``|Σ_y probs(y) − 1|`` for an input row (or the dtype's eps, if larger).
 ROW_SUM_TOLERANCE = 1e-4
