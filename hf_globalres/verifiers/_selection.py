@@ -270,10 +270,34 @@ def _largest_enumerable(drafts: int, options: FitOptions) -> int:
 
 
 def draft_sets(support: int, drafts: int, scheme: DraftScheme, device: torch.device) -> torch.Tensor:
-    """[M, k] slot indices of every multiset (i.i.d.) or subset (w/o replacement) of ``support`` slots."""
-    slots = torch.arange(support, device=device)
-    sets = torch.combinations(slots, r=drafts, with_replacement=scheme == "iid")
-    return sets.reshape(-1, drafts)
+    """[M, k] slot indices of every multiset (i.i.d.) or subset (w/o replacement) of ``support`` slots.
+
+    Rows are sorted, in lexicographic order (``torch.combinations``' order). A
+    multiset ``i_1 ≤ … ≤ i_k`` of D slots is the subset ``i_j + j`` of
+    ``N = D + k − 1`` slots, an order-preserving bijection, so only k-subsets of N
+    are enumerated. They are unranked directly (memory O(M·k), no host read):
+    subset number ``r`` in lexicographic order has, in the combinatorial number
+    system, ``M − 1 − r = Σ_j C(w_j, k − j)`` with ``w_0 > … > w_{k−1} ≥ 0``
+    found greedily (the largest ``w`` with ``C(w, k − j)`` at most what is left),
+    and slot ``N − 1 − w_j`` in place j.
+    """
+    if drafts < 0 or support < 0:
+        raise ValueError(f"support and drafts must be non-negative, got {support} and {drafts}")
+    iid = scheme == "iid"
+    total = support + drafts - 1 if iid else support
+    count = math.comb(total, drafts) if total >= 0 else 0
+    sets = torch.empty(count, drafts, dtype=torch.long, device=device)
+    if count == 0 or drafts == 0:
+        return sets
+    # C(w, k − j) for w < N, place j in a row; capped at M (never at most a rank then) to stay in int64.
+    table = [[min(math.comb(w, drafts - j), count) for w in range(total)] for j in range(drafts)]
+    table = torch.tensor(table, dtype=torch.long, device=device)
+    rank = torch.arange(count - 1, -1, -1, device=device)
+    for place in range(drafts):
+        largest = torch.searchsorted(table[place], rank, right=True) - 1
+        rank = rank - table[place, largest]
+        sets[:, place] = total - 1 - largest - (place if iid else 0)
+    return sets
 
 
 def set_probs(p_slots: torch.Tensor, sets: torch.Tensor, scheme: DraftScheme) -> torch.Tensor:

@@ -51,12 +51,12 @@ BUDGET = {
     # The fitted selection rule (verifiers/_selection.py): 3 reads in fitted_plan and 4 in
     # _plan_fixed_drafts (the fallback alone runs here).
     "optimal_without_replacement": 9,
-    # 2 + fitted_plan 3 + _plan_fixed_drafts 6 + _fit_rows 1 + draft_sets 4 (masked_select), then
-    # 3 per L-BFGS iteration (its convergence, and two in its one Armijo step), 3 at max_iters = 3.
-    "khisti": 25,
+    # 2 + fitted_plan 3 + _plan_fixed_drafts 6 + _fit_rows 1 (draft_sets unranks its sets, no read),
+    # then 3 per L-BFGS iteration (its convergence, and two in its one Armijo step), 3 at max_iters = 3.
+    "khisti": 21,
     # As khisti with 2 more in _plan_fixed_drafts, and spectr_rho's 2 reads twice (the SpecTr
-    # fallback's acceptance and its plan): 25 + 2 + 4.
-    "global_resolution": 31,
+    # fallback's acceptance and its plan): 21 + 2 + 4.
+    "global_resolution": 27,
 }
 
 
