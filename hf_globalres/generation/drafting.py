@@ -224,7 +224,10 @@ def sample_children(
     """
     batch, n, vocab = probs.shape
     if scheme == "iid":
-        tokens = sample_categorical(probs.reshape(batch * n, vocab), generator).view(batch, n)
+        if probs.stride(1) == 0:  # one law per row, expanded over its branches: one cumulative sum per row
+            tokens = sample_categorical(probs[:, 0], generator, draws=n)
+        else:
+            tokens = sample_categorical(probs.reshape(batch * n, vocab), generator).view(batch, n)
         return torch.where(alive, tokens, 0), alive
     # Rank of each branch among the live branches leaving the same node.
     same_node = (parent[:, :, None] == parent[:, None, :]) & alive[:, None, :]
@@ -450,7 +453,9 @@ def _draft_depth(
         node_of = torch.zeros(batch, n, dtype=torch.long, device=device)
         node_of[node_b, node_i] = torch.arange(node_b.shape[0], device=device)
         branch_node = node_of[growth.rows[:, None], parent]
-        probs = node_probs[branch_node]  # [B, n, V]; rows of stopped branches are never read
+        # [B, n, V]; rows of stopped branches are never read. With one node per sequence (the spine, one
+        # branch, or branches that all agree) node b is row b's: a view instead of n copies of its law.
+        probs = node_probs[:, None].expand(-1, n, -1) if counts == [1] * batch else node_probs[branch_node]
         tokens_d, alive_d, going = _draw(processor, probs, parent, growth.going, node_scores, branch_node, settings)
     growth.extend(tokens_d, alive_d, probs, going, growth.on_spine & alive_d, settings.draft_shape)
     return True

@@ -340,14 +340,18 @@ def distinct_rows(
     return first, inverse
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One index per row of ``probs`` [B, K] (rows need not be normalised) → [B].
+def sample_categorical(
+    probs: torch.Tensor, generator: torch.Generator | None = None, draws: int | None = None
+) -> torch.Tensor:
+    """One index per row of ``probs`` [B, K] (rows need not be normalised) → [B]; ``draws`` i.i.d. → [B, draws].
 
-    Inverse-CDF sampling with a single uniform per row: the first index whose
+    Inverse-CDF sampling with one uniform per draw: the first index whose
     cumulative mass exceeds ``x = u · total``. Keeping ``x`` strictly below
     ``total`` (``u · total`` can round up to it) means the cumulative mass
     rises at the returned index, so a zero-probability entry is never
-    returned; all-zero rows return an arbitrary index.
+    returned; all-zero rows return an arbitrary index. The uniforms are drawn
+    row by row, so ``draws`` draws from a row are the indices that ``draws``
+    copies of the row would give, from one cumulative sum.
     """
     if generator is not None and torch.device(generator.device).type != probs.device.type:
         raise ValueError(
@@ -356,10 +360,10 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
         )
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, dtype=probs.dtype, device=probs.device, generator=generator)
+    u = torch.rand((probs.shape[0], draws or 1), dtype=probs.dtype, device=probs.device, generator=generator)
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    index = torch.searchsorted(cdf, x, right=True).squeeze(-1)
-    return index.clamp_max(probs.shape[-1] - 1)
+    index = torch.searchsorted(cdf, x, right=True).clamp_max(probs.shape[-1] - 1)
+    return index if draws is not None else index.squeeze(-1)
 
 
 def first_match(token: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from transformers.generation.logits_process import (
 )
 
 from hf_globalres.generation import SpeculativeLogitsProcessor
-from hf_globalres.generation.drafting import DraftSettings, draft_block
+from hf_globalres.generation.drafting import DraftSettings, draft_block, sample_children
 from hf_globalres.generation.processors import BatchView, call_as_batch
 from hf_globalres.generation.timing import PhaseTimer
 from hf_globalres.generation.tree import (
@@ -298,3 +298,18 @@ def test_spine_drafts_on_along_the_heaviest_child_only(draft, threshold):
         assert torch.allclose(block.probs[-1][0, i], expected, atol=1e-5)
     assert max(widths) > 1  # the spine carried several agreeing branches somewhere
     assert off_first > 0  # and somewhere left the first branch for a heavier child
+
+
+@pytest.mark.parametrize("scheme", ["iid", "without_replacement"])
+def test_children_of_an_expanded_law_equal_those_of_its_copies(scheme):
+    """Branches sharing one law as an expanded view (one node per sequence) draw exactly what n materialised
+    copies of that law give with the same generator state."""
+    law = torch.softmax(torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(0), dtype=torch.float64), -1)
+    expanded = law[:, None].expand(-1, 4, -1)
+    parent = torch.zeros(2, 4, dtype=torch.long)
+    alive = torch.tensor([[True, True, False, True], [True, True, True, True]])
+    view = sample_children(expanded, parent, alive, scheme, torch.Generator().manual_seed(3))
+    copies = sample_children(expanded.contiguous(), parent, alive, scheme, torch.Generator().manual_seed(3))
+    assert expanded.stride(1) == 0
+    assert torch.equal(view[0], copies[0]) and torch.equal(view[1], copies[1])
+    assert len(set(view[0][alive].tolist())) > 1

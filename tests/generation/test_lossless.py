@@ -166,8 +166,8 @@ def test_detects_wrong_draft_law(target, draft, monkeypatch):
     """Drafts drawn from p² (renormalised) while the verifier is told p: the test must reject."""
     honest = drafting.sample_categorical
 
-    def distorted(probs, generator=None):
-        return honest(probs**2, generator)
+    def distorted(probs, generator=None, draws=None):
+        return honest(probs**2, generator, draws)
 
     monkeypatch.setattr(drafting, "sample_categorical", distorted)
     p = lossless_pvalue(target, draft, PROMPTS[:1], {}, verifier="spectr", num_drafts=2, num_assistant_tokens=3)

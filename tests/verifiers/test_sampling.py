@@ -86,6 +86,16 @@ def test_sample_categorical_never_returns_impossible_tokens() -> None:
         assert bool((probs.gather(1, tokens[:, None]) > 0).all())
 
 
+def test_sample_categorical_draws_equal_draws_from_copies() -> None:
+    """``draws`` draws from a row are bit for bit the single draws from that many copies of it (same seed)."""
+    probs = torch.softmax(torch.randn(3, 50, generator=torch.Generator().manual_seed(1), dtype=torch.float64), -1)
+    many = sample_categorical(probs, torch.Generator().manual_seed(2), draws=4)
+    copies = sample_categorical(probs.repeat_interleave(4, 0), torch.Generator().manual_seed(2)).view(3, 4)
+    assert many.shape == (3, 4)
+    assert torch.equal(many, copies)
+    assert len(set(many.flatten().tolist())) > 3  # the draws differ, so the comparison could fail
+
+
 def test_first_match_returns_first_column_or_minus_one() -> None:
     drafts = torch.tensor([[3, 1, 3], [2, 2, -1], [-1, 0, 0]])
     token = torch.tensor([3, 5, 0])
