@@ -43,6 +43,8 @@ minimiser of ``q(H) − P(all drafts ∈ H)`` the outer problem is bounded
 acceptance is ``α*`` up to the solver tolerance and the truncated mass.
 The solver is a batched projected L-BFGS (an L-BFGS-B variant in torch):
 one iteration advances every unconverged row, with a per-row line search.
+Off the CPU it reads nothing back but its convergence, every ``_sync.CHECK_EVERY``
+iterations, and its line search carries its backtracking over to the next iteration.
 """
 
 from __future__ import annotations
@@ -55,11 +57,17 @@ from typing import ClassVar
 
 import torch
 
+from .. import _sync
 from ..rates import DraftScheme, optimal_subset
 from .base import EmissionPlan, Verifier, gather_draft_probs, normalize_rows
 
 #: Box bound on the log-weights α; e^{−2A} ≈ 2e−35 is below float64 resolution.
 ALPHA_BOUND = 40.0
+#: Step sizes the L-BFGS line search evaluates per iteration off the CPU (no host read between them).
+#: One: the unit quasi-Newton step nearly always passes, and a row that fails halves its step in the
+#: next iteration. On the fitted rules' test rows two sizes took as many iterations and twice the
+#: evaluations of F, and one took about as many iterations as the CPU path (rounded up to CHECK_EVERY).
+TRIAL_STEPS = 1
 
 
 @dataclass
@@ -167,7 +175,8 @@ def fitted_plan(
     residual = q.clone()
     acceptance = torch.zeros_like(q[:, 0])
     stats = SolveStats()
-    for drafts in torch.unique(k).tolist():
+    present = torch.zeros(x.shape[1] + 1, dtype=torch.bool, device=x.device).scatter(0, k, True).tolist()
+    for drafts in [count for count, here in enumerate(present) if here]:
         if drafts == 0:
             continue  # no drafts: emit nothing, recover from q
         rows = (k == drafts).nonzero()[:, 0]
@@ -213,18 +222,18 @@ def _plan_fixed_drafts(
         rows = fit_rows
         sub = _fit_rows(q[rows], p[rows], x[rows], order[rows], p_sorted[rows], size[rows], drafts, options)
         plan, converged, iterations, missing, accepted = sub
-        stats.unconverged = int((~converged).sum())
+        # One read for the three statistics.
+        read = torch.stack([(~converged).sum().double(), size[fit_rows].double().mean(), missing.max()]).tolist()
+        stats.unconverged, stats.mean_support, stats.missing_mass = int(read[0]), read[1], read[2]
         stats.iterations = iterations
-        stats.mean_support = float(size[fit_rows].double().mean())
-        stats.missing_mass = float(missing.max())
         if options.fail_on_iterations:
-            failed[fit_rows[~converged]] = True
+            failed[fit_rows] = failed[fit_rows] | ~converged
         draft_emit[fit_rows] = plan.draft_emit
         residual[fit_rows] = plan.residual
         acceptance[fit_rows] = accepted
-    stats.failures = int(failed.sum())
+    rows = failed.nonzero()[:, 0]
+    stats.failures = rows.numel()
     if stats.failures:
-        rows = failed.nonzero()[:, 0]
         plan = fallback(q[rows], p[rows], x[rows])
         draft_emit[rows] = plan.draft_emit.double()
         residual[rows] = plan.residual.double()
@@ -300,25 +309,56 @@ def draft_sets(support: int, drafts: int, scheme: DraftScheme, device: torch.dev
     return sets
 
 
+#: Most elements of the [B, M', k] float64 temporaries of one pass over a chunk of M' draft sets:
+#: cache-sized on a CPU, larger elsewhere (each chunk costs kernel launches there). Every set's
+#: terms are computed alone and summed over the sets in their order, so results do not depend on it.
+SET_CHUNK_CPU = 1 << 22
+SET_CHUNK = 1 << 24
+
+
+def set_chunks(like: torch.Tensor, count: int, per_set: int) -> list[slice]:
+    """Consecutive slices of ``count`` sets, each with at most ``SET_CHUNK(_CPU)`` elements (at least one set).
+
+    Args:
+        like: a tensor on the device that does the work; per_set: elements each set takes.
+    """
+    bound = SET_CHUNK_CPU if _sync.reads_are_cheap(like) else SET_CHUNK
+    size = max(1, bound // max(per_set, 1))
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
+
 def set_probs(p_slots: torch.Tensor, sets: torch.Tensor, scheme: DraftScheme) -> torch.Tensor:
     """[B, M]: probability that the drafts form each set.
 
     i.i.d. multiset with counts c: ``k! / Π c! · Π p^c``. Without replacement,
     the sum over the k! drawing orders σ of ``Π_j p_{σ_j} / (1 − Σ_{l<j} p_{σ_l})``.
+    Computed over chunks of sets (:func:`set_chunks`).
 
     Args:
         p_slots: [B, D] draft probabilities of the slots (0 for padding).
         sets: [M, k] from :func:`draft_sets`.
     """
+    count, drafts = sets.shape
+    out = p_slots.new_empty(p_slots.shape[0], count)
+    orders = None
+    if scheme != "iid":
+        orders = torch.tensor(list(itertools.permutations(range(drafts))), device=sets.device)  # [k!, k]
+    per_set = p_slots.shape[0] * drafts * (1 if orders is None else orders.shape[0])
+    for part in set_chunks(p_slots, count, per_set):
+        out[:, part] = _set_probs_chunk(p_slots, sets[part], orders)
+    return out
+
+
+def _set_probs_chunk(p_slots: torch.Tensor, sets: torch.Tensor, orders: torch.Tensor | None) -> torch.Tensor:
+    """:func:`set_probs` of the sets [M', k]; ``orders`` [k!, k] the drawing orders (None: i.i.d.)."""
     drafts = sets.shape[1]
-    probs = p_slots[:, sets]  # [B, M, k]
-    if scheme == "iid":
+    probs = p_slots[:, sets]  # [B, M', k]
+    if orders is None:
         first = _first_occurrence(sets)
-        counts = (sets[:, :, None] == sets[:, None, :]).sum(-1).double()  # [M, k]
+        counts = (sets[:, :, None] == sets[:, None, :]).sum(-1).double()  # [M', k]
         log_coef = math.lgamma(drafts + 1) - torch.where(first, torch.lgamma(counts + 1), 0).sum(-1)
         return torch.exp(log_coef + torch.log(probs).sum(-1))
-    orders = torch.tensor(list(itertools.permutations(range(drafts))), device=sets.device)  # [k!, k]
-    ordered = probs[:, :, orders]  # [B, M, k!, k]
+    ordered = probs[:, :, orders]  # [B, M', k!, k]
     before = ordered.cumsum(-1) - ordered
     step = torch.where(ordered > 0, ordered / (1 - before).clamp_min(1e-300), 0)
     return step.prod(-1).sum(-1)
@@ -368,7 +408,6 @@ def _fit_rows(
     Returns:
         ``(plan, converged [B], iterations, missing mass [B], acceptance [B])``.
     """
-    batch = q.shape[0]
     width = int(size.max())
     valid = torch.arange(width, device=q.device)[None, :] < size[:, None]  # [B, D]
     tokens = torch.where(valid, order[:, :width], -1)  # T as token ids, −1 padding
@@ -387,22 +426,8 @@ def _fit_rows(
     else:
         outer = valid.clone()
     sets = draft_sets(width, drafts, options.scheme, q.device)  # [M, k]
-    weights = set_probs(p_slots, sets, options.scheme)  # [B, M]
-    first = _first_occurrence(sets)[None].expand(batch, -1, -1)
-    set_outer = outer[:, sets]  # [B, M, k]
-    outer_set = set_outer.any(-1)
-    active = first & torch.where(outer_set[..., None], set_outer, ~set_outer)
-    reject = ~outer_set
-    flat_sets = sets.reshape(1, -1).expand(batch, -1)
-
-    def evaluate(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """F(α) [B] and b(α) [B, D] (module docstring)."""
-        sigma, log_z = set_softmax(alpha[:, sets], active, reject)
-        log_z = torch.where(weights > 0, log_z, 0)
-        value = (weights * log_z).sum(-1) - (q_slots * alpha).sum(-1)
-        mass = (weights[..., None] * sigma).reshape(batch, -1)
-        return value, torch.zeros_like(alpha).scatter_add_(1, flat_sets, mass)
-
+    evaluate = SetObjective.build(sets, set_probs(p_slots, sets, options.scheme), outer, q_slots)
+    weights = evaluate.weights
     lower = torch.where(valid, -ALPHA_BOUND, 0.0).double()
     upper = torch.where(outer | ~valid, 0.0, ALPHA_BOUND).double()
     alpha, emitted, converged, iterations = projected_lbfgs(
@@ -427,6 +452,50 @@ def _fit_rows(
     residual = normalize_rows(q - accepted, fallback=q)
     plan = EmissionPlan(draft_emit=draft_emit, residual=residual)
     return plan, converged, iterations, missing, accepted.sum(-1)
+
+
+@dataclass
+class SetObjective:
+    """``α ↦ (F(α) [B], b(α) [B, D])`` of the fitted rule (module docstring), over chunks of the draft sets.
+
+    Attributes:
+        sets: [M, k] slots of each draft set; weights: [B, M] their probabilities.
+        active: [B, M, k] bool, the entries of each set's softmax (first occurrences, of its tier);
+        reject: [B, M] bool, the sets with a rejection logit (inner sets).
+        q_slots: [B, D] the target on the slots; chunks: slices of the sets (:func:`set_chunks`).
+    """
+
+    sets: torch.Tensor
+    weights: torch.Tensor
+    active: torch.Tensor
+    reject: torch.Tensor
+    q_slots: torch.Tensor
+    chunks: list[slice]
+
+    @classmethod
+    def build(
+        cls, sets: torch.Tensor, weights: torch.Tensor, outer: torch.Tensor, q_slots: torch.Tensor
+    ) -> SetObjective:
+        """The objective of sets [M, k] with probabilities [B, M], outer slots [B, D] bool, target [B, D]."""
+        set_outer = outer[:, sets]  # [B, M, k] bool
+        outer_set = set_outer.any(-1)
+        active = _first_occurrence(sets) & torch.where(outer_set[..., None], set_outer, ~set_outer)
+        chunks = set_chunks(q_slots, sets.shape[0], q_slots.shape[0] * sets.shape[1])
+        return cls(sets, weights, active, ~outer_set, q_slots, chunks)
+
+    def __call__(self, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """F(α) [B] and b(α) [B, D]; each chunk's masses are added to b in the order of the sets."""
+        batch = alpha.shape[0]
+        log_z = torch.empty_like(self.weights)
+        emitted = torch.zeros_like(alpha)
+        for part in self.chunks:
+            sets, weights = self.sets[part], self.weights[:, part]
+            sigma, chunk_log_z = set_softmax(alpha[:, sets], self.active[:, part], self.reject[:, part])
+            log_z[:, part] = torch.where(weights > 0, chunk_log_z, 0)
+            mass = (weights[..., None] * sigma).reshape(batch, -1)
+            emitted.scatter_add_(1, sets.reshape(1, -1).expand(batch, -1), mass)
+        value = (self.weights * log_z).sum(-1) - (self.q_slots * alpha).sum(-1)
+        return value, emitted
 
 
 def _drafted_emission(x: torch.Tensor, tokens: torch.Tensor, outer: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -553,6 +622,42 @@ def _armijo_search(
     return point, pending
 
 
+def _armijo_trials(
+    evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    target: torch.Tensor,
+    box: tuple[torch.Tensor, torch.Tensor],
+    point: LbfgsPoint,
+    direction: torch.Tensor,
+    pending: torch.Tensor,
+    history: LbfgsMemory,
+    first: torch.Tensor,
+    max_halvings: int = 40,
+) -> tuple[LbfgsPoint, torch.Tensor, torch.Tensor]:
+    """:func:`_armijo_search` with no host read: ``TRIAL_STEPS`` sizes ``s, s/2, …`` (s = ``first`` [B]) per call.
+
+    Each ``pending`` row takes the largest size that passes its Armijo test. A row
+    that none passes keeps its point and memory, so its next direction is this one,
+    and its next search goes on from the next smaller size: the CPU's backtracking,
+    spread over iterations. It has stalled once its sizes reach ``2^−max_halvings``
+    (the CPU search's last). A step taken resets s to 1, as on the CPU.
+
+    Returns ``(point, stalled [B], s [B] for the next search)``.
+    """
+    slack = 1e-13 * (1 + point.value.abs())
+    found = torch.zeros_like(pending)
+    best = point
+    for trial in range(TRIAL_STEPS):
+        trial_alpha = (point.alpha + (first * 0.5**trial)[:, None] * direction).clamp(*box)
+        trial_value, trial_emitted = evaluate(trial_alpha)
+        decrease = 1e-4 * (point.grad * (trial_alpha - point.alpha)).sum(-1)
+        ok = pending & ~found & (trial_value <= point.value + decrease + slack)
+        best = best.take(ok, LbfgsPoint(trial_alpha, trial_value, trial_emitted, trial_emitted - target))
+        found = found | ok
+    history.push(found, best.alpha - point.alpha, best.grad - point.grad)
+    first = torch.where(found, 1.0, torch.where(pending, first * 0.5**TRIAL_STEPS, first))
+    return best, pending & ~found & (first <= 0.5**max_halvings), first
+
+
 def projected_lbfgs(
     evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     target: torch.Tensor,
@@ -571,7 +676,12 @@ def projected_lbfgs(
     The Armijo test allows a 1e−13 relative slack because F is a sum of many
     terms and stops resolving progress long before its gradient does.
     Convergence: the projected gradient's L1 norm ``≤ tol`` (it bounds the
-    acceptance lost to the fit).
+    acceptance lost to the fit). Where host reads stall a device
+    (``_sync.reads_are_cheap`` false) convergence is read every
+    ``_sync.CHECK_EVERY`` iterations and the line search is
+    :func:`_armijo_trials`, which reads nothing; a row that has converged or
+    stalled stays put while the others go on. On a CPU every iteration reads
+    its convergence and backtracks to a step (bit for bit the plain loop).
 
     Args:
         evaluate: α [B, D] → (F [B], b [B, D]).
@@ -590,13 +700,19 @@ def projected_lbfgs(
         return torch.where(pinned, 0, point.grad)
 
     done = projected(point).abs().sum(-1) <= tol
+    cheap = _sync.reads_are_cheap(target)
+    first = torch.ones_like(value)  # the accelerator path's next trial size
     iterations = 0
-    for _ in range(max_iters):
-        if bool(done.all()):
+    for iteration in range(max_iters):
+        if _sync.check_now(done, iteration) and bool(done.all()):
             break
         iterations += 1
         direction = history.direction(projected(point), point.grad)
-        point, stalled = _armijo_search(evaluate, target, (lower, upper), point, direction, ~done, history)
+        box = (lower, upper)
+        if cheap:
+            point, stalled = _armijo_search(evaluate, target, box, point, direction, ~done, history)
+        else:
+            point, stalled, first = _armijo_trials(evaluate, target, box, point, direction, ~done, history, first)
         # A row whose line search found no decrease has stalled; it stops (unconverged).
         done = done | stalled | (projected(point).abs().sum(-1) <= tol)
     converged = projected(point).abs().sum(-1) <= tol

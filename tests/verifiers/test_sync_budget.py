@@ -48,15 +48,19 @@ BUDGET = {
     "rrs_without_replacement": 2,
     # + 2: spectr_rho reads its convergence every CHECK_EVERY iterations; it converges within 8.
     "spectr": 4,
-    # The fitted selection rule (verifiers/_selection.py): 3 reads in fitted_plan and 4 in
-    # _plan_fixed_drafts (the fallback alone runs here).
-    "optimal_without_replacement": 9,
-    # 2 + fitted_plan 3 + _plan_fixed_drafts 6 + _fit_rows 1 (draft_sets unranks its sets, no read),
-    # then 3 per L-BFGS iteration (its convergence, and two in its one Armijo step), 3 at max_iters = 3.
-    "khisti": 21,
-    # As khisti with 2 more in _plan_fixed_drafts, and spectr_rho's 2 reads twice (the SpecTr
-    # fallback's acceptance and its plan): 21 + 2 + 4.
-    "global_resolution": 27,
+    # The fitted selection rule (verifiers/_selection.py), 2 + 5: fitted_plan reads which draft
+    # counts occur (one tolist) and the rows of each (nonzero); _plan_fixed_drafts the width of
+    # supp p, the rows to fit and the rows that fall back (here all: their T has too many sets).
+    "optimal_without_replacement": 7,
+    # 2 + fitted_plan 2 + _plan_fixed_drafts 4 (as above, and the fitted rows' statistics in one
+    # read) + _fit_rows 1 (the largest |T|). Nothing else: draft_sets unranks its sets, and the
+    # L-BFGS takes one step size per iteration with no read and reads its convergence every
+    # _sync.CHECK_EVERY iterations, so never at max_iters = 3.
+    "khisti": 9,
+    # As khisti, and its rows stop unconverged at max_iters = 3 and fall back to SpecTr at V = 50:
+    # spectr_rho's 2 reads twice (the fallback's acceptance and its plan), 9 + 4. At V = 5000 every
+    # row falls back on |T| (no fit): 11.
+    "global_resolution": 13,
 }
 
 
