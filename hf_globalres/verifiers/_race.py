@@ -25,12 +25,18 @@ The Hessian of ``Φ`` is
     C_k = n (n − 1) ω_k t_k² M_k^{n−2},   e_y = n p_y w_y² ∫ t e^{−t w_y} M^{n−1} dt,
 
 a diagonal minus rank ``K`` (nodes), so a Newton step costs O(|S| K²) through
-the Woodbury identity. This module is pure tensor math.
+the Woodbury identity. Every pass over the slots takes them in blocks
+(:func:`slot_blocks`), so that beyond [P, S] values and the [P, K, K] Woodbury
+system no intermediate holds more than about one chunk of elements
+(``TERMS_CHUNK`` = 2^22, 32 MiB in float64, on a CPU; ``ACCELERATOR_CHUNK`` =
+2^24 elsewhere), whatever the width: never a [P, S, K] tensor of a wide tier.
+This module is pure tensor math.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -78,8 +84,17 @@ WINDOW_BOUND = ALPHA_SPAN + SHIFT + UPPER_MARGIN - U_START
 #: On an accelerator, the line search of a Newton iteration evaluates this many step sizes at once
 #: (halving each time) instead of halving until one helps, which would read back every halving.
 TRIAL_STEPS = 4
-#: Least chunk (elements of [P, ·, K]) of the race law's passes on an accelerator, where each chunk
-#: costs kernel launches and memory is plentiful; the CPU's smaller chunks stay in its caches.
+#: Chunks, in elements of the [P, ·, K] (or [P, ·, J]) tensors a pass over slot blocks holds
+#: (:func:`slot_blocks`): no intermediate of the race's passes is larger than about one chunk,
+#: whatever the tier's width. The race law's (:func:`race_law`) stay in a CPU's caches; the
+#: Newton terms' (:func:`race_terms`, :func:`newton_direction`) hold a whole tier of up to
+#: ``TERMS_CHUNK / (P K)`` slots (hundreds for a batch of 64 rows), which then takes one pass
+#: and keeps its [P, S, K] values instead of recomputing them.
+LAW_CHUNK = 1 << 20
+EXPANSION_CHUNK = 1 << 22
+TERMS_CHUNK = 1 << 22
+#: Least chunk on an accelerator, where each chunk costs kernel launches and memory is plentiful
+#: (2^24 float64 elements: 128 MiB per tensor).
 ACCELERATOR_CHUNK = 1 << 24
 
 
@@ -88,6 +103,30 @@ def masked_range(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     low = torch.where(mask, values, math.inf).amin(-1, keepdim=True)
     high = torch.where(mask, values, -math.inf).amax(-1, keepdim=True)
     return low, high
+
+
+def slot_blocks(reference: torch.Tensor, width: int, per_slot: int, chunk: int) -> list[slice]:
+    """Consecutive blocks covering slots ``0..width − 1``, each of at most ``chunk // per_slot`` slots (at least one).
+
+    ``per_slot`` is what one slot adds to a pass's tensors (``P · K`` for [P, ·, K]), so each
+    holds at most ``max(chunk, per_slot)`` elements; off the CPU (``reference``'s device)
+    ``chunk`` is at least ``ACCELERATOR_CHUNK``. One block is ``slice(0, width)``, which
+    indexing returns as the tensor itself. The blocks follow from shapes alone (no host read).
+    """
+    chunk = chunk if _sync.reads_are_cheap(reference) else max(chunk, ACCELERATOR_CHUNK)
+    per_block = max(1, chunk // max(1, per_slot))
+    return [slice(start, min(start + per_block, width)) for start in range(0, max(width, 1), per_block)]
+
+
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The per-block results [P, ·] side by side (the one block's as it is)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def _clocks(t: torch.Tensor, rate: torch.Tensor, block: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_yk = t_k w_y`` and ``e^{−x_yk}`` [P, ·, K] on the slots ``block``."""
+    x = t[:, None, :] * rate[:, block, None]
+    return x, x.neg().exp_()
 
 
 @dataclass
@@ -140,12 +179,30 @@ class RaceTerms:
     Attributes:
         law: b, [P, S].
         diagonal: ``b − e``, [P, S].
-        low_rank: ``W = U C^{1/2}``, [P, S, K], so that ∇²Φ = diag(b − e) − W Wᵀ.
+        nodes: the quadrature nodes ``t`` [P, K].
+        rate: the weights ``w = e^α`` [P, S] (1 off the tier).
+        draft_mass: p, [P, S].
+        scale: ``C_k^{1/2} / t_k`` [P, K] (``x_yk = t_k w_y`` brings the ``t_k``).
+        blocks: the slot blocks of the passes (:func:`slot_blocks`, ``TERMS_CHUNK``).
+        low_rank: ``W = U C^{1/2}`` [P, S, K], so that ∇²Φ = diag(b − e) − W Wᵀ, kept from the
+            law's pass when one block holds every slot; else None, and each block's is recomputed.
     """
 
     law: torch.Tensor
     diagonal: torch.Tensor
-    low_rank: torch.Tensor
+    nodes: torch.Tensor
+    rate: torch.Tensor
+    draft_mass: torch.Tensor
+    scale: torch.Tensor
+    blocks: list[slice]
+    low_rank: torch.Tensor | None
+
+    def low_rank_block(self, block: slice) -> torch.Tensor:
+        """``W_yk = p_y x_yk e^{−x_yk} · scale_k`` [P, ·, K] on the slots ``block``."""
+        if self.low_rank is not None:  # kept only when ``block`` is every slot
+            return self.low_rank
+        x, clock = _clocks(self.nodes, self.rate, block)
+        return clock.mul_(x).mul_(self.draft_mass[:, block, None]).mul_(self.scale[:, None, :])
 
 
 def quadrature_nodes(problems: RaceProblems, alpha: torch.Tensor, step: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,14 +231,14 @@ def quadrature_nodes(problems: RaceProblems, alpha: torch.Tensor, step: float) -
     return t, quad
 
 
-def race_law(problems: RaceProblems, alpha: torch.Tensor, step: float, chunk: int = 1 << 20) -> torch.Tensor:
-    """The race law b(α) [P, S], in slot chunks of about ``chunk`` [P, ·, K] elements.
+def race_law(problems: RaceProblems, alpha: torch.Tensor, step: float, chunk: int | None = None) -> torch.Tensor:
+    """The race law b(α) [P, S], in slot blocks of at most ``chunk`` [P, ·, K] elements (``LAW_CHUNK``).
 
     Two passes: the survival function ``M_k`` accumulates over all slots, then
     ``b_y = n p_y Σ_k ω_k x_yk e^{−x_yk} M_k^{n−1}`` with ``x_yk = t_k w_y``.
     Chunking keeps the [P, S, K] values of a wide tier out of memory (they are
     recomputed in the second pass), which on a CPU is faster than storing them;
-    elsewhere chunks hold at least ``ACCELERATOR_CHUNK`` elements.
+    elsewhere chunks hold at least ``ACCELERATOR_CHUNK`` elements (:func:`slot_blocks`).
     """
     tier = problems.tier
     alpha = torch.where(tier, alpha, 0)
@@ -192,9 +249,7 @@ def race_law(problems: RaceProblems, alpha: torch.Tensor, step: float, chunk: in
     p = problems.draft_mass
     n = problems.num_draws[:, None]
     size, width, nodes = p.shape[0], p.shape[1], t.shape[1]
-    chunk = chunk if _sync.reads_are_cheap(p) else max(chunk, ACCELERATOR_CHUNK)
-    per_chunk = max(1, chunk // max(1, size * nodes))
-    blocks = [slice(start, start + per_chunk) for start in range(0, width, per_chunk)]
+    blocks = slot_blocks(p, width, size * nodes, LAW_CHUNK if chunk is None else chunk)
     survive = problems.background[:, None].expand(size, nodes).clone()  # M_k
     for block in blocks:
         clock = torch.exp(t[:, None, :] * rate[:, block, None].neg())
@@ -231,7 +286,7 @@ def expanded_race_law(
     *,
     width: float = EXPANSION_WIDTH,
     order: int = EXPANSION_ORDER,
-    chunk: int = 1 << 22,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """The race law b(α) [P, S] of :func:`race_law` at the nodes ``t``, ``ω`` [P, K], in O(S·J + G·K·J).
 
@@ -244,8 +299,9 @@ def expanded_race_law(
     ``m_gj = Σ_{y∈g} p_y δ_y^j``, and ``b_y = p_y Σ_j H_gj δ_y^j / j!`` with
     ``H_gj = −Σ_k n ω_k M_k^{n−1} D^{j+1} e^{−s_gk}``. The truncation after
     ``order`` terms errs by less than the quadrature (see ``EXPANSION_WIDTH``).
-    Buckets are taken in chunks of about ``chunk`` [P, ·, K, J] elements (at least
-    ``ACCELERATOR_CHUNK`` off the CPU).
+    Buckets are taken in blocks of at most ``chunk`` [P, ·, K, J] elements
+    (``EXPANSION_CHUNK``; at least ``ACCELERATOR_CHUNK`` off the CPU), and slots
+    in blocks of at most ``chunk`` [P, ·, J] elements (:func:`slot_blocks`).
     """
     tier = problems.tier
     p = problems.draft_mass
@@ -261,13 +317,20 @@ def expanded_race_law(
     delta = torch.where(tier, alpha - centre.gather(1, bucket), 0)
     # j! on the device itself: a tensor built from host values would be a blocking copy there.
     factorial = torch.arange(order + 1, dtype=alpha.dtype, device=alpha.device).clamp_min(1).cumprod(0)
-    scaled_powers = torch.stack([delta**j for j in range(order + 1)], dim=-1) / factorial  # δ^j / j!, [P, S, J+1]
+    chunk = EXPANSION_CHUNK if chunk is None else chunk
+    slots = slot_blocks(p, p.shape[1], size * (order + 1), chunk)
+
+    def scaled_powers(block: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """δ^j / j! [P, ·, J+1] on the slots ``block``, and the slots' buckets repeated to that shape."""
+        powers = torch.stack([delta[:, block] ** j for j in range(order + 1)], dim=-1) / factorial
+        return powers, bucket[:, block, None].expand(-1, -1, order + 1)
+
     moments = p.new_zeros(size, groups, order + 1)
-    moments.scatter_add_(1, bucket[..., None].expand(-1, -1, order + 1), p[..., None] * scaled_powers)
+    for block in slots:
+        powers, index = scaled_powers(block)
+        moments.scatter_add_(1, index, p[:, block, None] * powers)
     survive = problems.background[:, None].expand(size, nodes).clone()  # M_k
-    chunk = chunk if _sync.reads_are_cheap(p) else max(chunk, ACCELERATOR_CHUNK)
-    per_chunk = max(1, chunk // max(1, size * nodes * (order + 2)))
-    blocks = [slice(start, start + per_chunk) for start in range(0, groups, per_chunk)]
+    blocks = slot_blocks(p, groups, size * nodes * (order + 2), chunk)
     for block in blocks:
         derivs = clock_derivatives(t[:, None, :] * torch.exp(centre[:, block, None]), order)  # [P, g, K, J+1]
         survive += torch.einsum("pgkj,pgj->pk", derivs, moments[:, block])
@@ -276,33 +339,48 @@ def expanded_race_law(
     for block in blocks:
         derivs = clock_derivatives(t[:, None, :] * torch.exp(centre[:, block, None]), order + 1)
         level[:, block] = -torch.einsum("pgkj,pk->pgj", derivs[..., 1:], weight)
-    per_slot = level.gather(1, bucket[..., None].expand(-1, -1, order + 1))
-    return p * (per_slot * scaled_powers).sum(-1)
+    law = []
+    for block in slots:
+        powers, index = scaled_powers(block)
+        law.append(p[:, block] * (level.gather(1, index) * powers).sum(-1))
+    return _join(law)
 
 
-def race_terms(problems: RaceProblems, alpha: torch.Tensor, step: float) -> RaceTerms:
+def race_terms(problems: RaceProblems, alpha: torch.Tensor, step: float, chunk: int | None = None) -> RaceTerms:
     """The race law b(α) [P, S] and the pieces of its Hessian (see the module docstring).
 
-    Holds [P, S, K] tensors: meant for problems narrow enough to take Newton
-    steps on; :func:`race_law` evaluates the law alone for any width.
+    Two passes over slot blocks of at most ``chunk`` [P, ·, K] elements
+    (``TERMS_CHUNK``, :func:`slot_blocks`), as in :func:`race_law`: ``M_k``, then
+    ``b`` and ``e`` per slot. A single block keeps its ``W`` [P, S, K] for
+    :func:`newton_direction`; with several, no [P, S, K] tensor is formed and each
+    block's ``W`` is recomputed where it is used (:meth:`RaceTerms.low_rank_block`).
     """
     tier = problems.tier
     alpha = torch.where(tier, alpha, 0)
     t, quad = quadrature_nodes(problems, alpha, step)
-    # The [P, S, K] tensors are the bulk of the work: two are allocated, the rest is in place.
-    x = t[:, None, :] * torch.exp(alpha)[:, :, None]  # t_k w_y
-    clock = x.neg().exp_()  # e^{−t w_y}
+    rate = torch.exp(alpha)
     p = problems.draft_mass
     n = problems.num_draws[:, None]
-    survive = problems.background[:, None] + torch.bmm(p[:, None, :], clock)[:, 0]  # M_k, [P, K]
-    x_clock = clock.mul_(x)
+    blocks = slot_blocks(p, p.shape[1], p.shape[0] * t.shape[1], TERMS_CHUNK if chunk is None else chunk)
+    survive = problems.background[:, None]  # M_k, [P, K] once summed
+    for block in blocks:
+        x, clock = _clocks(t, rate, block)  # t_k w_y and e^{−t_k w_y}
+        survive = survive + torch.bmm(p[:, None, block], clock)[:, 0]
     weight = n * quad * survive.pow(n - 1)  # n ω M^{n−1}, [P, K]
-    law = p * torch.bmm(x_clock, weight[:, :, None])[..., 0]
-    second = p * torch.bmm(x.mul_(x_clock), weight[:, :, None])[..., 0]
-    # C_k = n (n − 1) ω_k t_k² M_k^{n−2}; the t_k w_y factors already sit in x_clock.
+    # C_k = n (n − 1) ω_k t_k² M_k^{n−2}; the t_k w_y factors sit in x e^{−x}.
     scale = (n * (n - 1) * quad * survive.pow((n - 2).clamp_min(0))).sqrt()
-    low_rank = x_clock.mul_(p[:, :, None]).mul_(scale[:, None, :])
-    return RaceTerms(law=law, diagonal=law - second, low_rank=low_rank)
+    laws, seconds, low_rank = [], [], None
+    for block in blocks:
+        if len(blocks) > 1:  # one block still holds its pass-one values; the others are recomputed
+            x, clock = _clocks(t, rate, block)
+        x_clock = clock.mul_(x)
+        mass = p if len(blocks) == 1 else p[:, block]  # even a slice of every column costs an op per call
+        laws.append(mass * torch.bmm(x_clock, weight[:, :, None])[..., 0])
+        seconds.append(mass * torch.bmm(x.mul_(x_clock), weight[:, :, None])[..., 0])
+        if len(blocks) == 1:
+            low_rank = x_clock.mul_(p[:, :, None]).mul_(scale[:, None, :])
+    law = _join(laws)
+    return RaceTerms(law, law - _join(seconds), t, rate, p, scale, blocks, low_rank)
 
 
 def kkt_residual(problems: RaceProblems, alpha: torch.Tensor, law: torch.Tensor) -> torch.Tensor:
@@ -328,30 +406,37 @@ def newton_direction(problems: RaceProblems, terms: RaceTerms, alpha: torch.Tens
 
         (D − W' Σ W'ᵀ)⁻¹ = D⁻¹ + D⁻¹ W' (Σ⁻¹ − W'ᵀ D⁻¹ W')⁻¹ W'ᵀ D⁻¹,
 
-    with ``W' = [W, v]``, ``Σ = diag(1, …, 1, −τ)``. Overwrites ``terms.low_rank``.
+    with ``W' = [W, v]``, ``Σ = diag(1, …, 1, −τ)``. Its pieces are sums over
+    slots, accumulated over the slot blocks of ``terms`` (no tensor beyond one
+    block's [P, ·, K] and the [P, K, K] system); the lift ``W' x`` is per slot.
     """
     grad = torch.where(free, terms.law - problems.target, 0)
     diagonal = torch.where(free & (terms.diagonal > 0), terms.diagonal, 1)
-    low_rank = torch.where(free[:, :, None], terms.low_rank, 0)
     at_bound = problems.tier & ~free
     gauge = ~(problems.boxed & at_bound.any(-1)) & free.any(-1)  # [P]
     v = torch.where(free & gauge[:, None], diagonal, 0)
     tau = 1 / v.sum(-1).clamp_min(1e-300)  # makes τ (vᵀ1)² = vᵀ1, the scale of D
-    if low_rank.shape[1] <= low_rank.shape[2]:
+    blocks = terms.blocks
+    if len(blocks) == 1 and grad.shape[1] <= terms.nodes.shape[1]:
         # Fewer slots than nodes: the dense |S| × |S| system is the cheaper one.
+        low_rank = torch.where(free[:, :, None], terms.low_rank_block(blocks[0]), 0)
         hessian = torch.diag_embed(diagonal) - torch.bmm(low_rank, low_rank.transpose(1, 2))
         hessian = hessian + tau[:, None, None] * v[:, :, None] * v[:, None, :]
         # solve_ex: no host read of its error flag; a singular system gives a step that lowers nothing.
         return torch.where(free, torch.linalg.solve_ex(hessian, grad[:, :, None]).result[..., 0], 0)
     # Whitened: H' = D^{1/2} (I − E Σ Eᵀ) D^{1/2} with E = D^{−1/2} [W, v] (W in place).
     root = diagonal.sqrt()
-    whitened = low_rank.div_(root[:, :, None])
     gauge_column = torch.where(free & gauge[:, None], root, 0)  # D^{−1/2} v
     grad_w = grad / root
-    cross = torch.bmm(whitened.transpose(1, 2), gauge_column[:, :, None])  # Wᵀ D⁻¹ v, [P, K, 1]
+
+    def whitened(block: slice) -> torch.Tensor:
+        """``D^{−1/2} W`` [P, ·, K] on the free slots of ``block``."""
+        return torch.where(free[:, block, None], terms.low_rank_block(block), 0).div_(root[:, block, None])
+
+    gram, cross, top, kept = _woodbury_sums(blocks, whitened, gauge_column, grad_w)
     inner = torch.cat(
         [
-            torch.cat([-torch.bmm(whitened.transpose(1, 2), whitened), -cross], -1),
+            torch.cat([-gram, -cross], -1),
             torch.cat([-cross.transpose(1, 2), -(gauge_column**2).sum(-1)[:, None, None]], -1),
         ],
         1,
@@ -359,12 +444,33 @@ def newton_direction(problems: RaceProblems, terms: RaceTerms, alpha: torch.Tens
     sigma_inv = torch.ones(inner.shape[:2], dtype=inner.dtype, device=inner.device)
     sigma_inv[:, -1] = torch.where(gauge, -1 / tau, -1)
     inner = inner + torch.diag_embed(sigma_inv)
-    rhs = torch.cat(
-        [torch.bmm(whitened.transpose(1, 2), grad_w[:, :, None]), (gauge_column * grad_w).sum(-1)[:, None, None]], 1
-    )
+    rhs = torch.cat([top, (gauge_column * grad_w).sum(-1)[:, None, None]], 1)
     solution = torch.linalg.solve_ex(inner, rhs).result
-    lifted = torch.bmm(whitened, solution[:, :-1])[..., 0] + gauge_column * solution[:, -1]
+    parts = [torch.bmm(whitened(block) if kept is None else kept, solution[:, :-1])[..., 0] for block in blocks]
+    lifted = _join(parts) + gauge_column * solution[:, -1]
     return torch.where(free, (grad_w + lifted) / root, 0)
+
+
+def _woodbury_sums(
+    blocks: list[slice], whitened: Callable[[slice], torch.Tensor], gauge_column: torch.Tensor, grad_w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(EᵀE [P, K, K], Eᵀ D^{−1/2} v [P, K, 1], Eᵀ D^{−1/2} g [P, K, 1], E or None)``, summed over ``blocks``.
+
+    ``E = whitened(block)`` per block; the one block's ``E`` is handed back for the lift (with
+    several, the lift recomputes each).
+    """
+    gram = cross = top = None
+    for block in blocks:
+        part = whitened(block)
+        part_t = part.transpose(1, 2)
+        sums = (
+            torch.bmm(part_t, part),
+            torch.bmm(part_t, gauge_column[:, block, None]),
+            torch.bmm(part_t, grad_w[:, block, None]),
+        )
+        totals = sums if gram is None else [old + new for old, new in zip((gram, cross, top), sums, strict=True)]
+        gram, cross, top = totals
+    return gram, cross, top, part if len(blocks) == 1 else None
 
 
 def solve_race(
@@ -385,7 +491,9 @@ def solve_race(
     ~1e-13 from quadrature, too coarse to compare near the solution. Each
     iteration works on the problems still above ``tol`` only, trimmed to their
     widest tier; a problem stops when no step size helps. Each iteration costs
-    O(|S| K²): problems of many thousand slots take :func:`wide_weights` instead.
+    O(|S| K²) time (problems of many thousand slots take :func:`wide_weights`
+    instead) and holds, beyond [P, S] values and the [P, K, K] system, tensors of
+    at most one chunk (:func:`race_terms`, :func:`newton_direction`).
     The returned law is always the law at the returned α. On an accelerator
     every problem takes part in every pass, masked, so that the only host reads
     are the convergence checks of :func:`_newton_loop`.
