@@ -684,7 +684,8 @@ def _walk(call: _Call, view: BatchView, drafts: DraftBlock | None, target: Targe
         emitted=torch.zeros(batch, depth + 1, dtype=torch.long, device=device),
         accepted=torch.zeros(batch, dtype=torch.long, device=device),
         branch=torch.zeros(batch, dtype=torch.long, device=device),
-        scores=torch.zeros(batch, depth + 1, processor.vocab_size, dtype=processor.dtype, device=device),
+        # Entry (r, s) is read (by the stopping criteria) only after row r emitted token s: no fill needed.
+        scores=torch.empty(batch, depth + 1, processor.vocab_size, dtype=processor.dtype, device=device),
         stopped=torch.zeros(batch, dtype=torch.bool, device=device),
         surviving=drafts.alive[:, :, 0].clone() if drafts is not None else None,
         walked=[0] * batch,

@@ -168,17 +168,33 @@ def select_positions(
     # Holes first and kept positions after, each in storage order.
     order = mask_to_front(~keep)[:, stored - width :]
     valid = keep.gather(1, order)
+    # Positions that stay where they are (usually the whole committed context) are not copied.
+    head = _in_place_head(order) if _sync.reads_are_cheap(order) else 0
     for layer in state.cache.layers:
         if not getattr(layer, "is_initialized", False) or layer.keys is None or layer.keys.numel() == 0:
             continue
-        index = order.to(layer.keys.device)
+        index = order[:, head:].to(layer.keys.device)
         for name in ("keys", "values"):
             tensor = getattr(layer, name)
             if rows is not None:
                 tensor = tensor.index_select(0, rows.to(tensor.device))
             expanded = index[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3])
-            setattr(layer, name, tensor.gather(2, expanded))
+            if head:
+                # The kept positions past the head all lie past it, so gathering before writing is safe.
+                tensor[:, :, head:width] = tensor.gather(2, expanded)
+                tensor = tensor[:, :, :width]
+            else:
+                tensor = tensor.gather(2, expanded)
+            setattr(layer, name, tensor)
     return KVState(cache=state.cache, valid=valid)
+
+
+def _in_place_head(order: torch.Tensor) -> int:
+    """How many leading columns of ``order`` [R, W] hold their own index in every row (one read)."""
+    if order.numel() == 0:
+        return 0
+    fixed = (order == torch.arange(order.shape[1], device=order.device)).all(0)
+    return int(fixed.cumprod(0).sum())
 
 
 @dataclass
