@@ -11,10 +11,10 @@ package's own time per block (everything but model forwards: drafting
 bookkeeping, masks, verifier, cache surgery) as a share of the block, and the
 peak resident memory of the method (VmHWM, reset between methods). It also
 times one target forward over 1, 5, 17 and 33 new tokens on a 200-token cache
-and one draft step at batch 1, 4 and 8. With CUDA it times the same forwards
-on random-weight models of real sizes (a 7B target config, a 0.5B draft
-config) and prints the speedup those costs imply at the measured block
-efficiencies, labelled as projected. Prints a table and writes JSON.
+and one draft step of 1 and 4 tokens, and prints the speedups those costs imply
+at the measured block efficiencies (the cost model of eval/device_check.py,
+which projects the same JSON onto a GPU's costs with random-weight models of
+real sizes). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from device_check import forward_seconds, project_method  # eval/, beside this script
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_globalres
 from hf_globalres import devices, models, verifiers
-from hf_globalres.generation.tree import cache_argument
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k" / "test.jsonl"
 
@@ -185,93 +185,27 @@ def run_assisted(setting: str, target, draft, prompts, sample: dict, seed: int) 
     return result
 
 
-@torch.no_grad()
-def forward_costs(target, draft, device, context: int = 200, repeats: int = 3) -> dict:
-    """Median seconds of one target forward over k new tokens and one draft step at batch b, on a cached context."""
-
-    def timed(model, batch: int, new: int) -> float:
-        ids = torch.randint(100, 1000, (batch, context), device=device)
-        cache_name = cache_argument(model)  # the output field carries the same name as the argument
-        past = getattr(model(ids, use_cache=True), cache_name)
-        step = torch.randint(100, 1000, (batch, new), device=device)
-        samples = []
-        for _ in range(repeats):
-            cache = type(past)(config=model.config)
-            for layer, source in zip(cache.layers, past.layers, strict=False):
-                layer.lazy_initialization(source.keys, source.values)
-                layer.keys, layer.values = source.keys.clone(), source.values.clone()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(step, use_cache=True, **{cache_name: cache})
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
-
+def forward_costs(target, draft, device: torch.device, context: int = 200) -> dict:
+    """Seconds of one target forward over k new tokens and of one draft step of k tokens (batch 1, cached
+    context), in the form :func:`device_check.project_method` takes."""
     costs = {
-        "target_forward_s": {str(k): timed(target, 1, k) for k in (1, 5, 17, 33)},
-        "draft_step_s": {str(b): timed(draft, b, 1) for b in (1, 4, 8)},
+        "target_forward_s": {str(k): forward_seconds(target, 1, k, device, context) for k in (1, 5, 17, 33)},
+        "draft_step_s": {str(k): forward_seconds(draft, 1, k, device, context) for k in (1, 4)},
     }
     print("target forward (s) by new tokens:", {k: round(v, 4) for k, v in costs["target_forward_s"].items()})
-    print("draft step (s) by batch:", {k: round(v, 4) for k, v in costs["draft_step_s"].items()})
+    print("draft step (s) by tokens per row:", {k: round(v, 4) for k, v in costs["draft_step_s"].items()})
     return costs
 
 
-def projected_speedups(costs: dict, results: list[dict], overhead_s: float) -> list[dict]:
-    """Speedup over plain decoding implied by forward costs at each measured (n, L) block efficiency.
-
-    Per block: the measured draft forwards per block (L without a confidence stop) at batch n
-    (tree layout: up to n tokens per step, timed as batch n), one target forward over ≈ n·L + 1
-    tokens (interpolated; an upper bound), the package overhead; plain decoding costs one
-    1-token target forward per token.
-    """
-    sizes = sorted(int(k) for k in costs["target_forward_s"])
-    target = [costs["target_forward_s"][str(k)] for k in sizes]
-    batches = sorted(int(k) for k in costs["draft_step_s"])
-    draft = [costs["draft_step_s"][str(b)] for b in batches]
-
-    def interp(x: float, xs: list[int], ys: list[float]) -> float:
-        import numpy as np
-
-        return float(np.interp(x, xs, ys))
-
-    out = []
-    for r in results:
-        if "n" not in r:
-            continue
-        n, length = r["n"], r["L"]
-        steps = r["draft_forwards"] / r["target_forwards"] if r.get("draft_forwards") else length
-        block = steps * interp(n, batches, draft) + interp(n * length + 1, sizes, target) + overhead_s
-        speedup = r["block_efficiency"] * target[0] / block
-        out.append({"method": r["method"], "projected_speedup": speedup})
-        print(f"projected  {r['method']:<44} {speedup:5.2f}x")
-    return out
-
-
-def gpu_projection(results: list[dict]) -> dict:
-    device = torch.device("cuda")
-    dtype = torch.bfloat16
-    target_config = Qwen2Config(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=4096,
-    )  # fmt: skip
-    draft_config = Qwen2Config(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-    )  # fmt: skip
-    with torch.device(device):
-        target = Qwen2ForCausalLM(target_config).to(dtype).eval()
-        draft = Qwen2ForCausalLM(draft_config).to(dtype).eval()
-    print("== projected on", torch.cuda.get_device_name(), "(random weights, 7B target / 0.5B draft configs, bf16)")
-    costs = forward_costs(target, draft, device)
-    overhead = [r["overhead_s_per_block"] for r in results if "overhead_s_per_block" in r]
+def projection(costs: dict, ours: list[dict]) -> list[dict]:
+    """Speedups over plain decoding implied by this machine's forward costs and each method's block efficiency
+    and overhead (a check of the cost model eval/device_check.py applies to device costs)."""
+    overhead = [r["overhead_s_per_block"] for r in ours if "overhead_s_per_block" in r]
     per_block = statistics.median(overhead) if overhead else 0.0
-    costs["overhead_share_of_target_forward"] = per_block / costs["target_forward_s"]["1"]
-    print(f"package overhead per block {per_block * 1e3:.2f} ms = {costs['overhead_share_of_target_forward']:.1%} "
-          "of a 1-token target forward (overhead measured on this run's CPU pair)")  # fmt: skip
-    costs["projected"] = projected_speedups(costs, results, per_block)
-    return costs
+    rows = [project_method(r, costs, per_block) for r in ours if r.get("draft_forwards")]
+    for row in rows:
+        print(f"projected  {row['method']:<44} {row['projected_speedup']:5.2f}x")
+    return rows
 
 
 def main() -> None:
@@ -401,16 +335,16 @@ def main() -> None:
         }
         print("summary:", json.dumps(summary, indent=1))
     costs = forward_costs(target, draft, device)
-    gpu = gpu_projection(ours) if torch.cuda.is_available() else None
     report = {
         "machine": machine(**setting),
         "args": {k: str(v) for k, v in vars(args).items()},
         "results": results,
         "summary": summary,
         "forward_costs": costs,
-        "gpu_projection": gpu,
+        "projection": projection(costs, ours),
     }
     write_report(args.json, report)
+    print(f"device projection: python eval/device_check.py --bench-report {args.json}")
 
 
 if __name__ == "__main__":

@@ -540,21 +540,23 @@ def _rewind(cache: Any, length: int) -> None:
 
 
 @torch.no_grad()
-def forward_seconds(model: torch.nn.Module, batch: int, new_tokens: int, ctx: Context, repeats: int = 3) -> float:
-    """Median seconds of one forward of ``new_tokens`` tokens per row on a cache of ``cost_context`` tokens."""
-    context = ctx.sizes.cost_context
-    g = torch.Generator(device=ctx.device).manual_seed(batch + new_tokens)
+def forward_seconds(
+    model: torch.nn.Module, batch: int, new_tokens: int, device: torch.device, context: int, repeats: int = 3
+) -> float:
+    """Median seconds of one forward of ``new_tokens`` tokens per row on a cache of ``context`` tokens
+    (eval/bench_generate.py times the CPU pair with it too)."""
+    g = torch.Generator(device=device).manual_seed(batch + new_tokens)
     vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (batch, context), generator=g, device=ctx.device)
+    ids = torch.randint(0, vocab, (batch, context), generator=g, device=device)
     name = cache_argument(model)
     cache = getattr(model(ids, use_cache=True, logits_to_keep=1), name)
-    step = torch.randint(0, vocab, (batch, new_tokens), generator=g, device=ctx.device)
+    step = torch.randint(0, vocab, (batch, new_tokens), generator=g, device=device)
     samples = []
     for index in range(repeats + 1):  # the first is a warm-up (kernel selection for this shape)
-        synchronize(ctx.device)
+        synchronize(device)
         start = time.perf_counter()
         model(step, use_cache=True, **{name: cache})
-        synchronize(ctx.device)
+        synchronize(device)
         if index:
             samples.append(time.perf_counter() - start)
         _rewind(cache, context)
@@ -602,9 +604,13 @@ def run_generate(target: torch.nn.Module, draft: torch.nn.Module, batch: int, ct
 
 def loop_costs(target: torch.nn.Module, draft: torch.nn.Module, batch: int, ctx: Context) -> dict[str, Any]:
     """Target forward seconds by new tokens per row, draft step seconds at 1 and n tokens per row."""
+
+    def timed(model: torch.nn.Module, new_tokens: int) -> float:
+        return forward_seconds(model, batch, new_tokens, ctx.device, ctx.sizes.cost_context)
+
     return {
-        "target_forward_s": {str(k): forward_seconds(target, batch, k, ctx) for k in target_token_counts(ctx)},
-        "draft_step_s": {str(k): forward_seconds(draft, batch, k, ctx) for k in (1, NUM_DRAFTS)},
+        "target_forward_s": {str(k): timed(target, k) for k in target_token_counts(ctx)},
+        "draft_step_s": {str(k): timed(draft, k) for k in (1, NUM_DRAFTS)},
     }
 
 
