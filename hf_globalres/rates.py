@@ -28,6 +28,14 @@ from . import _sync
 
 DraftScheme = Literal["iid", "without_replacement"]
 
+#: Most elements of the [rows, nodes, V + 1] float64 temporaries of the without-replacement prefix law
+#: (:func:`_all_in_prefix_without_replacement`): cache-sized on a CPU, larger elsewhere (each chunk costs
+#: kernel launches there). Rows are independent; its quadrature sums ``PREFIX_NODES`` nodes at a time,
+#: fewer only where one row of them would pass the bound (V + 1 > bound / PREFIX_NODES).
+PREFIX_CHUNK_CPU = 1 << 22
+PREFIX_CHUNK = 1 << 24
+PREFIX_NODES = 32
+
 
 def _as_float64(*tensors: torch.Tensor) -> list[torch.Tensor]:
     out = []
@@ -274,7 +282,8 @@ def _all_in_prefix_without_replacement(p_sorted: torch.Tensor, num_drafts: torch
     ``e^{p_z t} − 1`` over ``z ∈ H`` (``P(N_H(t) = j) = e^{−ht} e_j(t)``). Over
     prefixes, ``e_j^{(k)} = Σ_{i≤k} (e^{p_i t} − 1) e_{j−1}^{(i−1)}``: a cumulative
     sum of non-negative terms, done in log space with ``logcumsumexp``. The
-    integral uses the trapezoid rule in ``s = log t`` (error ~ exp(−π²/h)).
+    integral uses the trapezoid rule in ``s = log t`` (error ~ exp(−π²/h)),
+    over chunks of rows and nodes of at most ``PREFIX_CHUNK(_CPU)`` elements.
     """
     p = p_sorted
     batch, vocab = p.shape
@@ -293,8 +302,32 @@ def _all_in_prefix_without_replacement(p_sorted: torch.Tensor, num_drafts: torch
     s_max = float((torch.log(60.0 / slowest)).max()) + 1.0
     s_min, step = -45.0, 0.2
     nodes = torch.arange(s_min, s_max + step, step, dtype=p.dtype, device=p.device)
+    # The temporaries are [rows, nodes, V + 1]: PREFIX_NODES nodes and as many rows as the bound holds.
+    bound = PREFIX_CHUNK_CPU if _sync.reads_are_cheap(p) else PREFIX_CHUNK
+    per_chunk = min(PREFIX_NODES, max(1, bound // (vocab + 1)))
+    rows = max(1, bound // (per_chunk * (vocab + 1)))
+    integral = p.new_empty(batch, vocab + 1)
+    for start in range(0, batch, rows):
+        part = slice(start, start + rows)
+        integral[part] = _prefix_integral(p[part], m[part], max_m, nodes, step, per_chunk)
+    all_inside = 1 - outside * integral
+    # H containing the whole support of p: every draft is inside.
+    all_inside = torch.where(outside <= 0, 1.0, all_inside)
+    return all_inside.clamp(0, 1)
+
+
+def _prefix_integral(
+    p: torch.Tensor, m: torch.Tensor, max_m: int, nodes: torch.Tensor, step: float, per_chunk: int
+) -> torch.Tensor:
+    """[B, V+1]: ``∫_0^∞ e^{−t} Σ_{j<m} e_j(t) dt`` over prefixes (:func:`_all_in_prefix_without_replacement`).
+
+    Args:
+        p: [B, V] sorted draft rows; m: [B] drafts drawn; max_m: at least ``max(m)``;
+        nodes: [K] quadrature nodes in ``s = log t``, ``step`` apart, summed ``per_chunk`` at a time.
+    """
+    batch, vocab = p.shape
     integral = p.new_zeros(batch, vocab + 1)
-    for chunk in torch.split(nodes, 32):
+    for chunk in torch.split(nodes, per_chunk):
         t = chunk.exp()  # [K]
         x = p[:, None, :] * t[None, :, None]  # [B, K, V]
         # log(e^x − 1), stable for small and large x; −inf where p = 0.
@@ -310,10 +343,7 @@ def _all_in_prefix_without_replacement(p_sorted: torch.Tensor, num_drafts: torch
         # trapezoid in s: ∫ f dt = ∫ f t ds; weight 1 (interior), ½ at the ends is negligible.
         integrand = torch.exp(log_sum - t[None, :, None] + t.log()[None, :, None])
         integral = integral + step * integrand.sum(1)
-    all_inside = 1 - outside * integral
-    # H containing the whole support of p: every draft is inside.
-    all_inside = torch.where(outside <= 0, 1.0, all_inside)
-    return all_inside.clamp(0, 1)
+    return integral
 
 
 __all__ = [

@@ -8,6 +8,7 @@ import torch
 from hf_globalres import rates
 from hf_globalres.reference import transport_lp
 
+from .tensor_sizes import largest_tensor
 from .verifiers.cases import CASE_KINDS, make_case, random_batch
 
 
@@ -114,3 +115,27 @@ def test_bad_arguments() -> None:
         rates.optimal_acceptance(q, p, torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="non-negative"):
         rates.rrs_acceptance(q, p, -1)
+
+
+def test_prefix_law_without_replacement_is_the_same_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows in chunks: bit for bit the law of the whole batch; quadrature nodes in chunks: 1e-12."""
+    _, p = random_batch(7, 120, 8)
+    p = torch.where(p >= p.topk(40, -1).values[:, -1:], p, 0)
+    p_sorted = (p / p.sum(-1, keepdim=True)).sort(-1, descending=True).values
+    n = torch.tensor([0, 1, 2, 3, 4, 6, 9])
+    whole = rates._all_in_prefix_without_replacement(p_sorted, n)
+    assert rates.PREFIX_CHUNK_CPU >= 7 * rates.PREFIX_NODES * 121  # one chunk by default here
+    monkeypatch.setattr(rates, "PREFIX_CHUNK_CPU", 2 * rates.PREFIX_NODES * 121)  # 2 rows a chunk
+    assert torch.equal(rates._all_in_prefix_without_replacement(p_sorted, n), whole)
+    monkeypatch.setattr(rates, "PREFIX_CHUNK_CPU", 5 * 121)  # one row of 5 nodes a chunk
+    assert torch.allclose(rates._all_in_prefix_without_replacement(p_sorted, n), whole, rtol=0, atol=1e-12)
+
+
+def test_prefix_law_without_replacement_holds_no_tensor_of_every_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a bound of 4 (V + 1) elements, nothing is larger than the [B, V + 1] float64 output (32 nodes were)."""
+    batch, vocab = 16, 400
+    q, p = random_batch(batch, vocab, 9)
+    monkeypatch.setattr(rates, "PREFIX_CHUNK_CPU", 4 * (vocab + 1))
+    with largest_tensor() as largest:
+        rates.optimal_acceptance(q, p, 4, "without_replacement")
+    assert largest.bytes <= 8 * batch * (vocab + 1), largest.bytes
