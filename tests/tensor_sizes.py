@@ -17,17 +17,22 @@ class LargestTensor(TorchDispatchMode):
     Storage, not shape: an expanded view costs only what it views, and a slice of a large
     tensor counts as the large tensor. An operator that builds a large tensor internally and
     returns a small one is missed (the recorded size is a lower bound on its peak).
+    :attr:`from_host` is the most elements of a tensor made from host data (``torch.tensor``
+    of a list): copied to an accelerator, more than one element waits for its queued work.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.bytes = 0
+        self.from_host = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 self.bytes = max(self.bytes, leaf.untyped_storage().nbytes())
+                if func._schema.name == "aten::lift_fresh":
+                    self.from_host = max(self.from_host, leaf.numel())
         return out
 
 

@@ -49,7 +49,6 @@ iterations, and its line search carries its backtracking over to the next iterat
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -298,15 +297,38 @@ def draft_sets(support: int, drafts: int, scheme: DraftScheme, device: torch.dev
     sets = torch.empty(count, drafts, dtype=torch.long, device=device)
     if count == 0 or drafts == 0:
         return sets
-    # C(w, k − j) for w < N, place j in a row; capped at M (never at most a rank then) to stay in int64.
-    table = [[min(math.comb(w, drafts - j), count) for w in range(total)] for j in range(drafts)]
-    table = torch.tensor(table, dtype=torch.long, device=device)
+    # C(w, i) for w < N and i = 1..k, built on the device (a copy from the host would wait for it):
+    # C(w, i) = Σ_{u<w} C(u, i − 1). Capped at M, which exceeds every rank, so int64 never overflows.
+    column = torch.ones(total, dtype=torch.long, device=device)  # C(w, 0)
+    table = []
+    for _ in range(drafts):
+        column = (column.cumsum(0) - column).clamp_max(count)
+        table.append(column)
     rank = torch.arange(count - 1, -1, -1, device=device)
     for place in range(drafts):
-        largest = torch.searchsorted(table[place], rank, right=True) - 1
-        rank = rank - table[place, largest]
+        binomials = table[drafts - 1 - place]  # C(w, k − place)
+        largest = torch.searchsorted(binomials, rank, right=True) - 1
+        rank = rank - binomials[largest]
         sets[:, place] = total - 1 - largest - (place if iid else 0)
     return sets
+
+
+def _orderings(drafts: int, device: torch.device) -> torch.Tensor:
+    """[k!, k]: every ordering of ``range(k)``, lexicographic (``itertools.permutations``' order), built on the device.
+
+    Ordering number r has Lehmer digits ``⌊r / (k − 1 − j)!⌋ mod (k − j)``: place j holds the
+    digit-th smallest value not yet placed.
+    """
+    count = math.factorial(drafts)
+    rank = torch.arange(count, device=device)
+    left = torch.ones(count, drafts, dtype=torch.bool, device=device)  # values not yet placed
+    orders = torch.empty(count, drafts, dtype=torch.long, device=device)
+    for place in range(drafts):
+        digit = rank // math.factorial(drafts - 1 - place) % (drafts - place)
+        value = (left & (left.long().cumsum(-1) == digit[:, None] + 1)).long().argmax(-1)
+        orders[:, place] = value
+        left = left.scatter(1, value[:, None], False)
+    return orders
 
 
 #: Most elements of the [B, M', k] float64 temporaries of one pass over a chunk of M' draft sets:
@@ -340,9 +362,7 @@ def set_probs(p_slots: torch.Tensor, sets: torch.Tensor, scheme: DraftScheme) ->
     """
     count, drafts = sets.shape
     out = p_slots.new_empty(p_slots.shape[0], count)
-    orders = None
-    if scheme != "iid":
-        orders = torch.tensor(list(itertools.permutations(range(drafts))), device=sets.device)  # [k!, k]
+    orders = None if scheme == "iid" else _orderings(drafts, sets.device)  # [k!, k]
     per_set = p_slots.shape[0] * drafts * (1 if orders is None else orders.shape[0])
     for part in set_chunks(p_slots, count, per_set):
         out[:, part] = _set_probs_chunk(p_slots, sets[part], orders)
