@@ -12,7 +12,8 @@ from torch.utils._pytree import tree_leaves
 
 
 class LargestTensor(TorchDispatchMode):
-    """While active, :attr:`bytes` is the largest storage behind any tensor an operator has returned.
+    """While active, :attr:`bytes` is the largest storage behind any tensor an operator has returned,
+    and :attr:`elements` the most elements of any such tensor.
 
     Storage, not shape: an expanded view costs only what it views, and a slice of a large
     tensor counts as the large tensor. An operator that builds a large tensor internally and
@@ -24,6 +25,7 @@ class LargestTensor(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.bytes = 0
+        self.elements = 0
         self.from_host = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -31,6 +33,7 @@ class LargestTensor(TorchDispatchMode):
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 self.bytes = max(self.bytes, leaf.untyped_storage().nbytes())
+                self.elements = max(self.elements, leaf.numel())
                 if func._schema.name == "aten::lift_fresh":
                     self.from_host = max(self.from_host, leaf.numel())
         return out

@@ -13,14 +13,13 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from hf_globalres.verifiers import _race
 from hf_globalres.verifiers._race import RaceProblems, newton_direction, race_terms, slot_blocks
 from hf_globalres.verifiers.optimal import Optimal
 
 from ..syncs import accelerator_path
+from ..tensor_sizes import largest_tensor
 
 CHUNKS = ("LAW_CHUNK", "EXPANSION_CHUNK", "TERMS_CHUNK", "ACCELERATOR_CHUNK")
 
@@ -130,20 +129,6 @@ def test_top_64_rows_of_a_batch_of_64_take_one_block() -> None:
     assert slot_blocks(torch.zeros(1), 64, 128 * nodes, _race.TERMS_CHUNK)[0] == slice(0, 64)
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the most elements of any tensor an operator returns while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        sizes = [leaf.numel() for leaf in tree_leaves(out) if isinstance(leaf, torch.Tensor)]
-        self.largest = max([self.largest, *sizes])
-        return out
-
-
 @pytest.mark.parametrize(("vocab", "accelerator", "options"), [(20_000, False, {}), (3000, True, {"max_iters": 3})])
 def test_full_width_newton_holds_no_tensor_beyond_a_chunk(
     monkeypatch: pytest.MonkeyPatch, vocab: int, accelerator: bool, options: dict
@@ -173,7 +158,7 @@ def test_full_width_newton_holds_no_tensor_beyond_a_chunk(
     monkeypatch.setattr(_race, "quadrature_nodes", recorded)
     most_nodes = math.ceil(_race.WINDOW_BOUND / 0.3) + 1
     bound = max(chunk, _race.TRIAL_STEPS * batch * vocab, 2 * batch * (vocab + 1), 2 * batch * (most_nodes + 1) ** 2)
-    with accelerator_path() if accelerator else torch.no_grad(), LargestTensor() as memory:
+    with accelerator_path() if accelerator else torch.no_grad(), largest_tensor() as memory:
         Optimal(bins=0, **options).verify(q, p, drafts, torch.Generator().manual_seed(1))
-    assert memory.largest <= bound
+    assert memory.elements <= bound
     assert max(unchunked) > 5 * bound
