@@ -610,6 +610,22 @@ class LbfgsPoint:
         )
 
 
+def _armijo_trial(
+    evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    target: torch.Tensor,
+    box: tuple[torch.Tensor, torch.Tensor],
+    point: LbfgsPoint,
+    step: torch.Tensor,
+) -> tuple[LbfgsPoint, torch.Tensor]:
+    """The point at ``point.alpha + step`` projected on the box, and the rows [B] where it passes the Armijo
+    test ``F(trial) ≤ F + 1e−4 ∇F · (trial − α) + 1e−13 (1 + |F|)`` (see :func:`projected_lbfgs` for the slack)."""
+    alpha = (point.alpha + step).clamp(*box)
+    value, emitted = evaluate(alpha)
+    slack = 1e-13 * (1 + point.value.abs())
+    decrease = 1e-4 * (point.grad * (alpha - point.alpha)).sum(-1)
+    return LbfgsPoint(alpha, value, emitted, emitted - target), value <= point.value + decrease + slack
+
+
 def _armijo_search(
     evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     target: torch.Tensor,
@@ -626,13 +642,9 @@ def _armijo_search(
     """
     step_size = torch.ones_like(point.value)
     for _ in range(max_halvings):
-        trial_alpha = (point.alpha + step_size[:, None] * direction).clamp(*box)
-        trial_value, trial_emitted = evaluate(trial_alpha)
-        slack = 1e-13 * (1 + point.value.abs())
-        decrease = 1e-4 * (point.grad * (trial_alpha - point.alpha)).sum(-1)
-        ok = pending & (trial_value <= point.value + decrease + slack)
+        trial, passes = _armijo_trial(evaluate, target, box, point, step_size[:, None] * direction)
+        ok = pending & passes
         if bool(ok.any()):
-            trial = LbfgsPoint(trial_alpha, trial_value, trial_emitted, trial_emitted - target)
             history.push(ok, trial.alpha - point.alpha, trial.grad - point.grad)
             point = point.take(ok, trial)
             pending = pending & ~ok
@@ -663,15 +675,12 @@ def _armijo_trials(
 
     Returns ``(point, stalled [B], s [B] for the next search)``.
     """
-    slack = 1e-13 * (1 + point.value.abs())
     found = torch.zeros_like(pending)
     best = point
-    for trial in range(TRIAL_STEPS):
-        trial_alpha = (point.alpha + (first * 0.5**trial)[:, None] * direction).clamp(*box)
-        trial_value, trial_emitted = evaluate(trial_alpha)
-        decrease = 1e-4 * (point.grad * (trial_alpha - point.alpha)).sum(-1)
-        ok = pending & ~found & (trial_value <= point.value + decrease + slack)
-        best = best.take(ok, LbfgsPoint(trial_alpha, trial_value, trial_emitted, trial_emitted - target))
+    for halvings in range(TRIAL_STEPS):
+        trial, passes = _armijo_trial(evaluate, target, box, point, (first * 0.5**halvings)[:, None] * direction)
+        ok = pending & ~found & passes
+        best = best.take(ok, trial)
         found = found | ok
     history.push(found, best.alpha - point.alpha, best.grad - point.grad)
     first = torch.where(found, 1.0, torch.where(pending, first * 0.5**TRIAL_STEPS, first))
