@@ -334,7 +334,9 @@ def main() -> None:
             },
         }
         print("summary:", json.dumps(summary, indent=1))
-    costs = forward_costs(target, draft, device)
+    timed_draft = int8_draft if args.draft_int8 == "on" else draft  # the draft the methods ran
+    costs = forward_costs(target, timed_draft, device)
+    costs["draft_int8"] = timed_draft is int8_draft
     report = {
         "machine": machine(**setting),
         "args": {k: str(v) for k, v in vars(args).items()},
