@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -473,6 +473,17 @@ def _woodbury_sums(
     return gram, cross, top, part if len(blocks) == 1 else None
 
 
+@dataclass(frozen=True)
+class NewtonSchedule:
+    """How the Newton loops run: stop below KKT residual ``tol`` or after ``max_iters`` iterations, quadrature
+    step ``step`` (§4.5 of docs/design.md), and at most ``max_halvings`` step halvings per line search."""
+
+    tol: float
+    max_iters: int
+    step: float
+    max_halvings: int
+
+
 def solve_race(
     problems: RaceProblems,
     alpha: torch.Tensor,
@@ -506,30 +517,28 @@ def solve_race(
     # Most iterations run on a coarser quadrature (half the nodes, a quarter of the Woodbury
     # cost); its solution is within ~exp(−π²/h) of the fine one, which the last steps remove.
     coarse = solvable & (tier.sum(-1) > COARSE_MIN_WIDTH)
-    coarse_options = {"tol": max(tol, COARSE_TOL), "max_iters": max_iters, "max_halvings": max_halvings}
-    coarse_step = min(2 * step, COARSE_STEP)
+    fine = NewtonSchedule(tol=tol, max_iters=max_iters, step=step, max_halvings=max_halvings)
+    rough = replace(fine, tol=max(tol, COARSE_TOL), step=min(2 * step, COARSE_STEP))
     if not _sync.reads_are_cheap(alpha):
         if max_iters > 0 and tier.shape[1] > COARSE_MIN_WIDTH:
-            coarse_law = race_law(problems, alpha, coarse_step)
+            coarse_law = race_law(problems, alpha, rough.step)
             coarse_residual = torch.where(coarse, kkt_residual(problems, alpha, coarse_law), 0)
-            alpha, _, _ = _newton_loop(problems, alpha, coarse_law, coarse_residual, step=coarse_step, **coarse_options)
+            alpha, _, _ = _newton_loop(problems, alpha, coarse_law, coarse_residual, rough)
         law = torch.where(solvable[:, None], race_law(problems, alpha, step), law)
     else:
         coarse = coarse.nonzero()[:, 0]
         if coarse.numel() > 0 and max_iters > 0:
             sub, sub_alpha = problems.select(coarse), alpha[coarse]
-            sub_law = race_law(sub, sub_alpha, coarse_step)
+            sub_law = race_law(sub, sub_alpha, rough.step)
             sub_residual = kkt_residual(sub, sub_alpha, sub_law)
-            sub_alpha, _, _ = _newton_loop(sub, sub_alpha, sub_law, sub_residual, step=coarse_step, **coarse_options)
+            sub_alpha, _, _ = _newton_loop(sub, sub_alpha, sub_law, sub_residual, rough)
             alpha = alpha.index_put((coarse,), sub_alpha)
         racing = solvable.nonzero()[:, 0]
         if racing.numel() > 0:
             law[racing] = race_law(problems.select(racing), alpha[racing], step)
     residual = kkt_residual(problems, alpha, law)
     residual = torch.where(solvable, residual, 0)
-    alpha, law, residual = _newton_loop(
-        problems, alpha, law, residual, tol=tol, max_iters=max_iters, step=step, max_halvings=max_halvings
-    )
+    alpha, law, residual = _newton_loop(problems, alpha, law, residual, fine)
     return alpha, torch.where(solvable, kkt_residual(problems, alpha, law), 0), law
 
 
@@ -538,26 +547,20 @@ def _newton_loop(
     alpha: torch.Tensor,
     law: torch.Tensor,
     residual: torch.Tensor,
-    *,
-    tol: float,
-    max_iters: int,
-    step: float,
-    max_halvings: int,
+    schedule: NewtonSchedule,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Newton iterations on the problems with ``residual > tol``, each on the unconverged ones only.
 
     On an accelerator, :func:`_masked_newton_loop` instead.
     """
     if not _sync.reads_are_cheap(residual):
-        return _masked_newton_loop(
-            problems, alpha, law, residual, tol=tol, max_iters=max_iters, step=step, max_halvings=max_halvings
-        )
+        return _masked_newton_loop(problems, alpha, law, residual, schedule)
     tier = problems.tier
-    active = residual > tol
+    active = residual > schedule.tol
     # The last iteration's problems, width and (when all of them took the full step) terms at their
     # current α: problems only ever leave ``active``, so an unchanged count means the same problems.
     carried: tuple[int, int, RaceProblems, RaceTerms | None] | None = None
-    for _ in range(max_iters):
+    for _ in range(schedule.max_iters):
         chosen = active.nonzero()[:, 0]
         if chosen.numel() == 0:
             break
@@ -567,13 +570,13 @@ def _newton_loop(
             width = int(tier[chosen].any(0).nonzero().max()) + 1
             sub, terms = problems.select(chosen, width), None
         sub_alpha, sub_law, sub_residual, improved, terms = _newton_iteration(
-            sub, alpha[chosen, :width], residual[chosen], terms, step=step, max_halvings=max_halvings
+            sub, alpha[chosen, :width], residual[chosen], terms, schedule
         )
         alpha[chosen, :width] = sub_alpha
         law[chosen, :width] = sub_law
         residual[chosen] = sub_residual
         # A problem no step size improves has reached the quadrature's noise floor.
-        active[chosen] = improved & (sub_residual > tol)
+        active[chosen] = improved & (sub_residual > schedule.tol)
         carried = (chosen.numel(), width, sub, terms)
     return alpha, law, residual
 
@@ -583,11 +586,7 @@ def _masked_newton_loop(
     alpha: torch.Tensor,
     law: torch.Tensor,
     residual: torch.Tensor,
-    *,
-    tol: float,
-    max_iters: int,
-    step: float,
-    max_halvings: int,
+    schedule: NewtonSchedule,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_newton_loop` with no host read but one convergence check every ``_sync.CHECK_EVERY`` iterations.
 
@@ -602,9 +601,10 @@ def _masked_newton_loop(
     count = residual.shape[0]
     halvings = torch.pow(0.5, torch.arange(TRIAL_STEPS, dtype=alpha.dtype, device=alpha.device))[:, None]
     trials = problems.select(torch.arange(count, device=alpha.device).repeat(TRIAL_STEPS))  # [T·P, S]
+    step = schedule.step
     first = torch.ones_like(residual)  # largest trial size of the next line search
-    active = residual > tol
-    for iteration in range(max_iters):
+    active = residual > schedule.tol
+    for iteration in range(schedule.max_iters):
         if _sync.check_now(active, iteration) and not bool(active.any()):
             break
         terms = race_terms(problems, alpha, step)
@@ -623,7 +623,7 @@ def _masked_newton_loop(
         residual = torch.where(improved, trial_residual.gather(0, pick[None])[0], residual)
         first = torch.where(improved, 1.0, torch.where(active, first * 0.5**TRIAL_STEPS, first))
         # A problem no step size improves has reached the quadrature's noise floor.
-        active = active & (residual > tol) & (first > 0.5**max_halvings)
+        active = active & (residual > schedule.tol) & (first > 0.5**schedule.max_halvings)
     return alpha, law, residual
 
 
@@ -642,9 +642,7 @@ def _newton_iteration(
     alpha: torch.Tensor,
     residual: torch.Tensor,
     terms: RaceTerms | None,
-    *,
-    step: float,
-    max_halvings: int,
+    schedule: NewtonSchedule,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, RaceTerms | None]:
     """One damped projected Newton step: (α, b(α), residual, improved [P], terms at the new α or None).
 
@@ -653,6 +651,7 @@ def _newton_iteration(
     problem takes it (the common case); shorter steps evaluate the law alone.
     """
     tier, boxed = problems.tier, problems.boxed[:, None]
+    step = schedule.step
     terms = race_terms(problems, alpha, step) if terms is None else terms
     law = terms.law
     free = tier & ~(boxed & (alpha <= 0) & (law > problems.target))
@@ -660,7 +659,7 @@ def _newton_iteration(
     size = torch.ones_like(residual)
     searching = torch.ones_like(problems.boxed)
     next_terms = None
-    for halving in range(max_halvings):
+    for halving in range(schedule.max_halvings):
         trial = alpha - size[:, None] * direction
         trial = _normalise(problems, torch.where(boxed, trial.clamp_min(0), trial))
         trial_terms = race_terms(problems, trial, step) if halving == 0 else None

@@ -610,26 +610,29 @@ class LbfgsPoint:
         )
 
 
-def _armijo_trial(
-    evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    target: torch.Tensor,
-    box: tuple[torch.Tensor, torch.Tensor],
-    point: LbfgsPoint,
-    step: torch.Tensor,
-) -> tuple[LbfgsPoint, torch.Tensor]:
-    """The point at ``point.alpha + step`` projected on the box, and the rows [B] where it passes the Armijo
-    test ``F(trial) ≤ F + 1e−4 ∇F · (trial − α) + 1e−13 (1 + |F|)`` (see :func:`projected_lbfgs` for the slack)."""
-    alpha = (point.alpha + step).clamp(*box)
-    value, emitted = evaluate(alpha)
-    slack = 1e-13 * (1 + point.value.abs())
-    decrease = 1e-4 * (point.grad * (alpha - point.alpha)).sum(-1)
-    return LbfgsPoint(alpha, value, emitted, emitted - target), value <= point.value + decrease + slack
+@dataclass(frozen=True)
+class _BoxObjective:
+    """What :func:`projected_lbfgs` minimises: ``evaluate`` α [B, D] → (F [B], b [B, D]), ``∇F = b − target``,
+    over the box ``lower ≤ α ≤ upper`` ([B, D] each)."""
+
+    evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    target: torch.Tensor
+    lower: torch.Tensor
+    upper: torch.Tensor
+
+    def trial(self, point: LbfgsPoint, step: torch.Tensor) -> tuple[LbfgsPoint, torch.Tensor]:
+        """The point at ``point.alpha + step`` projected on the box, and the rows [B] where it passes the Armijo
+        test ``F(trial) ≤ F + 1e−4 ∇F · (trial − α) + 1e−13 (1 + |F|)`` (see :func:`projected_lbfgs` for the
+        slack)."""
+        alpha = (point.alpha + step).clamp(self.lower, self.upper)
+        value, emitted = self.evaluate(alpha)
+        slack = 1e-13 * (1 + point.value.abs())
+        decrease = 1e-4 * (point.grad * (alpha - point.alpha)).sum(-1)
+        return LbfgsPoint(alpha, value, emitted, emitted - self.target), value <= point.value + decrease + slack
 
 
 def _armijo_search(
-    evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    target: torch.Tensor,
-    box: tuple[torch.Tensor, torch.Tensor],
+    objective: _BoxObjective,
     point: LbfgsPoint,
     direction: torch.Tensor,
     pending: torch.Tensor,
@@ -642,7 +645,7 @@ def _armijo_search(
     """
     step_size = torch.ones_like(point.value)
     for _ in range(max_halvings):
-        trial, passes = _armijo_trial(evaluate, target, box, point, step_size[:, None] * direction)
+        trial, passes = objective.trial(point, step_size[:, None] * direction)
         ok = pending & passes
         if bool(ok.any()):
             history.push(ok, trial.alpha - point.alpha, trial.grad - point.grad)
@@ -655,9 +658,7 @@ def _armijo_search(
 
 
 def _armijo_trials(
-    evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    target: torch.Tensor,
-    box: tuple[torch.Tensor, torch.Tensor],
+    objective: _BoxObjective,
     point: LbfgsPoint,
     direction: torch.Tensor,
     pending: torch.Tensor,
@@ -678,7 +679,7 @@ def _armijo_trials(
     found = torch.zeros_like(pending)
     best = point
     for halvings in range(TRIAL_STEPS):
-        trial, passes = _armijo_trial(evaluate, target, box, point, (first * 0.5**halvings)[:, None] * direction)
+        trial, passes = objective.trial(point, (first * 0.5**halvings)[:, None] * direction)
         ok = pending & ~found & passes
         best = best.take(ok, trial)
         found = found | ok
@@ -719,6 +720,7 @@ def projected_lbfgs(
     Returns:
         ``(α, b(α), converged [B], iterations)`` with b recomputed at the α returned.
     """
+    objective = _BoxObjective(evaluate, target, lower, upper)
     alpha = torch.zeros_like(target).clamp(lower, upper)
     value, emitted = evaluate(alpha)
     point = LbfgsPoint(alpha, value, emitted, emitted - target)
@@ -737,11 +739,10 @@ def projected_lbfgs(
             break
         iterations += 1
         direction = history.direction(projected(point), point.grad)
-        box = (lower, upper)
         if cheap:
-            point, stalled = _armijo_search(evaluate, target, box, point, direction, ~done, history)
+            point, stalled = _armijo_search(objective, point, direction, ~done, history)
         else:
-            point, stalled, first = _armijo_trials(evaluate, target, box, point, direction, ~done, history, first)
+            point, stalled, first = _armijo_trials(objective, point, direction, ~done, history, first)
         # A row whose line search found no decrease has stalled; it stops (unconverged).
         done = done | stalled | (projected(point).abs().sum(-1) <= tol)
     converged = projected(point).abs().sum(-1) <= tol

@@ -80,7 +80,8 @@ def plain_lbfgs(evaluate, target, lower, upper, *, tol: float, max_iters: int, m
             break
         iterations += 1
         direction = history.direction(projected(point), point.grad)
-        point, stalled = _selection._armijo_search(evaluate, target, (lower, upper), point, direction, ~done, history)
+        box = _selection._BoxObjective(evaluate, target, lower, upper)
+        point, stalled = _selection._armijo_search(box, point, direction, ~done, history)
         done = done | stalled | (projected(point).abs().sum(-1) <= tol)
     return point.alpha, point.emitted, projected(point).abs().sum(-1) <= tol, iterations
 
