@@ -476,7 +476,7 @@ def _woodbury_sums(
 @dataclass(frozen=True)
 class NewtonSchedule:
     """How the Newton loops run: stop below KKT residual ``tol`` or after ``max_iters`` iterations, quadrature
-    step ``step`` (§4.5 of docs/design.md), and at most ``max_halvings`` step halvings per line search."""
+    step ``step`` (docs/design.md §4.5), and at most ``max_halvings`` step halvings per line search."""
 
     tol: float
     max_iters: int
