@@ -245,6 +245,12 @@ def main() -> None:
         help="transformers assisted generation settings: 'default' (the draft's generation config: L = 20 "
         "with its confidence threshold 0.4), 'heuristic' (its L schedule), or a static L",
     )
+    parser.add_argument(
+        "--pack-rows",
+        type=int,
+        default=devices.PACK_ROWS,
+        help="with oneDNN, lay the linears' weights out for this many rows once (devices.PackedLinear); 0: unpacked",
+    )
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (T = 0) instead of sampling at T = 1")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -256,18 +262,23 @@ def main() -> None:
     target, draft, tokenizer = load_pair(args.target, args.draft, dtype)
     device = target.device
     onednn = args.onednn == "on" or (args.onednn == "auto" and device.type == "cpu" and dtype == torch.float32)
+    packed_rows = (args.pack_rows or None) if onednn else None
     if onednn:
-        devices.use_onednn_linear(target)
-        devices.use_onednn_linear(draft)
+        devices.use_onednn_linear(target, packed_rows)
+        devices.use_onednn_linear(draft, packed_rows)
     int8_draft = None
     prompts = [p.to(device) for p in gsm8k_prompts(args.data, args.prompts, tokenizer)]
     sample = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": args.max_new_tokens}
     if args.greedy:
         sample = {"do_sample": False, "max_new_tokens": args.max_new_tokens}
-    setting = {"dtype": str(dtype).removeprefix("torch."), "onednn_linear": onednn, "device": str(device)}
+    setting = {
+        "dtype": str(dtype).removeprefix("torch."), "onednn_linear": onednn, "packed_rows": packed_rows,
+        "device": str(device),
+    }  # fmt: skip
+    linears = f"on, packed for {packed_rows} rows" if packed_rows else "on" if onednn else "off"
     print(
         f"{len(prompts)} GSM8K prompts, {args.max_new_tokens} new tokens, {'greedy' if args.greedy else 'T = 1'}, "
-        f"{device}, {setting['dtype']}, oneDNN linears {'on' if onednn else 'off'}, {args.threads} threads"
+        f"{device}, {setting['dtype']}, oneDNN linears {linears}, {args.threads} threads"
     )
     with torch.no_grad():  # page both models' weights in, so every method's peak counts both models
         target(prompts[0])

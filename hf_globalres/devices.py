@@ -22,10 +22,15 @@ BLAS handles a few rows poorly (seen on AMD EPYC with AVX2: a 1536 × 8960
 layer over 9 rows in 11.5 ms against 5.0 ms with oneDNN; the LM head over 9
 rows in 206 against 70 ms), this makes the 1.5B target's verification
 forward over 5–33 tokens 1.5–1.7× cheaper and a one-token step 1.3× cheaper
-(measured in ``eval/bench_generate.py``'s forward costs). It changes the logits by
-float rounding only (≤ 3e-4 on the built-in pair's layers). The model then
-*is* that model: plain sampling and speculative decoding from it have one
-and the same law, so compare methods with the same setting.
+(measured in ``eval/bench_generate.py``'s forward costs). With ``pack_rows``
+it also moves each weight into oneDNN's blocked layout for products over about
+that many rows, once, instead of on every call (:class:`PackedLinear`): on that
+EPYC the 1.5B target's forward then costs 214 / 314 / 526 / 829 ms over 1 / 5
+/ 17 / 33 tokens against 256 / 558 / 726 / 1,059 ms unpacked (``PACK_ROWS``
+= 32; a 200-token cache). Either way the logits change by float rounding only
+(≤ 3e-4 on the built-in pair's layers). The model then *is* that model: plain
+sampling and speculative decoding from it have one and the same law, so
+compare methods with the same setting.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ import types
 from pathlib import Path
 
 import torch
+
+#: Rows the blocked weights of :func:`use_onednn_linear` are laid out for: a verification forward
+#: over a tree of 4 branches (5–49 tokens) and a one-token step both run faster with it (module docstring).
+PACK_ROWS = 32
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Values a ``dtype`` option takes: "auto" or a name in :data:`DTYPES`.
@@ -91,21 +100,91 @@ def _onednn_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
-def use_onednn_linear(model: torch.nn.Module) -> int:
+def use_onednn_linear(model: torch.nn.Module, pack_rows: int | None = None) -> int:
     """Run every ``nn.Linear`` of ``model`` through oneDNN for float32 CPU inference (module docstring).
 
     Layers fall back to ``torch.nn.functional.linear`` for other devices,
-    dtypes and under autograd. Returns the number of layers switched (0 when
+    dtypes and under autograd. With ``pack_rows``, each layer whose weight no
+    other module shares becomes a :class:`PackedLinear` laid out for that many
+    rows (inference on the CPU only; its memory replaces the weight's); shared
+    (tied) weights stay in place. Returns the number of layers switched (0 when
     this torch build has no oneDNN); :func:`restore_linear` undoes it.
     """
     if not onednn_linear_available():
         return 0
-    count = 0
+    if pack_rows is not None and pack_rows < 1:
+        raise ValueError(f"pack_rows must be a positive number of rows, got {pack_rows}")
+    owners: dict[int, int] = {}
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.forward = types.MethodType(_onednn_forward, module)
+        for parameter in module.parameters(recurse=False):
+            owners[id(parameter)] = owners.get(id(parameter), 0) + 1
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, torch.nn.Linear):
+                continue
+            if pack_rows is not None and owners[id(child.weight)] == 1 and child.weight.dtype == torch.float32:
+                setattr(parent, name, PackedLinear(child.weight.detach(), child.bias, pack_rows))
+            else:
+                child.forward = types.MethodType(_onednn_forward, child)
             count += 1
     return count
+
+
+class PackedLinear(torch.nn.Module):
+    """``y = x Wᵀ + b`` with ``W`` held once, in oneDNN's blocked layout for about ``rows`` rows.
+
+    Made by :func:`use_onednn_linear` from a float32 ``nn.Linear`` on the CPU,
+    for inference: under autograd, for another device or dtype it raises
+    (:func:`restore_linear` gives the ``nn.Linear`` back). ``state_dict`` and
+    ``copy.deepcopy`` see the plain weight.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.nn.Parameter | None, rows: int) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.rows = rows
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        self.bias = bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The plain [out, in] weight (a copy out of the blocked layout)."""
+        return self.packed.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+            raise RuntimeError(
+                f"this linear layer's weight is packed for float32 CPU inference, got a {x.dtype} input on "
+                f"{x.device}{' with autograd on' if torch.is_grad_enabled() else ''}: run it under "
+                "torch.no_grad(), or call hf_globalres.devices.restore_linear(model) first"
+            )
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.weight
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        weight = state_dict.pop(prefix + "weight", None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if weight is not None:
+            state_dict[prefix + "weight"] = weight
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().float(), self.rows)
+
+    def __deepcopy__(self, memo: dict) -> PackedLinear:
+        bias = None if self.bias is None else torch.nn.Parameter(self.bias.detach().clone(), self.bias.requires_grad)
+        return PackedLinear(self.weight, bias, self.rows)
+
+    def to_linear(self) -> torch.nn.Linear:
+        """The ``nn.Linear`` this layer computes."""
+        linear = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = torch.nn.Parameter(self.weight, requires_grad=False)
+        linear.bias = self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rows={self.rows}"
 
 
 class Int8Linear(torch.nn.Module):
@@ -115,7 +194,7 @@ class Int8Linear(torch.nn.Module):
     bfloat16 for the product, and the output returns in the input's dtype.
     """
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, linear: torch.nn.Linear | PackedLinear) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127
@@ -135,21 +214,26 @@ class Int8Linear(torch.nn.Module):
 
 
 def quantize_int8(model: torch.nn.Module) -> int:
-    """Replace every ``nn.Linear`` of ``model`` (the LM head included) by an :class:`Int8Linear`, in place.
+    """Replace every ``nn.Linear`` (or :class:`PackedLinear`) of ``model``, the LM head included, by an
+    :class:`Int8Linear`, in place.
 
     Meant for the draft model (module docstring); returns the number of layers replaced.
     """
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Linear):
+            if isinstance(child, torch.nn.Linear | PackedLinear):
                 setattr(parent, name, Int8Linear(child))
                 replaced += 1
     return replaced
 
 
 def restore_linear(model: torch.nn.Module) -> None:
-    """Undo :func:`use_onednn_linear`."""
+    """Undo :func:`use_onednn_linear`: plain ``nn.Linear`` layers with their weights in place."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, PackedLinear):
+                setattr(parent, name, child.to_linear())
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and "forward" in module.__dict__:
             del module.forward
@@ -158,7 +242,9 @@ def restore_linear(model: torch.nn.Module) -> None:
 __all__ = [
     "DTYPES",
     "DTYPE_CHOICES",
+    "PACK_ROWS",
     "Int8Linear",
+    "PackedLinear",
     "auto_dtype",
     "cpu_has_fast_bf16",
     "onednn_linear_available",

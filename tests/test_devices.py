@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -89,3 +91,61 @@ def test_greedy_with_int8_draft_and_onednn_target_equals_plain_generate():
         fast_target, **inputs, assistant_model=draft, num_drafts=3, do_sample=False, max_new_tokens=20
     )
     assert torch.equal(out, expected)
+
+
+@pytest.mark.skipif(not devices.onednn_linear_available(), reason="this torch build has no oneDNN")
+def test_packed_linears_change_logits_by_rounding_only_and_restore_exactly():
+    model = tiny_llama(13)
+    ids = torch.randint(0, 16, (3, 7))
+    weights = {name: value.clone() for name, value in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert devices.use_onednn_linear(model, pack_rows=8) == 2 * 7 + 1
+        packed = [m for m in model.modules() if isinstance(m, devices.PackedLinear)]
+        assert len(packed) == 2 * 7 + 1 and not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+        fast = model(ids).logits
+        one_row = model(ids[:1, :1]).logits
+    assert torch.allclose(fast, expected, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(one_row, expected[:1, :1], atol=1e-4, rtol=1e-4)
+    # The plain weights are still what state_dict and deepcopy see.
+    state = model.state_dict()
+    assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(twin(ids).logits, fast)
+    devices.restore_linear(model)
+    assert all(torch.equal(value, weights[name]) for name, value in model.state_dict().items())
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 2 * 7 + 1
+
+
+@pytest.mark.skipif(not devices.onednn_linear_available(), reason="this torch build has no oneDNN")
+def test_packed_linears_load_a_state_dict_and_refuse_autograd():
+    model, source = tiny_llama(14), tiny_llama(15)
+    devices.use_onednn_linear(model, pack_rows=4)
+    model.load_state_dict(source.state_dict())
+    ids = torch.randint(0, 16, (2, 5))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, source(ids).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="restore_linear"):
+        model(ids)
+    with pytest.raises(ValueError, match="pack_rows must be a positive"):
+        devices.use_onednn_linear(tiny_llama(16), pack_rows=0)
+
+
+@pytest.mark.skipif(not devices.onednn_linear_available(), reason="this torch build has no oneDNN")
+def test_packing_leaves_tied_weights_in_place():
+    model = tiny_llama(17)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    devices.use_onednn_linear(model, pack_rows=4)
+    assert isinstance(model.lm_head, torch.nn.Linear) and "forward" in model.lm_head.__dict__
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert sum(isinstance(m, devices.PackedLinear) for m in model.modules()) == 2 * 7
+
+
+@pytest.mark.skipif(not devices.onednn_linear_available(), reason="this torch build has no oneDNN")
+def test_a_packed_model_quantizes_to_the_same_int8_layers():
+    plain, packed = tiny_llama(18), tiny_llama(18)
+    devices.use_onednn_linear(packed, pack_rows=4)
+    devices.quantize_int8(plain), devices.quantize_int8(packed)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(packed.state_dict()[name], value), name

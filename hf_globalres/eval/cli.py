@@ -112,7 +112,8 @@ def _add_model_arguments(models: argparse._ArgumentGroup) -> None:
     models.add_argument(
         "--onednn-linear",
         choices=["auto", "on", "off"],
-        help="float32 CPU linear layers through oneDNN, for every method (auto: on for float32 on a CPU)",
+        help="float32 CPU linear layers through oneDNN with weights packed for it, for every method "
+        "(auto: on for float32 on a CPU)",
     )
     models.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     models.add_argument("--device-map", help='"auto" spreads a target too large for one GPU over all of them')

@@ -104,18 +104,22 @@ class Method:
 
 @dataclass(frozen=True)
 class Setting:
-    """What a result ran on: device, dtype, whether oneDNN ran the float32 linears (None: not recorded)."""
+    """What a result ran on: device, dtype, whether oneDNN ran the float32 linears and the rows its
+    packed weights were laid out for (None: not recorded, or unpacked)."""
 
     device: str | None = None
     dtype: str | None = None
     onednn_linear: bool | None = None
+    packed_rows: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return _present(device=self.device, dtype=self.dtype, onednn_linear=self.onednn_linear)
+        return _present(
+            device=self.device, dtype=self.dtype, onednn_linear=self.onednn_linear, packed_rows=self.packed_rows
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Setting:
-        return cls(data.get("device"), data.get("dtype"), data.get("onednn_linear"))
+        return cls(data.get("device"), data.get("dtype"), data.get("onednn_linear"), data.get("packed_rows"))
 
     @property
     def recorded(self) -> bool:

@@ -82,10 +82,14 @@ FindingLike = Finding | Mapping[str, Any]
 
 
 def summary_rows(records: Iterable[Record | Mapping[str, Any]]) -> list[SummaryRow]:
-    """One row per (dataset, temperature, method), in the records' first-seen order."""
-    groups: dict[tuple[str, float, str], list[Record]] = defaultdict(list)
+    """One row per (dataset, temperature, method, setting), in the records' first-seen order.
+
+    Records of one method made in different settings (a run resumed after a change of kernels) stay in
+    separate rows, each compared with its own setting's baselines.
+    """
+    groups: dict[tuple[str, float, str, Setting], list[Record]] = defaultdict(list)
     for record in map(as_record, records):
-        groups[(record.dataset, record.temperature, record.method.name)].append(record)
+        groups[(record.dataset, record.temperature, record.method.name, record.setting)].append(record)
     rows = [_row(group) for group in groups.values()]
     _add_speedups(rows)
     return rows
@@ -97,7 +101,7 @@ def summarize(records: Iterable[Record | Mapping[str, Any]]) -> list[dict[str, A
 
 
 def _row(group: list[Record]) -> SummaryRow:
-    """The totals, rates and standard errors of one (dataset, temperature, method) group of records."""
+    """The totals, rates and standard errors of one (dataset, temperature, method, setting) group of records."""
     first = group[0]
     tokens = [r.new_tokens for r in group]
     forwards = [r.target_forwards for r in group]
@@ -343,9 +347,15 @@ def describe_setting(rows: Iterable[RowLike]) -> str:
     seen = {as_row(row).setting for row in rows}
     if not seen or seen == {Setting()}:
         return "setting: not recorded"
-    ordered = sorted(seen, key=lambda s: str((s.device, s.dtype, s.onednn_linear)))
-    parts = [f"{s.device}, {s.dtype}" + (", oneDNN linears" if s.onednn_linear else "") for s in ordered]
+    ordered = sorted(seen, key=lambda s: str((s.device, s.dtype, s.onednn_linear, s.packed_rows)))
+    parts = [f"{s.device}, {s.dtype}" + _linears(s) for s in ordered]
     return "ran on " + "; ".join(parts)
+
+
+def _linears(setting: Setting) -> str:
+    if not setting.onednn_linear:
+        return ""
+    return ", oneDNN linears" + (f" packed for {setting.packed_rows} rows" if setting.packed_rows else "")
 
 
 def _cell(value: Any, fmt: str) -> str:

@@ -387,7 +387,8 @@ class Models:
     Attributes:
         multidraft_draft: the draft multi-draft runs use (an int8 copy with ``draft_int8``;
             default: ``draft``).
-        dtype: the models' dtype; onednn_linear: their float32 linears run through oneDNN.
+        dtype: the models' dtype; onednn_linear: their float32 linears run through oneDNN;
+        packed_rows: the rows those linears' weights are laid out for (None: unpacked).
     """
 
     target: torch.nn.Module
@@ -397,11 +398,13 @@ class Models:
     multidraft_draft: torch.nn.Module | None = None
     dtype: torch.dtype = torch.float32
     onednn_linear: bool = False
+    packed_rows: int | None = None
 
     @property
     def setting(self) -> Setting:
-        """What ran, for records and reports: device, dtype, oneDNN linears."""
-        return Setting(str(self.device), str(self.dtype).removeprefix("torch."), self.onednn_linear)
+        """What ran, for records and reports: device, dtype, oneDNN linears and their packing."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        return Setting(str(self.device), dtype, self.onednn_linear, self.packed_rows if self.onednn_linear else None)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -440,9 +443,11 @@ def load_models(config: EvalConfig, device: torch.device) -> Models:
         devices.quantize_int8(multidraft_draft)
     onednn = _switched_on(config.onednn_linear, when_auto=device.type == "cpu" and dtype == torch.float32)
     if onednn:
-        onednn = sum(devices.use_onednn_linear(model) for model in {target, draft, multidraft_draft}) > 0
+        switched = [devices.use_onednn_linear(model, devices.PACK_ROWS) for model in {target, draft, multidraft_draft}]
+        onednn = sum(switched) > 0
     tokenizer = models.load_tokenizer(config.target)
-    return Models(target.eval(), draft.eval(), tokenizer, device, multidraft_draft.eval(), dtype, onednn)
+    packed_rows = devices.PACK_ROWS if onednn else None
+    return Models(target.eval(), draft.eval(), tokenizer, device, multidraft_draft.eval(), dtype, onednn, packed_rows)
 
 
 class _Timed:

@@ -134,3 +134,14 @@ def test_report_names_the_embedded_math_sample_when_gsm8k_rows_ran_on_it():
     assert report.prompt_sources_note(gsm8k) is None
     note = report.prompt_sources_note(gsm8k + sample)
     assert note is not None and "2 problems of the package's embedded math sample" in note and "--gsm8k-path" in note
+
+
+def test_the_setting_line_names_packed_linears_and_keeps_settings_apart():
+    unpacked, packed = _records(), _records()
+    for record in packed:
+        record.setting = Setting("cpu", "float32", True, 32)
+    rows = report.summary_rows(unpacked + packed)
+    assert len(rows) == 2 * len(report.summary_rows(unpacked))  # one row per method and setting, never merged
+    line = report.describe_setting(rows)
+    assert line == "ran on cpu, float32; cpu, float32, oneDNN linears packed for 32 rows"
+    assert Setting.from_dict(Setting("cpu", "float32", True, 32).to_dict()) == Setting("cpu", "float32", True, 32)

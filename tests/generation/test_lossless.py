@@ -155,6 +155,18 @@ def test_lossless_with_int8_draft(target):
     assert p > LEVEL
 
 
+@pytest.mark.skipif(not devices.onednn_linear_available(), reason="this torch build has no oneDNN")
+def test_lossless_with_packed_onednn_linears():
+    """Target and draft with packed oneDNN weights (devices.PackedLinear): the output law is the packed target's."""
+    target, draft = tiny_llama(0), tiny_llama(1, layers=1)
+    devices.use_onednn_linear(target, pack_rows=devices.PACK_ROWS)
+    devices.use_onednn_linear(draft, pack_rows=4)
+    p = lossless_pvalue(
+        target, draft, PROMPTS, {"temperature": 0.8}, verifier="optimal", num_drafts=4, num_assistant_tokens=3
+    )
+    assert p > LEVEL
+
+
 def test_lossless_in_bfloat16():
     """bf16 models: q and p are float64 softmaxes of the bf16 logits, so the rules stay exact for the model as run."""
     target, draft = tiny_llama(0).to(torch.bfloat16), tiny_llama(1, layers=1).to(torch.bfloat16)
