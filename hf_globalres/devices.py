@@ -124,11 +124,25 @@ def use_onednn_linear(model: torch.nn.Module, pack_rows: int | None = None) -> i
             if not isinstance(child, torch.nn.Linear):
                 continue
             if pack_rows is not None and owners[id(child.weight)] == 1 and child.weight.dtype == torch.float32:
-                setattr(parent, name, PackedLinear(child.weight.detach(), child.bias, pack_rows))
+                setattr(parent, name, PackedLinear(child.weight, child.bias, pack_rows))
             else:
                 child.forward = types.MethodType(_onednn_forward, child)
             count += 1
+    if any(isinstance(module, PackedLinear) for module in model.modules()):
+        _leave_file_mappings(model)
     return count
+
+
+def _leave_file_mappings(model: torch.nn.Module) -> None:
+    """Copy the parameters and buffers of ``model`` into memory of their own, in place.
+
+    Loaders map checkpoint files into memory (safetensors) with every tensor a view of one mapping:
+    while one tensor still views it, the pages of the weights that were packed stay resident too
+    (measured: the 0.5B draft at 4.3 GB resident after packing instead of 2.9 GB).
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
 
 
 class PackedLinear(torch.nn.Module):
@@ -144,7 +158,8 @@ class PackedLinear(torch.nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.rows = rows
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        self.weight_requires_grad = weight.requires_grad
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
         self.bias = bias
 
     @property
@@ -174,12 +189,12 @@ class PackedLinear(torch.nn.Module):
 
     def __deepcopy__(self, memo: dict) -> PackedLinear:
         bias = None if self.bias is None else torch.nn.Parameter(self.bias.detach().clone(), self.bias.requires_grad)
-        return PackedLinear(self.weight, bias, self.rows)
+        return PackedLinear(self.weight.requires_grad_(self.weight_requires_grad), bias, self.rows)
 
     def to_linear(self) -> torch.nn.Linear:
         """The ``nn.Linear`` this layer computes."""
         linear = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        linear.weight = torch.nn.Parameter(self.weight, requires_grad=False)
+        linear.weight = torch.nn.Parameter(self.weight, requires_grad=self.weight_requires_grad)
         linear.bias = self.bias
         return linear
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 import hf_globalres
 from hf_globalres import devices
@@ -115,6 +117,7 @@ def test_packed_linears_change_logits_by_rounding_only_and_restore_exactly():
         assert torch.equal(twin(ids).logits, fast)
     devices.restore_linear(model)
     assert all(torch.equal(value, weights[name]) for name, value in model.state_dict().items())
+    assert all(parameter.requires_grad for parameter in model.parameters())
     assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 2 * 7 + 1
 
 
@@ -149,3 +152,31 @@ def test_a_packed_model_quantizes_to_the_same_int8_layers():
     devices.quantize_int8(plain), devices.quantize_int8(packed)
     for name, value in plain.state_dict().items():
         assert torch.equal(packed.state_dict()[name], value), name
+
+
+def _file_mappings(directory) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory maps of files in ``directory`` (Linux)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith(str(directory)):
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not devices.onednn_linear_available(), reason="this torch build has no oneDNN")
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc/self/maps")
+def test_packing_leaves_no_tensor_viewing_a_loaded_file(tmp_path):
+    """A loader's memory map holds every weight's pages while one tensor views it; packing copies the rest out."""
+    tiny_llama(19).save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+    def viewing_the_file() -> int:
+        ranges = _file_mappings(tmp_path)
+        pointers = [t.data_ptr() for t in [*model.parameters(), *model.buffers()]]
+        return sum(any(start <= pointer < end for start, end in ranges) for pointer in pointers)
+
+    mapped = viewing_the_file()
+    devices.use_onednn_linear(model, pack_rows=4)
+    assert viewing_the_file() == 0, f"{mapped} tensors viewed the checkpoint before packing"
