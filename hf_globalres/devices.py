@@ -164,7 +164,8 @@ class PackedLinear(torch.nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The plain [out, in] weight (a copy out of the blocked layout)."""
+        """The plain [out, in] weight: a copy out of the blocked layout, as costly as the layer's weight is
+        large (``out_features`` and ``in_features`` give its shape)."""
         return self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -180,3 +180,21 @@ def test_packing_leaves_no_tensor_viewing_a_loaded_file(tmp_path):
     mapped = viewing_the_file()
     devices.use_onednn_linear(model, pack_rows=4)
     assert viewing_the_file() == 0, f"{mapped} tensors viewed the checkpoint before packing"
+
+
+@pytest.mark.skipif(not devices.onednn_linear_available(), reason="this torch build has no oneDNN")
+def test_generate_never_copies_a_packed_weight_out(monkeypatch):
+    """A packed weight's plain copy costs as much as the layer is large (0.9 s for a 152k-token head)."""
+    from hf_globalres.generation.loop import output_width
+
+    model = tiny_llama(20)
+    devices.use_onednn_linear(model, pack_rows=4)
+
+    def refuse(self):
+        raise AssertionError("a packed weight was copied out of its layout")
+
+    monkeypatch.setattr(devices.PackedLinear, "weight", property(refuse))
+    assert output_width(model) == model.config.vocab_size
+    ids = torch.randint(0, 16, (2, 5))
+    out = hf_globalres.generate(model, ids, assistant_model=model, num_drafts=2, do_sample=True, max_new_tokens=4)
+    assert out.shape == (2, 9)

@@ -861,6 +861,7 @@ def _run_grid(
     ]
     if todo:
         models = models if models is not None else load_models(config, device)
+        _check_setting(store, models.setting)
         _warm_up(models, config)
         with _progress(len(todo), disable=not progress or rank != 0) as bar:
             for name, temperature, method, prompt in todo:
@@ -870,6 +871,21 @@ def _run_grid(
     if state is not None:
         state.wait_for_everyone()
     return store.records()
+
+
+def _check_setting(store: RecordStore, setting: Setting) -> None:
+    """Raise ValueError when the run directory holds records made in another setting than ``setting``.
+
+    The setting (device, dtype, kernels) is known once the models are loaded; records of different
+    settings time different computations, so they are never mixed in one run directory.
+    """
+    recorded = {Setting.from_dict(record) for record in store.records()} - {Setting()}
+    if recorded - {setting}:
+        other = sorted(str(s.to_dict()) for s in recorded - {setting})
+        raise ValueError(
+            f"run directory {store.directory} holds results made in another setting ({'; '.join(other)}) than "
+            f"this run's ({setting.to_dict()}); pass another --run-name, or --overwrite to discard them"
+        )
 
 
 def _warm_up(models: Models, config: EvalConfig) -> None:

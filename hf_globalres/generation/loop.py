@@ -186,10 +186,11 @@ class DecodeResult:
 def output_width(model: torch.nn.Module) -> int:
     """Width of ``model``'s logits (its embedding rows, padding included)."""
     head = model.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
+    # out_features first: a packed head's weight is a copy out of its blocked layout (devices.PackedLinear).
     if head is not None and isinstance(getattr(head, "out_features", None), int):
         return head.out_features
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
     return int(model.config.get_text_config().vocab_size)
 
 

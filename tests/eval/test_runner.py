@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -157,6 +158,24 @@ def test_interrupted_run_resumes_to_the_same_set(tiny_pair_dirs, data_files, tmp
         runner.record_key("gsm8k", 1.0, m, f"gsm8k-{i}") for m in config.grid() for i in range(3)
     )
     assert store.path.read_bytes().endswith(b"\n")
+
+
+def test_records_of_another_setting_refuse_to_mix_into_a_run(tiny_pair_dirs, data_files, tmp_path):
+    """A run directory whose records ran other kernels (here: before linears were packed) is not resumed."""
+    config = runner.EvalConfig(
+        target=str(tiny_pair_dirs[0]), draft=str(tiny_pair_dirs[1]), datasets=["gsm8k"],
+        gsm8k_path=str(data_files["gsm8k"]), limit=1, max_new_tokens=3, methods=["autoregressive"],
+        output_dir=str(tmp_path), run_name="r", dtype="float32", onednn_linear="on",
+    )  # fmt: skip
+    records = runner.run(config, progress=False)
+    if not records[0].get("packed_rows"):
+        pytest.skip("this torch build has no oneDNN")
+    store = runner.RecordStore(config.run_dir())
+    older = [{k: v for k, v in r.items() if k != "packed_rows"} for r in records]
+    store.path.write_text("".join(json.dumps(r) + "\n" for r in older))
+    with pytest.raises(ValueError, match="another setting"):
+        runner.run(dataclasses.replace(config, limit=2), progress=False)
+    assert runner.RecordStore(config.run_dir()).records() == older
 
 
 def test_sharded_run_splits_prompts_and_gathers_records(tiny_run, tiny_pair_dirs, tmp_path):
