@@ -95,12 +95,17 @@ class Verifier(ABC):
     which avoids host-device synchronisation in hot loops. :meth:`prepare`
     renormalises q and p (two passes over V) unless ``normalizes_inputs`` is
     False, for rules whose :meth:`plan` is invariant to the rows' scale.
+    :meth:`verify` and :meth:`conditional` hand :meth:`plan` the rows on the
+    support of p when that support is narrow (:class:`SupportRows`).
     """
 
     name: ClassVar[str]
     draft_scheme: ClassVar[DraftScheme] = "iid"
     max_drafts: ClassVar[int | None] = None
     normalizes_inputs: ClassVar[bool] = True
+    #: Run the rule on the support of p when it is narrow (:class:`SupportRows`); False for a rule
+    #: that restricts itself to the support.
+    verifies_on_support: ClassVar[bool] = True
 
     def __init__(self, *, validate: bool = True) -> None:
         self.validate = validate
@@ -126,9 +131,12 @@ class Verifier(ABC):
         q, p, x = self.prepare(target_probs, draft_probs, draft_tokens)
         if x.shape[0] == 0:  # an empty batch has an empty law
             return q.new_zeros(q.shape)
-        plan = self.shared_plan(q, p, x)
-        law = plan.reject_prob[:, None] * plan.residual
-        return law.scatter_add(1, x.clamp_min(0), plan.draft_emit)
+        support = SupportRows.of(q, p, x) if self.verifies_on_support else None
+        rows = support.q if support is not None else q
+        columns = support.drafts if support is not None else x
+        plan = self.shared_plan(rows, support.p if support is not None else p, columns)
+        law = (plan.reject_prob[:, None] * plan.residual).scatter_add(1, columns.clamp_min(0), plan.draft_emit)
+        return support.expand_law(law, q) if support is not None else law
 
     def verify(
         self,
@@ -150,17 +158,28 @@ class Verifier(ABC):
         if x.shape[0] == 0:  # an empty batch verifies to an empty result
             empty = x.new_zeros(0)
             return VerificationResult(token=empty, accepted=empty.bool(), draft_index=empty)
+        support = SupportRows.of(q, p, x) if self.verifies_on_support else None
+        if support is None:
+            token = self._sample(q, p, x, generator)
+        else:
+            token = support.expand_tokens(self._sample(support.q, support.p, support.drafts, generator), q, generator)
+        draft_index = first_match(token, x)
+        return VerificationResult(token=token, accepted=draft_index >= 0, draft_index=draft_index)
+
+    def _sample(
+        self, q: torch.Tensor, p: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """[B]: one output column per row, drawn from the plan's law (the steps of :meth:`verify`)."""
         plan = self.shared_plan(q, p, x)
         n = x.shape[1]
         branch_probs = torch.cat([plan.draft_emit, plan.reject_prob[:, None]], dim=1)
         branch = sample_categorical(branch_probs, generator)
         token = x.gather(1, branch.clamp_max(n - 1)[:, None])[:, 0]
-        # Only the rows that rejected every draft draw from the residual (a pass over V each).
+        # Only the rows that rejected every draft draw from the residual (a pass over its columns each).
         rejected = (branch == n).nonzero()[:, 0]
         if rejected.numel() > 0:
             token[rejected] = sample_categorical(plan.residual[rejected], generator)
-        draft_index = first_match(token, x)
-        return VerificationResult(token=token, accepted=draft_index >= 0, draft_index=draft_index)
+        return token
 
     def shared_plan(
         self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor
@@ -197,6 +216,96 @@ class Verifier(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, draft_scheme={self.draft_scheme!r})"
+
+
+#: A row verifies on the support of p (:class:`SupportRows`) when that support spans at most this
+#: share of the vocabulary (a truncated draft law: top 64 of 152k tokens).
+SUPPORT_SHARE = 0.25
+
+
+@dataclass
+class SupportRows:
+    """The rows restricted to ``supp p`` plus one column for the rest of the vocabulary.
+
+    A draft never lands off ``supp p``, so every rule sees the same problem on
+    the columns ``[supp p (padded to the widest row), rest]``: q there and the
+    mass q puts off ``supp p``, p there and 0. Whatever a lossless rule
+    outputs on these columns has the law ``[q(supp p), q(rest)]``; an output
+    in the last column is then drawn from q restricted to the rest, so the
+    token has the law q (docs/design.md §5). The rules' work scales with the
+    support, not V, and the pass over V happens only for the rows that land
+    in the last column.
+
+    Attributes:
+        index: [B, W] token of each column, ascending, V on padding columns.
+        q, p: [B, W + 1] the rows on those columns, the rest of q last (padding: 0).
+        drafts: [B, n] the drafts' columns, −1 for absent drafts.
+    """
+
+    index: torch.Tensor
+    q: torch.Tensor
+    p: torch.Tensor
+    drafts: torch.Tensor
+
+    @classmethod
+    def of(cls, q: torch.Tensor, p: torch.Tensor, draft_tokens: torch.Tensor) -> SupportRows | None:
+        """The support rows of ``q``, ``p`` [B, V], or None when supports are wide or host reads are costly."""
+        if not _sync.reads_are_cheap(p):  # finding the supports reads them back
+            return None
+        vocab = p.shape[1]
+        supported = p > 0
+        count = supported.sum(-1)
+        width = int(count.max())
+        if width > SUPPORT_SHARE * vocab:
+            return None
+        index = support_index(supported, count, width)
+        on = index < vocab
+        q_on = torch.where(on, q.gather(1, index.clamp_max(vocab - 1)), 0)
+        rest = (q.sum(-1, keepdim=True) - q_on.sum(-1, keepdim=True)).clamp_min(0)
+        p_on = torch.where(on, p.gather(1, index.clamp_max(vocab - 1)), 0)
+        column = torch.searchsorted(index, draft_tokens.clamp_min(0))
+        drafts = torch.where(draft_tokens >= 0, column, -1)
+        return cls(index, torch.cat([q_on, rest], -1), torch.cat([p_on, torch.zeros_like(rest)], -1), drafts)
+
+    def off_support(self, q: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[R, V]: q [R, V] of ``rows`` (all by default) with ``supp p`` zeroed (padding writes to a spare column)."""
+        index = self.index if rows is None else self.index[rows]
+        spare = torch.cat([q, q.new_zeros(q.shape[0], 1)], -1)
+        return spare.scatter(1, index, 0)[:, : q.shape[1]]
+
+    def expand_tokens(self, columns: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """[B]: the token of each output column; the last column draws from q off ``supp p``."""
+        width = self.index.shape[1]
+        token = self.index.gather(1, columns.clamp_max(width - 1)[:, None])[:, 0]
+        rest = (columns == width).nonzero()[:, 0]
+        if rest.numel() > 0:
+            token[rest] = sample_categorical(self.off_support(q[rest], rest), generator)
+        return token
+
+    def expand_law(self, law: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """[B, V]: a law over the columns [B, W + 1] as a law over tokens (the last column spread as q off supp p)."""
+        width = self.index.shape[1]
+        off = self.off_support(q)
+        spread = off * (law[:, width:] / off.sum(-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny))
+        spare = torch.cat([spread, spread.new_zeros(q.shape[0], 1)], -1)
+        return spare.scatter_add(1, self.index, law[:, :width])[:, : q.shape[1]]
+
+
+def support_index(supported: torch.Tensor, count: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, width]: the tokens where ``supported`` [B, V] holds, ascending per row, then V (padding).
+
+    ``count`` [B] = ``supported.sum(-1)``, ``width`` ≥ its maximum. On a CPU from one ``nonzero``
+    (row-major, so tokens ascend within a row); elsewhere the ``width`` smallest of the keys
+    "token if supported, else V", with no host read.
+    """
+    batch, vocab = supported.shape
+    if not _sync.reads_are_cheap(supported):
+        keys = torch.where(supported, torch.arange(vocab, device=supported.device), vocab)
+        return keys.topk(width, dim=-1, largest=False, sorted=True).values
+    rows, tokens = supported.nonzero(as_tuple=True)
+    index = torch.full((batch, width), vocab, dtype=torch.long, device=supported.device)
+    index[rows, torch.arange(rows.shape[0], device=rows.device) - (count.cumsum(0) - count)[rows]] = tokens
+    return index
 
 
 def check_inputs(
@@ -393,8 +502,10 @@ def gather_draft_probs(probs: torch.Tensor, draft_tokens: torch.Tensor) -> torch
 
 __all__ = [
     "ROW_SUM_TOLERANCE",
+    "SUPPORT_SHARE",
     "DraftScheme",
     "EmissionPlan",
+    "SupportRows",
     "VerificationResult",
     "Verifier",
     "check_inputs",
@@ -404,4 +515,5 @@ __all__ = [
     "gather_draft_probs",
     "normalize_rows",
     "sample_categorical",
+    "support_index",
 ]

@@ -47,7 +47,7 @@ from .. import _sync
 from ..rates import OptimalPrefix, optimal_prefix, prefix_members
 from . import register
 from ._race import RaceProblems, kkt_residual, solve_race, wide_weights
-from .base import EmissionPlan, Verifier, distinct_rows, normalize_rows
+from .base import EmissionPlan, Verifier, distinct_rows, normalize_rows, support_index
 from .rrs import recursive_rejection_plan
 
 #: Below this ``p(H*)^n`` the drafts essentially never all fall in ``H*``; its
@@ -233,6 +233,7 @@ class Optimal(Verifier):
     name = "optimal"
     draft_scheme = "iid"
     normalizes_inputs = False  # the solve works on q / Σq and p restricted to supp p, renormalised there
+    verifies_on_support = False  # _tier_problems restricts the rows to supp p itself
 
     def __init__(
         self,
@@ -313,14 +314,7 @@ class Optimal(Verifier):
             on = supported
             p_s, q_s = draft_probs.double(), target_probs.double()
         else:
-            if cheap:
-                rows, tokens = supported.nonzero(as_tuple=True)  # row-major: tokens ascend within a row
-                first = count.cumsum(0) - count
-                index = torch.full((batch, width), vocab, dtype=torch.long, device=tokens.device)
-                index[rows, torch.arange(rows.shape[0], device=rows.device) - first[rows]] = tokens
-            else:  # the supported tokens ascending, then V: the ``width`` smallest of these keys
-                keys = torch.where(supported, torch.arange(vocab, device=supported.device), vocab)
-                index = keys.topk(width, dim=-1, largest=False, sorted=True).values
+            index = support_index(supported, count, width)
             on = index < vocab
             gather_at = index.clamp_max(vocab - 1)
             p_s = torch.where(on, draft_probs.gather(1, gather_at).double(), 0)
