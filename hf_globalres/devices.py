@@ -25,9 +25,9 @@ forward over 5–33 tokens 1.5–1.7× cheaper and a one-token step 1.3× cheape
 (measured in ``eval/bench_generate.py``'s forward costs). With ``pack_rows``
 it also moves each weight into oneDNN's blocked layout for products over about
 that many rows, once, instead of on every call (:class:`PackedLinear`): on that
-EPYC the 1.5B target's forward then costs 214 / 314 / 526 / 829 ms over 1 / 5
-/ 17 / 33 tokens against 256 / 558 / 726 / 1,059 ms unpacked (``PACK_ROWS``
-= 32; a 200-token cache). Either way the logits change by float rounding only
+EPYC the 1.5B target's forward over 5 / 17 tokens then costs 349 / 590 ms
+against 495 / 732 ms unpacked (``PACK_ROWS`` = 32, a 200-token cache; a
+one-token step moves within noise). Either way the logits change by float rounding only
 (≤ 3e-4 on the built-in pair's layers). The model then *is* that model: plain
 sampling and speculative decoding from it have one and the same law, so
 compare methods with the same setting.
