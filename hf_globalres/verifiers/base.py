@@ -132,11 +132,15 @@ class Verifier(ABC):
         if x.shape[0] == 0:  # an empty batch has an empty law
             return q.new_zeros(q.shape)
         support = SupportRows.of(q, p, x) if self.verifies_on_support else None
-        rows = support.q if support is not None else q
-        columns = support.drafts if support is not None else x
-        plan = self.shared_plan(rows, support.p if support is not None else p, columns)
-        law = (plan.reject_prob[:, None] * plan.residual).scatter_add(1, columns.clamp_min(0), plan.draft_emit)
-        return support.expand_law(law, q) if support is not None else law
+        if support is None:
+            return self._law(q, p, x)
+        return support.expand_law(self._law(support.q, support.p, support.drafts), q)
+
+    def _law(self, q: torch.Tensor, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[B, V]: the plan's law of the output, ``(1 − Σ emit) · residual`` plus each draft's ``emit``."""
+        plan = self.shared_plan(q, p, x)
+        law = plan.reject_prob[:, None] * plan.residual
+        return law.scatter_add(1, x.clamp_min(0), plan.draft_emit)
 
     def verify(
         self,
