@@ -94,8 +94,13 @@ def onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _onednn_runs(x: torch.Tensor) -> bool:
+    """oneDNN's linear serves ``x``: float32 inference on the CPU."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
 def _onednn_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+    if not _onednn_runs(x):
         return torch.nn.functional.linear(x, self.weight, self.bias)
     return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
@@ -169,7 +174,7 @@ class PackedLinear(torch.nn.Module):
         return self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+        if not _onednn_runs(x):
             raise RuntimeError(
                 f"this linear layer's weight is packed for float32 CPU inference, got a {x.dtype} input on "
                 f"{x.device}{' with autograd on' if torch.is_grad_enabled() else ''}: run it under "
