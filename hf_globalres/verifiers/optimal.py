@@ -17,8 +17,10 @@ with no truncation of the vocabulary (docs/design.md §4):
    race with weights ``w^H`` and the winner ``y`` is accepted with
    ``γ^H_y``. The law ``b`` of each race is the gradient of a convex function
    of ``α = log w`` (:mod:`._race`): the ``L`` weights solve ``b^L = a_L``,
-   the ``H`` weights (drafts conditioned on ``H*``) solve ``b^H ≥ a_H /
-   p(H*)^n`` over ``α ≥ 0``, both by damped projected Newton.
+   the ``H`` weights (drafts conditioned on ``H*``) solve ``b^H = max(c^H, θ
+   p_H)`` with ``c^H = a_H / p(H*)^n`` (the law of the box problem ``b^H ≥
+   c^H`` over ``α ≥ 0``, in closed form; ``θ`` from one pass over the q/p
+   order), both by damped Newton.
 3. **Exact by construction.** Whatever weights the solver returns, the race
    law ``b`` is recomputed at them and the rule accepts the mass
    ``ā = min(a, b)`` (``γ = ā / b``) per tier, recovering from
@@ -75,6 +77,26 @@ def water_level(
     piece = piece.clamp_max(ratio.shape[1] - 1)
     level = (total[:, None] - q_before.gather(1, piece)) / p_from.gather(1, piece).clamp_min(1e-300)
     return torch.where(all_capped, math.inf, level[:, 0])
+
+
+def floor_level(
+    ratio: torch.Tensor, target_mass: torch.Tensor, draft_mass: torch.Tensor, total: torch.Tensor
+) -> torch.Tensor:
+    """[B]: the level ``θ`` with ``Σ_tier max(q, θ p) = total`` (``q(tier) ≤ total ≤ q(tier) + p(tier)``).
+
+    Shapes [B, S] as in :func:`water_level`, with ``ratio = inf`` off the tier.
+    ``G(θ) = Σ_{ρ > θ} q + θ Σ_{ρ ≤ θ} p`` is piecewise linear and
+    non-decreasing; ``θ`` lies on the first piece whose right end ``G(ρ_j)``
+    reaches ``total``, or on ``θ ≤ ρ_0`` (then ``max(q, θ p) = q``).
+    """
+    valid = torch.isfinite(ratio)
+    q_after = target_mass.sum(-1, keepdim=True) - target_mass.cumsum(-1)  # Σ_{i > j} q
+    p_upto = draft_mass.cumsum(-1)  # Σ_{i ≤ j} p
+    reach = torch.where(valid, q_after + torch.where(valid, ratio, 0) * p_upto, math.inf)
+    piece = (reach < total[:, None]).sum(-1, keepdim=True)
+    before = (piece - 1).clamp_min(0)
+    level = (total[:, None] - q_after.gather(1, before)) / p_upto.gather(1, before).clamp_min(1e-300)
+    return torch.where(piece[:, 0] > 0, level[:, 0], torch.where(valid[:, 0], ratio[:, 0], 0))
 
 
 def acceptance_probability(target: torch.Tensor, law: torch.Tensor) -> torch.Tensor:
@@ -154,17 +176,40 @@ class TierProblems:
         )
 
     @cached_property
+    def h_solved(self) -> torch.Tensor:
+        """[B, S]: the slot lies in an H tier worth solving (``p(H*)^k`` above ``NEGLIGIBLE_TIER``, k > 0)."""
+        return self.in_h & ((self.all_h > NEGLIGIBLE_TIER) & (self.drafts > 0))[:, None]
+
+    @cached_property
+    def h_target(self) -> torch.Tensor:
+        """[B, S]: ``c^H = q / p(H*)^k`` on the H tier, the most its winner may be accepted with (0 elsewhere)."""
+        return torch.where(self.h_solved, self.q / self.all_h.clamp_min(1e-300)[:, None], 0)
+
+    @cached_property
     def h_race(self) -> RaceProblems:
-        """The H tier, drafts conditioned on ``H*``: draft law ``p / p(H*)``, target ``q / p(H*)^k``."""
-        solve_h = (self.all_h > NEGLIGIBLE_TIER) & (self.drafts > 0)
-        draft_mass = torch.where(self.in_h & solve_h[:, None], self.p / self.p_h.clamp_min(1e-300)[:, None], 0)
+        """The H tier, drafts conditioned on ``H*`` (draft law ``p / p(H*)``), racing for ``max(c^H, θ p / p(H*))``.
+
+        The box problem ``b^H ≥ c^H`` over ``α ≥ 0`` has this law in closed form
+        (docs/design.md §4.4), so it is solved as the equality problem ``b = b^H``.
+        """
+        prefix = self.prefix
+        positions = torch.arange(prefix.ratio.shape[1], device=prefix.ratio.device)
+        in_h_sorted = positions < prefix.size[:, None]  # H* is the prefix of the q/p order
+        ratio = torch.where(in_h_sorted, prefix.ratio, math.inf)
+        masses = torch.where(in_h_sorted, prefix.q, 0), torch.where(in_h_sorted, prefix.p, 0)
+        level = floor_level(ratio, *masses, self.all_h)  # Σ_H max(q, θ p) = p(H*)^k
+        scale = self.all_h.clamp_min(1e-300)[:, None]
         return RaceProblems(
-            draft_mass=draft_mass,
-            target=torch.where(draft_mass > 0, self.q / self.all_h.clamp_min(1e-300)[:, None], 0),
+            draft_mass=torch.where(self.h_solved, self.p / self.p_h.clamp_min(1e-300)[:, None], 0),
+            target=torch.where(self.h_solved, torch.maximum(self.q, level[:, None] * self.p) / scale, 0),
             background=torch.zeros_like(self.p_h),
             num_draws=self.drafts.double(),
-            boxed=torch.ones_like(self.drafts, dtype=torch.bool),
+            boxed=torch.zeros_like(self.drafts, dtype=torch.bool),
         )
+
+    def accept_target(self, in_l_race: torch.Tensor) -> torch.Tensor:
+        """[B, S]: the mass each slot's winner may be accepted with, ``a`` in the L tier, ``c^H`` in the H tier."""
+        return torch.where(in_l_race[:, None], self.l_race.target, self.h_target)
 
     def races(self, in_l_race: torch.Tensor) -> RaceProblems:
         """[B, S]: each row's L problem where ``in_l_race`` [B], else its H problem.
@@ -183,12 +228,12 @@ class TierProblems:
             target=torch.where(pick, low.target, high.target),
             background=torch.where(in_l_race, low.background, high.background),
             num_draws=low.num_draws,
-            boxed=~in_l_race,
+            boxed=low.boxed,
         )
 
     def accepted_mass(self, law_l: torch.Tensor, law_h: torch.Tensor) -> torch.Tensor:
         """[B, S]: ``ā = P(Y = y, y accepted)``, ``min(a, b)`` in each tier, the H tier's times ``p(H*)^k``."""
-        kept_h = torch.minimum(self.h_race.target, law_h) * self.all_h[:, None]
+        kept_h = torch.minimum(self.h_target, law_h) * self.all_h[:, None]
         mass = torch.where(self.in_l, torch.minimum(self.l_race.target, law_l), kept_h)
         return torch.where((self.drafts > 0)[:, None] & self.on, mass, 0)
 
@@ -281,7 +326,7 @@ class Optimal(Verifier):
         residual_l, residual_h = residual.split(batch)
         # Each slot in its own tier.
         law = torch.where(tiers.in_l, law_l, law_h)
-        target = torch.where(tiers.in_l, low.target, high.target)
+        target = torch.where(tiers.in_l, low.target, tiers.h_target)
         return RaceRule(
             index=tiers.index,
             in_l=tiers.in_l,
@@ -451,7 +496,7 @@ class Optimal(Verifier):
         top = torch.where(racing.any(-1, keepdim=True), draft_alpha.amax(-1, keepdim=True), 0)
         weight = torch.where(racing, torch.exp(draft_alpha - top), 0)
         share = weight / weight.sum(-1, keepdim=True).clamp_min(1e-300)
-        accept = acceptance_probability(race.target.gather(1, slot), law.gather(1, slot))
+        accept = acceptance_probability(tiers.accept_target(in_l_race).gather(1, slot), law.gather(1, slot))
 
         def recover() -> torch.Tensor:
             """Residual ``q − ā``: only supp p changes; padding slots write to a spare column."""

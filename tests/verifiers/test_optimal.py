@@ -20,7 +20,7 @@ from hf_globalres import rates, verifiers
 from hf_globalres.reference import draft_tuples, enumerate_law, transport_lp
 from hf_globalres.verifiers import _race
 from hf_globalres.verifiers._race import RaceProblems, expanded_race_law, quadrature_nodes, race_law, race_terms
-from hf_globalres.verifiers.optimal import Optimal, water_level
+from hf_globalres.verifiers.optimal import Optimal, floor_level, water_level
 
 from .cases import CASE_KINDS, chi_square_pvalue, make_case
 
@@ -464,6 +464,56 @@ def test_water_fill_caps_at_q_and_meets_the_total() -> None:
             torch.tensor([total], dtype=torch.float64),
         )
         assert torch.equal(torch.where(tier, torch.minimum(q, level[:, None] * p), 0), a)
+
+
+def test_floor_level_meets_the_total_and_floors_the_law() -> None:
+    g = torch.Generator().manual_seed(5)
+    for _ in range(200):
+        size = int(torch.randint(1, 9, (1,), generator=g))
+        q = torch.rand(1, size, generator=g, dtype=torch.float64) ** 3
+        p = torch.rand(1, size, generator=g, dtype=torch.float64) + 1e-3
+        tier = torch.rand(1, size, generator=g) < 0.7
+        ratio, order = torch.where(tier, q / p, math.inf).sort(-1)
+        masses = torch.where(tier, q, 0).gather(1, order), torch.where(tier, p, 0).gather(1, order)
+        low, width = float(masses[0].sum()), float(masses[1].sum())
+        total = torch.tensor([low + float(torch.rand(1, generator=g)) * width], dtype=torch.float64)
+        level = float(floor_level(ratio, *masses, total))
+        law = torch.where(tier, torch.maximum(q, level * p), 0)
+        assert float(law.sum()) == pytest.approx(float(total), abs=1e-13)
+        # Bisection on the non-decreasing Σ max(q, θ p) finds the same level (up to a flat stretch at q).
+        lo, hi = 0.0, 1e6
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            below = float(torch.where(tier, torch.maximum(q, mid * p), 0).sum()) < float(total)
+            lo, hi = (mid, hi) if below else (lo, mid)
+        bisected = torch.where(tier, torch.maximum(q, hi * p), 0)
+        assert float((law - bisected).abs().max()) <= 1e-9
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_h_tier_solution_solves_the_box_problem(n: int) -> None:
+    """The equality solve for ``b^H = max(c^H, θ p)`` meets the box problem's KKT conditions (docs/design.md §4.4).
+
+    With the lowest weight at ``α = 0``: ``α ≥ 0``, ``b ≥ c`` everywhere and ``b = c`` wherever ``α > 0``.
+    """
+    g = torch.Generator().manual_seed(n)
+    logits = 3 * torch.randn(24, 40, generator=g, dtype=torch.float64)
+    q = torch.softmax(logits + torch.randn(logits.shape, generator=g, dtype=torch.float64), -1)
+    p = torch.softmax(logits, -1)
+    rule = Optimal()
+    tiers = rule._tier_problems(q, p, torch.full((24,), n))
+    race = tiers.h_race
+    alpha, law = rule._solve_tiers(race)
+    tier = race.tier
+    assert int(tier.any(-1).sum()) >= 12  # rows whose H* is empty or negligible have no H race
+    low, _ = _race.masked_range(alpha, tier)
+    alpha = torch.where(tier, alpha - low, 0)
+    c = tiers.h_target
+    assert bool((law >= c - 1e-9).all())
+    raised = tier & (alpha > 1e-6)
+    assert float((law - c)[raised].abs().max()) <= 1e-9
+    # Some slots sit at the bound with slack (b > c): the box is active, not an equality problem in disguise.
+    assert bool((tier & (law > c + 1e-6)).any())
 
 
 def test_float32_inputs_give_a_float32_law_close_to_q() -> None:
