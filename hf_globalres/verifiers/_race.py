@@ -14,8 +14,7 @@ and ``Σ_y b_y = 1 − r^n``. ``b`` is the gradient of the convex function
     Φ(α) = E[log Σ_{i: x_i ∈ S} e^{α_{x_i}}] = ∫_0^∞ ((1 − r^n) e^{−t} − M(t)^n + r^n) / t dt,
 
 so the weights whose race has a prescribed law ``c`` minimise ``Φ(α) − c·α``
-(an equality problem), and the weights with ``b ≥ c`` and ``b = c`` wherever
-``α > 0`` minimise it over the box ``α ≥ 0`` (a box problem).
+(α up to a common shift, which the race ignores).
 
 Integrals are trapezoid sums over nodes ``t_k`` with weights ``ω_k`` (for
 ``∫ · d log t``, see :func:`quadrature_nodes`; error ~ exp(−π²/h) for step ``h``).
@@ -138,15 +137,12 @@ class RaceProblems:
         target: c_y, [P, S], the law the race should have on the tier.
         background: r, [P], draft mass of draws that never win.
         num_draws: n, [P] float.
-        boxed: [P] bool, box problem (``α ≥ 0``, ``b ≥ c``) instead of an
-            equality problem (``b = c``, α up to a shift).
     """
 
     draft_mass: torch.Tensor
     target: torch.Tensor
     background: torch.Tensor
     num_draws: torch.Tensor
-    boxed: torch.Tensor
 
     @cached_property
     def tier(self) -> torch.Tensor:
@@ -168,7 +164,6 @@ class RaceProblems:
             target=self.target[index, :width],
             background=self.background[index],
             num_draws=self.num_draws[index],
-            boxed=self.boxed[index],
         )
 
 
@@ -383,26 +378,18 @@ def race_terms(problems: RaceProblems, alpha: torch.Tensor, step: float, chunk: 
     return RaceTerms(law, law - _join(seconds), t, rate, p, scale, blocks, low_rank)
 
 
-def kkt_residual(problems: RaceProblems, alpha: torch.Tensor, law: torch.Tensor) -> torch.Tensor:
-    """[P]: ``Σ_y |projected gradient|`` of ``Φ − c·α``; 0 exactly at the solution.
-
-    The gradient is ``b − c``; for box problems a slot at ``α = 0`` pushed
-    outwards (``b > c``) is at its bound, and ``|α − max(0, α − g)|`` is used.
-    """
-    grad = law - problems.target
-    boxed = problems.boxed[:, None]
-    projected = torch.where(boxed, alpha - (alpha - grad).clamp_min(0), grad)
-    return torch.where(problems.tier, projected.abs(), 0).sum(-1)
+def law_residual(problems: RaceProblems, law: torch.Tensor) -> torch.Tensor:
+    """[P]: ``Σ_y |b_y − c_y|`` over the tier, the gradient of ``Φ − c·α`` in norm 1; 0 exactly at the solution."""
+    return torch.where(problems.tier, (law - problems.target).abs(), 0).sum(-1)
 
 
-def newton_direction(problems: RaceProblems, terms: RaceTerms, alpha: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
-    """[P, S]: the Newton direction ``d = H⁻¹ g`` on the free slots (0 elsewhere).
+def newton_direction(problems: RaceProblems, terms: RaceTerms) -> torch.Tensor:
+    """[P, S]: the Newton direction ``d = H⁻¹ g`` on the tier (0 elsewhere).
 
-    ``H = diag(D) − W Wᵀ`` restricted to the free slots, plus ``τ v vᵀ`` with
-    ``v = D`` where ``H`` is singular along ``1`` (equality problems, and box
-    problems with no slot at its bound: the race is invariant under a common
-    shift of α). Since ``vᵀ1 ≠ 0`` that makes it invertible, and when
-    ``1ᵀg = 0`` the solution still satisfies ``H d = g``. Woodbury:
+    ``H = diag(D) − W Wᵀ`` on the tier is singular along ``1`` (the race is
+    invariant under a common shift of α); ``τ v vᵀ`` with ``v = D`` is added.
+    Since ``vᵀ1 ≠ 0`` that makes it invertible, and when ``1ᵀg = 0`` the
+    solution still satisfies ``H d = g``. Woodbury:
 
         (D − W' Σ W'ᵀ)⁻¹ = D⁻¹ + D⁻¹ W' (Σ⁻¹ − W'ᵀ D⁻¹ W')⁻¹ W'ᵀ D⁻¹,
 
@@ -410,28 +397,28 @@ def newton_direction(problems: RaceProblems, terms: RaceTerms, alpha: torch.Tens
     slots, accumulated over the slot blocks of ``terms`` (no tensor beyond one
     block's [P, ·, K] and the [P, K, K] system); the lift ``W' x`` is per slot.
     """
-    grad = torch.where(free, terms.law - problems.target, 0)
-    diagonal = torch.where(free & (terms.diagonal > 0), terms.diagonal, 1)
-    at_bound = problems.tier & ~free
-    gauge = ~(problems.boxed & at_bound.any(-1)) & free.any(-1)  # [P]
-    v = torch.where(free & gauge[:, None], diagonal, 0)
+    tier = problems.tier
+    grad = torch.where(tier, terms.law - problems.target, 0)
+    diagonal = torch.where(tier & (terms.diagonal > 0), terms.diagonal, 1)
+    gauge = tier.any(-1)  # [P]
+    v = torch.where(tier, diagonal, 0)
     tau = 1 / v.sum(-1).clamp_min(1e-300)  # makes τ (vᵀ1)² = vᵀ1, the scale of D
     blocks = terms.blocks
     if len(blocks) == 1 and grad.shape[1] <= terms.nodes.shape[1]:
         # Fewer slots than nodes: the dense |S| × |S| system is the cheaper one.
-        low_rank = torch.where(free[:, :, None], terms.low_rank_block(blocks[0]), 0)
+        low_rank = torch.where(tier[:, :, None], terms.low_rank_block(blocks[0]), 0)
         hessian = torch.diag_embed(diagonal) - torch.bmm(low_rank, low_rank.transpose(1, 2))
         hessian = hessian + tau[:, None, None] * v[:, :, None] * v[:, None, :]
         # solve_ex: no host read of its error flag; a singular system gives a step that lowers nothing.
-        return torch.where(free, torch.linalg.solve_ex(hessian, grad[:, :, None]).result[..., 0], 0)
+        return torch.where(tier, torch.linalg.solve_ex(hessian, grad[:, :, None]).result[..., 0], 0)
     # Whitened: H' = D^{1/2} (I − E Σ Eᵀ) D^{1/2} with E = D^{−1/2} [W, v] (W in place).
     root = diagonal.sqrt()
-    gauge_column = torch.where(free & gauge[:, None], root, 0)  # D^{−1/2} v
+    gauge_column = torch.where(tier, root, 0)  # D^{−1/2} v
     grad_w = grad / root
 
     def whitened(block: slice) -> torch.Tensor:
-        """``D^{−1/2} W`` [P, ·, K] on the free slots of ``block``."""
-        return torch.where(free[:, block, None], terms.low_rank_block(block), 0).div_(root[:, block, None])
+        """``D^{−1/2} W`` [P, ·, K] on the tier slots of ``block``."""
+        return torch.where(tier[:, block, None], terms.low_rank_block(block), 0).div_(root[:, block, None])
 
     gram, cross, top, kept = _woodbury_sums(blocks, whitened, gauge_column, grad_w)
     inner = torch.cat(
@@ -448,7 +435,7 @@ def newton_direction(problems: RaceProblems, terms: RaceTerms, alpha: torch.Tens
     solution = torch.linalg.solve_ex(inner, rhs).result
     parts = [torch.bmm(whitened(block) if kept is None else kept, solution[:, :-1])[..., 0] for block in blocks]
     lifted = _join(parts) + gauge_column * solution[:, -1]
-    return torch.where(free, (grad_w + lifted) / root, 0)
+    return torch.where(tier, (grad_w + lifted) / root, 0)
 
 
 def _woodbury_sums(
@@ -475,7 +462,7 @@ def _woodbury_sums(
 
 @dataclass(frozen=True)
 class NewtonSchedule:
-    """How the Newton loops run: stop below KKT residual ``tol`` or after ``max_iters`` iterations, quadrature
+    """How the Newton loops run: stop once ``Σ |b − c| ≤ tol`` or after ``max_iters`` iterations, quadrature
     step ``step`` (docs/design.md §4.5), and at most ``max_halvings`` step halvings per line search."""
 
     tol: float
@@ -495,10 +482,8 @@ def solve_race(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weights α [P, S] whose race law meets the target, their residual [P] and law b(α) [P, S].
 
-    Damped projected Newton from ``alpha`` (box problems are projected onto
-    α ≥ 0 and shifted down until one slot touches 0, which lowers ``Φ − c·α``
-    since ``Σ c ≤ 1``). A step ``α − s d`` (projected for box problems) is
-    accepted when it lowers the KKT residual: Φ itself is only known to
+    Damped Newton from ``alpha``. A step ``α − s d`` is
+    accepted when it lowers the residual ``Σ |b − c|``: Φ itself is only known to
     ~1e-13 from quadrature, too coarse to compare near the solution. Each
     iteration works on the problems still above ``tol`` only, trimmed to their
     widest tier; a problem stops when no step size helps. Each iteration costs
@@ -509,8 +494,8 @@ def solve_race(
     every problem takes part in every pass, masked, so that the only host reads
     are the convergence checks of :func:`_newton_loop`.
     """
-    tier, boxed = problems.tier, problems.boxed[:, None]
-    alpha = _normalise(problems, torch.where(boxed, alpha.clamp_min(0), alpha))
+    tier = problems.tier
+    alpha = _normalise(problems, alpha)
     # A single draw always wins its race (b = p); only problems with two or more draws integrate.
     law = torch.where(problems.num_draws[:, None] >= 1, problems.draft_mass, 0)
     solvable = (problems.num_draws >= 2) & tier.any(-1)
@@ -522,7 +507,7 @@ def solve_race(
     if not _sync.reads_are_cheap(alpha):
         if max_iters > 0 and tier.shape[1] > COARSE_MIN_WIDTH:
             coarse_law = race_law(problems, alpha, rough.step)
-            coarse_residual = torch.where(coarse, kkt_residual(problems, alpha, coarse_law), 0)
+            coarse_residual = torch.where(coarse, law_residual(problems, coarse_law), 0)
             alpha, _, _ = _newton_loop(problems, alpha, coarse_law, coarse_residual, rough)
         law = torch.where(solvable[:, None], race_law(problems, alpha, step), law)
     else:
@@ -530,16 +515,16 @@ def solve_race(
         if coarse.numel() > 0 and max_iters > 0:
             sub, sub_alpha = problems.select(coarse), alpha[coarse]
             sub_law = race_law(sub, sub_alpha, rough.step)
-            sub_residual = kkt_residual(sub, sub_alpha, sub_law)
+            sub_residual = law_residual(sub, sub_law)
             sub_alpha, _, _ = _newton_loop(sub, sub_alpha, sub_law, sub_residual, rough)
             alpha = alpha.index_put((coarse,), sub_alpha)
         racing = solvable.nonzero()[:, 0]
         if racing.numel() > 0:
             law[racing] = race_law(problems.select(racing), alpha[racing], step)
-    residual = kkt_residual(problems, alpha, law)
+    residual = law_residual(problems, law)
     residual = torch.where(solvable, residual, 0)
     alpha, law, residual = _newton_loop(problems, alpha, law, residual, fine)
-    return alpha, torch.where(solvable, kkt_residual(problems, alpha, law), 0), law
+    return alpha, torch.where(solvable, law_residual(problems, law), 0), law
 
 
 def _newton_loop(
@@ -597,7 +582,6 @@ def _masked_newton_loop(
     size in the next iteration, stopping after ``max_halvings`` halvings in all
     (as the CPU loop gives up after ``max_halvings`` halvings in one iteration).
     """
-    tier, boxed = problems.tier, problems.boxed[:, None]
     count = residual.shape[0]
     halvings = torch.pow(0.5, torch.arange(TRIAL_STEPS, dtype=alpha.dtype, device=alpha.device))[:, None]
     trials = problems.select(torch.arange(count, device=alpha.device).repeat(TRIAL_STEPS))  # [T·P, S]
@@ -607,13 +591,10 @@ def _masked_newton_loop(
     for iteration in range(schedule.max_iters):
         if _sync.check_now(active, iteration) and not bool(active.any()):
             break
-        terms = race_terms(problems, alpha, step)
-        free = tier & ~(boxed & (alpha <= 0) & (terms.law > problems.target))
-        direction = newton_direction(problems, terms, alpha, free)
-        trial = (alpha - (halvings * first)[:, :, None] * direction).flatten(0, 1)
-        trial = _normalise(trials, torch.where(trials.boxed[:, None], trial.clamp_min(0), trial))
+        direction = newton_direction(problems, race_terms(problems, alpha, step))
+        trial = _normalise(trials, (alpha - (halvings * first)[:, :, None] * direction).flatten(0, 1))
         trial_law = race_law(trials, trial, step)
-        trial_residual = kkt_residual(trials, trial, trial_law).view(TRIAL_STEPS, count)
+        trial_residual = law_residual(trials, trial_law).view(TRIAL_STEPS, count)
         better = active & (trial_residual < residual)  # [T, P]
         improved = better.any(0)
         pick = better.int().argmax(0)  # the largest size that helps (0 where none)
@@ -628,13 +609,12 @@ def _masked_newton_loop(
 
 
 def _normalise(problems: RaceProblems, alpha: torch.Tensor) -> torch.Tensor:
-    """α [P, S] shifted to its gauge (box: lowest slot at 0; equality: highest at 0), span ≤ ``ALPHA_SPAN``."""
-    tier, boxed = problems.tier, problems.boxed[:, None]
+    """α [P, S] shifted to its gauge, the highest slot at 0, and spanning at most ``ALPHA_SPAN``."""
+    tier = problems.tier
     alpha = torch.where(tier, alpha, 0)
-    low, high = masked_range(alpha, tier)
-    shifted = torch.where(boxed, (alpha - low).clamp_min(0), alpha - high)
-    shifted = torch.where(boxed, shifted.clamp_max(ALPHA_SPAN), shifted.clamp_min(-ALPHA_SPAN))
-    return torch.where(tier & torch.isfinite(low), shifted, 0)
+    _, high = masked_range(alpha, tier)
+    shifted = (alpha - high).clamp_min(-ALPHA_SPAN)
+    return torch.where(tier & torch.isfinite(high), shifted, 0)
 
 
 def _newton_iteration(
@@ -644,27 +624,25 @@ def _newton_iteration(
     terms: RaceTerms | None,
     schedule: NewtonSchedule,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, RaceTerms | None]:
-    """One damped projected Newton step: (α, b(α), residual, improved [P], terms at the new α or None).
+    """One damped Newton step: (α, b(α), residual, improved [P], terms at the new α or None).
 
     ``terms`` are the :class:`RaceTerms` at ``alpha`` when the caller has them (None: evaluated here).
     The full step is evaluated with its Hessian pieces, which the next iteration reuses when every
     problem takes it (the common case); shorter steps evaluate the law alone.
     """
-    tier, boxed = problems.tier, problems.boxed[:, None]
     step = schedule.step
     terms = race_terms(problems, alpha, step) if terms is None else terms
     law = terms.law
-    free = tier & ~(boxed & (alpha <= 0) & (law > problems.target))
-    direction = newton_direction(problems, terms, alpha, free)
+    direction = newton_direction(problems, terms)
     size = torch.ones_like(residual)
-    searching = torch.ones_like(problems.boxed)
+    searching = torch.ones_like(residual, dtype=torch.bool)
     next_terms = None
     for halving in range(schedule.max_halvings):
         trial = alpha - size[:, None] * direction
-        trial = _normalise(problems, torch.where(boxed, trial.clamp_min(0), trial))
+        trial = _normalise(problems, trial)
         trial_terms = race_terms(problems, trial, step) if halving == 0 else None
         trial_law = trial_terms.law if trial_terms is not None else race_law(problems, trial, step)
-        trial_residual = kkt_residual(problems, trial, trial_law)
+        trial_residual = law_residual(problems, trial_law)
         better = searching & (trial_residual < residual)
         alpha = torch.where(better[:, None], trial, alpha)
         law = torch.where(better[:, None], trial_law, law)
@@ -707,7 +685,6 @@ def merge_slots(problems: RaceProblems, group: torch.Tensor, width: int) -> Race
         target=zeros.scatter_add(1, group, torch.where(tier, problems.target, 0)),
         background=problems.background,
         num_draws=problems.num_draws,
-        boxed=problems.boxed,
     )
 
 
@@ -825,7 +802,7 @@ def wide_weights(
     if loose.numel() > 0:
         sub = problems.select(loose)
         binned = binned_start(sub, bins, tol=tol, step=step, max_iters=max_iters)
-        binned = _normalise(sub, torch.where(sub.boxed[:, None], binned.clamp_min(0), binned))
+        binned = _normalise(sub, binned)
         binned_law = race_law(sub, binned, step)
 
         def kept(values: torch.Tensor) -> torch.Tensor:
@@ -859,7 +836,7 @@ def _masked_wide_weights(
         alpha, law = (torch.where(loose[:, None], new, old) for new, old in zip(finer, (alpha, law), strict=True))
         loose = loose & (finer_loss > MERGE_LOSS)
     binned = binned_start(problems, bins, tol=tol, step=step, max_iters=max_iters)
-    binned = _normalise(problems, torch.where(problems.boxed[:, None], binned.clamp_min(0), binned))
+    binned = _normalise(problems, binned)
     binned_law = race_law(problems, binned, step)
     # Problems with fewer than two draws are exact as grouped (b = p); their quadrature law is not.
     better = (loose & (problems.num_draws >= 2) & (kept(binned_law) > kept(law)))[:, None]

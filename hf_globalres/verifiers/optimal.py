@@ -48,7 +48,7 @@ import torch
 from .. import _sync
 from ..rates import OptimalPrefix, optimal_prefix, prefix_members
 from . import register
-from ._race import RaceProblems, kkt_residual, solve_race, wide_weights
+from ._race import RaceProblems, law_residual, solve_race, wide_weights
 from .base import EmissionPlan, Verifier, distinct_rows, normalize_rows, support_index
 from .rrs import recursive_rejection_plan
 
@@ -117,7 +117,7 @@ class RaceRule:
         mass: ā, ``P(Y = y, y accepted)``, summing to the rule's acceptance.
         q_total: [B, 1], ``Σ q`` of the input rows (float64).
         optimum: α* [B], the best acceptance of any lossless rule.
-        residual: [B], KKT residual of the solves (L tier plus p(H*)^n times H tier).
+        residual: [B], residual ``Σ |b − c|`` of the solves (L tier plus p(H*)^n times H tier).
     """
 
     index: torch.Tensor
@@ -172,7 +172,6 @@ class TierProblems:
             target=torch.where(self.in_l, torch.minimum(self.q, level[:, None] * self.p), 0),
             background=self.p_h,
             num_draws=self.drafts.double(),
-            boxed=torch.zeros_like(self.drafts, dtype=torch.bool),
         )
 
     @cached_property
@@ -204,7 +203,6 @@ class TierProblems:
             target=torch.where(self.h_solved, torch.maximum(self.q, level[:, None] * self.p) / scale, 0),
             background=torch.zeros_like(self.p_h),
             num_draws=self.drafts.double(),
-            boxed=torch.zeros_like(self.drafts, dtype=torch.bool),
         )
 
     def accept_target(self, in_l_race: torch.Tensor) -> torch.Tensor:
@@ -228,7 +226,6 @@ class TierProblems:
             target=torch.where(pick, low.target, high.target),
             background=torch.where(in_l_race, low.background, high.background),
             num_draws=low.num_draws,
-            boxed=low.boxed,
         )
 
     def accepted_mass(self, law_l: torch.Tensor, law_h: torch.Tensor) -> torch.Tensor:
@@ -255,7 +252,7 @@ class Optimal(Verifier):
     """The optimal lossless rule for i.i.d. drafts (see the module docstring).
 
     Options:
-        tol: stop a Newton solve when ``Σ |projected gradient| ≤ tol``; the
+        tol: stop a Newton solve when ``Σ |b − c| ≤ tol`` (race law b, target c); the
             acceptance then misses the optimum by at most about ``tol``.
         max_iters: Newton iterations per solve (0: the closed-form start).
         step: quadrature step in ``log t``; the quadrature error of the race
@@ -320,7 +317,7 @@ class Optimal(Verifier):
         low, high = tiers.l_race, tiers.h_race
         both = RaceProblems(**{f.name: torch.cat([getattr(low, f.name), getattr(high, f.name)]) for f in fields(low)})
         alpha, law = self._solve_tiers(both)
-        residual = kkt_residual(both, alpha, law)
+        residual = law_residual(both, law)
         batch = k.shape[0]
         (alpha_l, alpha_h), (law_l, law_h) = alpha.split(batch), law.split(batch)
         residual_l, residual_h = residual.split(batch)
@@ -432,7 +429,6 @@ class Optimal(Verifier):
             target=torch.where(in_tier, problems.target.gather(1, order), 0),
             background=problems.background,
             num_draws=problems.num_draws,
-            boxed=problems.boxed,
         )
         alpha, _, law = solve_race(
             packed, packed.proportional_alpha(), tol=self.tol, max_iters=self.max_iters, step=self.step

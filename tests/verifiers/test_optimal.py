@@ -242,7 +242,6 @@ def test_race_quadrature_matches_the_enumerated_race(n: int, spread: float, back
         target=torch.zeros(1, size, dtype=torch.float64),
         background=torch.tensor([background], dtype=torch.float64),
         num_draws=torch.tensor([float(n)], dtype=torch.float64),
-        boxed=torch.tensor([False]),
     )
     law = race_terms(problems, alpha[None], step=0.3).law[0]
     exact = enumerated_race_law(p, background, alpha, n)
@@ -271,7 +270,6 @@ def test_expanded_race_law_matches_the_direct_law_on_wide_tiers(
         target=p,
         background=torch.full((2,), background, dtype=torch.float64),
         num_draws=torch.full((2,), float(n), dtype=torch.float64),
-        boxed=torch.tensor([False, True]),
     )
     expanded = race_law(problems, alpha, step=0.3)
     monkeypatch.setattr(_race, "EXPANSION_MIN_WIDTH", 10**9)
@@ -351,7 +349,6 @@ def test_log_ratio_bins_are_monotone_and_about_uniform_in_log() -> None:
         target=c,
         background=torch.zeros(2, dtype=torch.float64),
         num_draws=torch.full((2,), 4.0, dtype=torch.float64),
-        boxed=torch.tensor([False, True]),
     )
     bins = 64
     which = _race.log_ratio_bins(problems, binned, bins)
@@ -385,7 +382,6 @@ def test_grouped_race_law_is_the_race_law_at_its_weights() -> None:
         target=c,
         background=torch.full((2,), 0.1, dtype=torch.float64),
         num_draws=torch.tensor([3.0, 4.0], dtype=torch.float64),
-        boxed=torch.tensor([False, True]),
     )
     group, reduced, loss = _race.slot_groups(problems, 64)
     assert reduced.draft_mass.shape == (2, 2 * 64 + 1)
@@ -396,8 +392,7 @@ def test_grouped_race_law_is_the_race_law_at_its_weights() -> None:
     # The 64 heaviest target slots have their own weights, so they lose nothing: the bound is over the rest.
     kept = torch.minimum(c, law)
     lost = (c - kept).sum(-1)
-    equality = ~problems.boxed
-    assert bool((lost[equality] <= loss[equality] + 1e-9).all())
+    assert bool((lost <= loss + 1e-9).all())
 
 
 def test_wide_tiers_fall_back_to_per_slot_weights_where_they_keep_more(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -408,7 +403,7 @@ def test_wide_tiers_fall_back_to_per_slot_weights_where_they_keep_more(monkeypat
         reduced: RaceProblems, group: torch.Tensor, draft_mass: torch.Tensor, **_: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         alpha = torch.zeros_like(draft_mass)
-        whole = RaceProblems(draft_mass, draft_mass, reduced.background, reduced.num_draws, reduced.boxed)
+        whole = RaceProblems(draft_mass, draft_mass, reduced.background, reduced.num_draws)
         return alpha, race_law(whole, alpha, 0.3)
 
     monkeypatch.setattr(_race, "grouped_race", equal_weights)
