@@ -24,8 +24,11 @@ with no truncation of the vocabulary (docs/design.md §4):
 3. **Exact by construction.** Whatever weights the solver returns, the race
    law ``b`` is recomputed at them and the rule accepts the mass
    ``ā = min(a, b)`` (``γ = ā / b``) per tier, recovering from
-   ``(q − ā) / (1 − Σ ā)`` on rejection. The output law is q for any weights;
-   an unconverged solve only lowers the acceptance.
+   ``(q − ā) / (1 − Σ ā)`` on rejection. A winner that every racing draft
+   shows wins whatever the weights: its acceptance needs no solve, and the
+   other winners' acceptance makes up the difference (docs/design.md §4.2).
+   The output law is q for any weights; an unconverged solve only lowers the
+   acceptance.
 
 The law of the race depends on the number ``k`` of drafts present in a row,
 so every row is its own pair of problems; a batch of rows with different
@@ -99,10 +102,33 @@ def floor_level(
     return torch.where(piece[:, 0] > 0, level[:, 0], torch.where(valid[:, 0], ratio[:, 0], 0))
 
 
-def acceptance_probability(target: torch.Tensor, law: torch.Tensor) -> torch.Tensor:
-    """``γ = min(c, b) / b`` (0 where ``b = 0``): accepting the winner y with γ gives ``P(y, accepted) = min(c, b)``."""
-    positive = law > 0
-    return torch.where(positive, torch.minimum(target, law) / torch.where(positive, law, 1), 0)
+def unanimous_acceptance(target: torch.Tensor, law_target: torch.Tensor, unanimous: torch.Tensor) -> torch.Tensor:
+    """``γ^u = min(1, c / max(b*, u))`` [B, S] (0 where ``c = 0``): acceptance of a winner the racing drafts agree on.
+
+    ``c`` is the most the slot may be accepted with, ``b*`` the race law the
+    weights are solved for and ``u`` the probability that every racing draft
+    shows the slot's token (docs/design.md §4.2). It needs no weights, and
+    ``u γ^u ≤ c`` whatever the inputs.
+    """
+    floor = torch.maximum(law_target, unanimous)
+    return torch.where(target > 0, (target / torch.where(floor > 0, floor, 1)).clamp_max(1), 0)
+
+
+def split_acceptance(
+    target: torch.Tensor, unanimous: torch.Tensor, accept_unanimous: torch.Tensor, law: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ā, γ^s)`` [B, S]: the accepted mass and the winner's acceptance when the racing drafts disagree.
+
+    The race at weights with law ``b`` has the winner ``y`` with probability
+    ``u`` by agreement and ``b − u`` by winning among other tokens, so with
+    ``γ^s = clamp((min(c, b) − u γ^u) / (b − u), 0, 1)`` the accepted mass
+    ``ā = u γ^u + (b − u) γ^s`` stays ``≤ c`` for any weights, and equals
+    ``min(c, b)`` unless a clamp acts (never at the solution, where ``γ^s = γ^u``).
+    """
+    split = (law - unanimous).clamp_min(0)
+    kept = torch.minimum(target, law) - unanimous * accept_unanimous
+    accept = torch.where(split > 0, (kept / torch.where(split > 0, split, 1)).clamp(0, 1), 0)
+    return unanimous * accept_unanimous + split * accept, accept
 
 
 @dataclass
@@ -113,7 +139,6 @@ class RaceRule:
         index: token id of each slot (ascending), V on padding slots.
         in_l: the slot's token lies in ``L`` (the first tier).
         alpha: log race weight of the slot in its tier.
-        accept: γ, probability of accepting the slot's token when it wins.
         mass: ā, ``P(Y = y, y accepted)``, summing to the rule's acceptance.
         q_total: [B, 1], ``Σ q`` of the input rows (float64).
         optimum: α* [B], the best acceptance of any lossless rule.
@@ -123,7 +148,6 @@ class RaceRule:
     index: torch.Tensor
     in_l: torch.Tensor
     alpha: torch.Tensor
-    accept: torch.Tensor
     mass: torch.Tensor
     q_total: torch.Tensor
     optimum: torch.Tensor
@@ -205,9 +229,17 @@ class TierProblems:
             num_draws=self.drafts.double(),
         )
 
-    def accept_target(self, in_l_race: torch.Tensor) -> torch.Tensor:
-        """[B, S]: the mass each slot's winner may be accepted with, ``a`` in the L tier, ``c^H`` in the H tier."""
-        return torch.where(in_l_race[:, None], self.l_race.target, self.h_target)
+    @cached_property
+    def unanimous(self) -> torch.Tensor:
+        """[B, S]: ``u_y``, the chance that the racing drafts all show y, in the units of y's tier's race.
+
+        ``(p_y + p(H*))^k − p(H*)^k`` in L (some draft in L, each of them y),
+        ``(p_y / p(H*))^k`` in the H tier (drafts conditioned on ``H*``).
+        """
+        k, p_h = self.drafts.double()[:, None], self.p_h[:, None]
+        share = self.p / p_h.clamp_min(1e-300)
+        in_l = torch.where(p_h > 0, p_h.pow(k) * torch.expm1(k * torch.log1p(share)), self.p.pow(k))
+        return torch.where(self.in_l, in_l, torch.where(self.h_solved, share.pow(k), 0))
 
     def races(self, in_l_race: torch.Tensor) -> RaceProblems:
         """[B, S]: each row's L problem where ``in_l_race`` [B], else its H problem.
@@ -229,10 +261,55 @@ class TierProblems:
         )
 
     def accepted_mass(self, law_l: torch.Tensor, law_h: torch.Tensor) -> torch.Tensor:
-        """[B, S]: ``ā = P(Y = y, y accepted)``, ``min(a, b)`` in each tier, the H tier's times ``p(H*)^k``."""
-        kept_h = torch.minimum(self.h_target, law_h) * self.all_h[:, None]
-        mass = torch.where(self.in_l, torch.minimum(self.l_race.target, law_l), kept_h)
+        """[B, S]: ``ā = P(Y = y, y accepted)`` (:func:`split_acceptance` in each tier, the H tier's times ``p(H*)^k``).
+
+        ``law_l``, ``law_h``: the race laws of the two tiers at their weights.
+        """
+        target = torch.where(self.in_l, self.l_race.target, self.h_target)
+        law_target = torch.where(self.in_l, self.l_race.target, self.h_race.target)
+        accept_unanimous = unanimous_acceptance(target, law_target, self.unanimous)
+        law = torch.where(self.in_l, law_l, law_h)
+        mass, _ = split_acceptance(target, self.unanimous, accept_unanimous, law)
+        mass = torch.where(self.in_l, mass, mass * self.all_h[:, None])
         return torch.where((self.drafts > 0)[:, None] & self.on, mass, 0)
+
+
+@dataclass
+class RacingDrafts:
+    """Where a batch's drafts stand in the race of step 2 ([B, n] unless noted).
+
+    Attributes:
+        slot: each draft's slot of ``supp p`` (0 for drafts that take no part).
+        racing: the draft races (it lies in the race's tier; absent drafts and tokens off supp p never do).
+        in_l_race: [B], some draft lies in L, so the race runs there.
+        agree: [B], the racing drafts all show one token, which wins whatever the weights.
+    """
+
+    slot: torch.Tensor
+    racing: torch.Tensor
+    in_l_race: torch.Tensor
+    agree: torch.Tensor
+
+    @classmethod
+    def of(cls, tiers: TierProblems, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> RacingDrafts:
+        clamped = draft_tokens.clamp_min(0)
+        draft_on = (draft_tokens >= 0) & (draft_probs.gather(1, clamped) > 0)
+        slot = torch.where(draft_on, torch.searchsorted(tiers.index, clamped), 0)
+        draft_l = draft_on & tiers.in_l.gather(1, slot)
+        in_l_race = draft_l.any(-1)
+        racing = torch.where(in_l_race[:, None], draft_l, draft_on)
+        first = slot.gather(1, racing.int().argmax(-1, keepdim=True))  # the first racing draft's slot
+        return cls(slot, racing, in_l_race, ~(racing & (slot != first)).any(-1))
+
+    def shares(self, alpha: torch.Tensor | None) -> torch.Tensor:
+        """[B, n] float64: each racing draft's chance to win at the weights ``alpha`` [B, S] (None: equal weights)."""
+        if alpha is None:
+            weight = self.racing.double()
+        else:
+            draft_alpha = torch.where(self.racing, alpha.gather(1, self.slot), -math.inf)
+            top = torch.where(self.racing.any(-1, keepdim=True), draft_alpha.amax(-1, keepdim=True), 0)
+            weight = torch.where(self.racing, torch.exp(draft_alpha - top), 0)
+        return weight / weight.sum(-1, keepdim=True).clamp_min(1e-300)
 
 
 def _single_draft_plan(
@@ -321,14 +398,10 @@ class Optimal(Verifier):
         batch = k.shape[0]
         (alpha_l, alpha_h), (law_l, law_h) = alpha.split(batch), law.split(batch)
         residual_l, residual_h = residual.split(batch)
-        # Each slot in its own tier.
-        law = torch.where(tiers.in_l, law_l, law_h)
-        target = torch.where(tiers.in_l, low.target, tiers.h_target)
         return RaceRule(
             index=tiers.index,
             in_l=tiers.in_l,
-            alpha=torch.where(tiers.in_l, alpha_l, alpha_h),
-            accept=acceptance_probability(target, law),
+            alpha=torch.where(tiers.in_l, alpha_l, alpha_h),  # each slot in its own tier
             mass=tiers.accepted_mass(law_l, law_h),
             q_total=tiers.q_total,
             optimum=torch.where(k > 0, tiers.optimum, 0),
@@ -470,43 +543,39 @@ class Optimal(Verifier):
     def _race_plan(
         self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor
     ) -> EmissionPlan:
-        """The race of step 2, solving only the tier it runs in; the other tier waits for a rejection.
+        """The race of step 2, solving only the tier it runs in, and only where the racing drafts disagree.
 
-        The tiers' problems are independent, so solving one now and the other
-        later gives the same rule as solving both at once.
+        A winner its racing drafts agree on is accepted with :func:`unanimous_acceptance`, which needs no
+        weights; the others with :func:`split_acceptance` at the solved weights. Whatever waits (the other
+        tier; on a CPU, a batch whose drafts all agree) is solved on a rejection, for the residual. The
+        tiers' problems are independent, so this gives the same rule as solving everything at once.
         """
         batch, vocab = target_probs.shape
-        present = draft_tokens >= 0
-        tiers = self._tier_problems(target_probs, draft_probs, present.sum(-1))
-
-        # The slot of each draft; absent drafts and tokens off supp p take no part.
-        clamped = draft_tokens.clamp_min(0)
-        draft_on = present & (draft_probs.gather(1, clamped) > 0)
-        slot = torch.where(draft_on, torch.searchsorted(tiers.index, clamped), 0)
-        draft_l = draft_on & tiers.in_l.gather(1, slot)
-        in_l_race = draft_l.any(-1)  # [B]: some draft lies in L, so the race runs there
-        race = tiers.races(in_l_race)
-        alpha, law = self._solve_tiers(race)
-        racing = torch.where(in_l_race[:, None], draft_l, draft_on)
-        draft_alpha = torch.where(racing, alpha.gather(1, slot), -math.inf)
-        top = torch.where(racing.any(-1, keepdim=True), draft_alpha.amax(-1, keepdim=True), 0)
-        weight = torch.where(racing, torch.exp(draft_alpha - top), 0)
-        share = weight / weight.sum(-1, keepdim=True).clamp_min(1e-300)
-        accept = acceptance_probability(tiers.accept_target(in_l_race).gather(1, slot), law.gather(1, slot))
+        tiers = self._tier_problems(target_probs, draft_probs, (draft_tokens >= 0).sum(-1))
+        drafts = RacingDrafts.of(tiers, draft_probs, draft_tokens)
+        race = tiers.races(drafts.in_l_race)
+        target = torch.where(drafts.in_l_race[:, None], race.target, tiers.h_target)  # c on the race's tier
+        accept_unanimous = unanimous_acceptance(target, race.target, tiers.unanimous)
+        accept = accept_unanimous.gather(1, drafts.slot)
+        agreed = _sync.reads_are_cheap(drafts.agree) and bool(drafts.agree.all())
+        alpha, law = (None, None) if agreed else self._solve_tiers(race)
+        if law is not None:
+            _, accept_split = split_acceptance(target, tiers.unanimous, accept_unanimous, law)
+            accept = torch.where(drafts.agree[:, None], accept, accept_split.gather(1, drafts.slot))
 
         def recover() -> torch.Tensor:
             """Residual ``q − ā``: only supp p changes; padding slots write to a spare column."""
-            _, other_law = self._solve_tiers(tiers.races(~in_l_race))
-            law_l = torch.where(in_l_race[:, None], law, other_law)
-            law_h = torch.where(in_l_race[:, None], other_law, law)
-            mass = tiers.accepted_mass(law_l, law_h)
+            race_law = self._solve_tiers(race)[1] if law is None else law
+            _, other_law = self._solve_tiers(tiers.races(~drafts.in_l_race))
+            pick = drafts.in_l_race[:, None]
+            mass = tiers.accepted_mass(torch.where(pick, race_law, other_law), torch.where(pick, other_law, race_law))
             left = torch.where(tiers.on, target_probs.gather(1, tiers.index.clamp_max(vocab - 1)).double(), 0)
             left = (left - mass * tiers.q_total).clamp_min(0)
             residual = torch.cat([target_probs, target_probs.new_zeros(batch, 1)], -1)
             residual = residual.scatter(1, tiers.index, left.to(residual.dtype))[:, :vocab]
             return normalize_rows(residual, fallback=target_probs)
 
-        return EmissionPlan((share * accept).to(target_probs.dtype), recover=recover)
+        return EmissionPlan((drafts.shares(alpha) * accept).to(target_probs.dtype), recover=recover)
 
     def acceptance(
         self, target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: int | torch.Tensor

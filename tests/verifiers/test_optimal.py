@@ -189,6 +189,43 @@ def test_unconverged_solves_stay_exact_and_lose_acceptance() -> None:
     assert float(enumerate_law(Optimal(max_iters=0), q, p, n)[1]) < best - 1e-4
 
 
+@pytest.mark.parametrize("max_iters", [50, 1, 0])
+def test_agreeing_drafts_solve_nothing_and_keep_the_law_exact(monkeypatch: pytest.MonkeyPatch, max_iters: int) -> None:
+    """Tuples verified one at a time: those whose racing drafts agree skip the solve until a rejection.
+
+    Their conditional law equals the batched rule's (which solves every row), and the output law
+    averaged over all tuples is q, converged or not; the accepted masses match ``acceptance``.
+    """
+    solves = []
+    original = Optimal._solve_tiers
+    monkeypatch.setattr(Optimal, "_solve_tiers", lambda self, race: solves.append(1) or original(self, race))
+    rule = Optimal(max_iters=max_iters)
+    for seed in range(6):
+        q, p = random_case(5, 40 + seed, zero_fraction=0.2)
+        tuples, weights = draft_tuples(p, 3)
+        count = tuples.shape[0]
+        rows_q, rows_p = q.expand(count, -1), p.expand(count, -1)
+        batched = rule.conditional(rows_q, rows_p, tuples)
+        marginal = torch.zeros_like(q)
+        agreeing = 0
+        for row, (drafts, weight) in enumerate(zip(tuples, weights, strict=True)):
+            solves.clear()
+            _, p_checked, x = rule.prepare(q[None], p[None], drafts[None])
+            plan = rule.plan(q[None], p_checked, x)
+            emit = plan.draft_emit
+            if int(drafts.unique().numel()) == 1:
+                agreeing += 1
+                assert not solves  # nothing solved before a rejection
+            law = torch.zeros_like(q).index_add_(0, drafts, emit[0]) + (1 - emit.sum()) * plan.residual[0]
+            assert float((law - batched[row]).abs().max()) <= 1e-12
+            marginal += weight * law
+        assert agreeing == int((p > 0).sum())
+        assert float((marginal - q).abs().max()) <= EXACT
+        accepted, _ = rule.acceptance(q[None], p[None], 3)
+        _, _, emitted = enumerate_law(rule, q, p, 3)
+        assert float(accepted[0]) == pytest.approx(float(emitted), abs=1e-12)
+
+
 def test_verify_samples_the_conditional_law() -> None:
     """V = 40 with zeros, 4 drafts incl. repeats: verify's tokens follow conditional (χ², level 1e-4)."""
     rule = verifiers.get("optimal")
