@@ -9,12 +9,17 @@ GSM8K prompts, temperature 1. For every method it reports tokens/s, block
 efficiency (new tokens per target forward, counted with a forward hook), the
 package's own time per block (everything but model forwards: drafting
 bookkeeping, masks, verifier, cache surgery) as a share of the block, and the
-peak resident memory of the method (VmHWM, reset between methods). It also
-times one target forward over 1, 5, 17 and 33 new tokens on a 200-token cache
+peak resident memory of the method (VmHWM, reset before each call; the
+process holds every model of the grid). It also times one target forward over
+1, 5, 17 and 33 new tokens on a 200-token cache
 and one draft step of 1 and 4 tokens, and prints the speedups those costs imply
 at the measured block efficiencies (the cost model of eval/device_check.py,
 which projects the same JSON onto a GPU's costs with random-weight models of
 real sizes). Prints a table and writes JSON.
+
+Methods take turns on each prompt (every method on prompt 1, then on prompt 2,
+…), so that a drift of the machine's speed during the run reaches all of them
+alike; compare methods within one run.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -106,83 +113,120 @@ def peak_memory_gb() -> float:
     return float("nan")
 
 
-def run_method(name: str, fn, prompts, target, seed: int, draft=None) -> dict:
-    counter = ForwardCounter(target)
-    draft_counter = ForwardCounter(draft) if draft is not None else None
-    reset_peak_memory()
-    tokens, seconds, overhead, total_blocks = 0, 0.0, 0.0, 0.0
-    phases: dict[str, float] = {}
+@dataclass
+class Method:
+    """One row of the benchmark: ``generate(ids)`` of a method, the draft it runs (if any) and fields for its record."""
+
+    name: str
+    generate: Callable[[torch.Tensor], object]
+    draft: torch.nn.Module | None = None
+    fields: dict = field(default_factory=dict)
+
+
+@dataclass
+class Tally:
+    """What one method's calls add up to: tokens, seconds, forwards, phase times and peak memory."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    peak_memory_gb: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def record(self, method: Method) -> dict:
+        result = {
+            "method": method.name,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "tokens_per_s": self.tokens / self.seconds,
+            "target_forwards": self.target_forwards,
+            "block_efficiency": self.tokens / max(self.target_forwards, 1),
+            "draft_forwards": self.draft_forwards,
+            "peak_memory_gb": self.peak_memory_gb,
+            **method.fields,
+        }
+        if self.phases:
+            total = self.phases["total"]
+            result["overhead_share"] = (total - self.phases["target_forward"] - self.phases["draft_forward"]) / total
+            result["phase_seconds"] = self.phases
+            shares = {k: v / total for k, v in self.phases.items() if k != "total"}
+            shares["other"] = 1 - sum(shares.values())
+            result["phase_shares"] = shares
+        return result
+
+
+def run_methods(methods: list[Method], prompts: list[torch.Tensor], target, seed: int) -> list[dict]:
+    """Every method on every prompt, prompt after prompt (methods in turn on each), one record per method.
+
+    A drift of the machine's speed during the run then reaches every method alike, where running one
+    method over all prompts before the next would hand the drift to whichever ran in the slow stretch.
+    Each call starts from ``seed + prompt index``; peak memory is the largest of a method's calls.
+    """
+    tallies = [Tally() for _ in methods]
+    counters = {id(module): ForwardCounter(module) for module in [target, *(m.draft for m in methods if m.draft)]}
     try:
         for i, ids in enumerate(prompts):
-            torch.manual_seed(seed + i)
-            start = time.perf_counter()
-            out = fn(ids)
-            seconds += time.perf_counter() - start
-            sequences = out.sequences if hasattr(out, "sequences") else out
-            tokens += sequences.shape[1] - ids.shape[1]
-            if getattr(out, "timings", None):
-                t = out.timings
-                overhead += t["total"] - t["target_forward"] - t["draft_forward"]
-                total_blocks += t["total"]
-                for phase, value in t.items():
-                    phases[phase] = phases.get(phase, 0.0) + value
+            for method, tally in zip(methods, tallies, strict=True):
+                counted = [counters[id(target)], *([counters[id(method.draft)]] if method.draft else [])]
+                before = [counter.calls for counter in counted]
+                reset_peak_memory()
+                torch.manual_seed(seed + i)
+                start = time.perf_counter()
+                out = method.generate(ids)
+                tally.seconds += time.perf_counter() - start
+                tally.peak_memory_gb = max(tally.peak_memory_gb, peak_memory_gb())
+                sequences = out.sequences if hasattr(out, "sequences") else out
+                tally.tokens += sequences.shape[1] - ids.shape[1]
+                calls = [counter.calls - old for counter, old in zip(counted, before, strict=True)]
+                tally.target_forwards += calls[0]
+                tally.draft_forwards += calls[1] if method.draft else 0
+                for phase, value in (getattr(out, "timings", None) or {}).items():
+                    tally.phases[phase] = tally.phases.get(phase, 0.0) + value
+            print(f"prompt {i + 1}/{len(prompts)} done", flush=True)
     finally:
-        counter.handle.remove()
-        if draft_counter is not None:
-            draft_counter.handle.remove()
-    result = {
-        "method": name,
-        "tokens": tokens,
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
-        "target_forwards": counter.calls,
-        "block_efficiency": tokens / max(counter.calls, 1),
-        "draft_forwards": draft_counter.calls if draft_counter is not None else 0,
-        "peak_memory_gb": peak_memory_gb(),
-    }
-    if total_blocks:
-        result["overhead_share"] = overhead / total_blocks
-        result["phase_seconds"] = phases
-    print(
-        f"{name:<60} {result['tokens_per_s']:7.2f} tok/s  eff {result['block_efficiency']:5.2f}  "
-        f"overhead {result.get('overhead_share', float('nan')):6.1%}  peak {result['peak_memory_gb']:.2f} GB",
-        flush=True,
-    )
-    if phases:
-        shares = {k: v / phases["total"] for k, v in phases.items() if k != "total"}
-        shares["other"] = 1 - sum(shares.values())
-        result["phase_shares"] = shares
-        print("    " + "  ".join(f"{k} {v:.1%}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1])), flush=True)
-    return result
+        for counter in counters.values():
+            counter.handle.remove()
+    results = [tally.record(method) for method, tally in zip(methods, tallies, strict=True)]
+    for r in results:
+        print(
+            f"{r['method']:<60} {r['tokens_per_s']:7.2f} tok/s  eff {r['block_efficiency']:5.2f}  "
+            f"overhead {r.get('overhead_share', float('nan')):6.1%}  peak {r['peak_memory_gb']:.2f} GB"
+        )
+        if "phase_shares" in r:
+            ranked = sorted(r["phase_shares"].items(), key=lambda kv: -kv[1])
+            print("    " + "  ".join(f"{k} {v:.1%}" for k, v in ranked))
+    return results
 
 
-def run_assisted(setting: str, target, draft, prompts, sample: dict, seed: int) -> dict:
-    """transformers' assisted generation with the draft's generation config set to ``setting``.
+def assisted_method(setting: str, target, draft, sample: dict) -> Method:
+    """transformers' assisted generation with the draft's generation config set to ``setting`` for each call.
 
     ``default``: as the draft comes (transformers' defaults: L = 20, confidence threshold 0.4, constant
     schedule); ``heuristic``: its adaptive L schedule without a threshold; an integer: that static L
     without a threshold.
     """
-    config = draft.generation_config
     keys = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
-    saved = {key: getattr(config, key, None) for key in keys}
-    if setting == "heuristic":
-        config.num_assistant_tokens_schedule, config.assistant_confidence_threshold = "heuristic", 0.0
-    elif setting != "default":
-        config.num_assistant_tokens, config.assistant_confidence_threshold = int(setting), 0.0
-        config.num_assistant_tokens_schedule = "constant"
+    config = draft.generation_config
     used = {key: getattr(config, key, None) for key in keys}
-    try:
-        result = run_method(
-            f"transformers assisted generation ({setting})",
-            lambda ids: target.generate(ids, assistant_model=draft, **sample),
-            prompts, target, seed, draft,
-        )  # fmt: skip
-    finally:
-        for key, value in saved.items():
+    if setting == "heuristic":
+        used.update(num_assistant_tokens_schedule="heuristic", assistant_confidence_threshold=0.0)
+    elif setting != "default":
+        used.update(num_assistant_tokens=int(setting), assistant_confidence_threshold=0.0)
+        used["num_assistant_tokens_schedule"] = "constant"
+
+    def generate(ids: torch.Tensor):
+        saved = {key: getattr(config, key, None) for key in keys}
+        for key, value in used.items():
             setattr(config, key, value)
-    result["assistant_generation_config"] = used
-    return result
+        try:
+            return target.generate(ids, assistant_model=draft, **sample)
+        finally:
+            for key, value in saved.items():
+                setattr(config, key, value)
+
+    name = f"transformers assisted generation ({setting})"
+    return Method(name, generate, draft, {"assistant_generation_config": used})
 
 
 def forward_costs(target, draft, device: torch.device, context: int = 200) -> dict:
@@ -206,6 +250,42 @@ def projection(costs: dict, ours: list[dict]) -> list[dict]:
     for row in rows:
         print(f"projected  {row['method']:<44} {row['projected_speedup']:5.2f}x")
     return rows
+
+
+def our_methods(args: argparse.Namespace, target, drafts: dict, sample: dict) -> list[Method]:
+    """The grid of this package's configurations given on the command line (``drafts``: "off"/"on" int8)."""
+    thresholds = [None if x == "none" else float(x) for x in args.confidence.split(",")]
+    top_ks = [int(x) or None for x in args.top_k.split(",")]
+    methods = []
+    for name in args.verifiers.split(","):
+        rule = verifiers.get(name)
+        for n in (int(x) for x in args.drafts.split(",")):
+            if rule.max_drafts is not None and n > rule.max_drafts:
+                continue
+            shapes = args.shapes.split(",") if n > 1 else args.shapes.split(",")[:1]  # one shape at n = 1
+            for length, tree, tau, shape, top_k, quantized in itertools.product(
+                (int(x) for x in args.lengths.split(",")), args.tree.split(","), thresholds, shapes, top_ks,
+                args.draft_int8.split(","),
+            ):  # fmt: skip
+                options = {"num_drafts": n, "num_assistant_tokens": length, "verifier": name}
+                options.update(tree_attention=tree == "on", assistant_confidence_threshold=tau, draft_shape=shape)
+                options.update(assistant_top_k=top_k)
+                assistant = drafts[quantized]
+
+                def generate(ids, options=options, assistant=assistant):
+                    return hf_globalres.generate(
+                        target, ids, assistant_model=assistant, return_dict_in_generate=True, **options, **sample
+                    )
+
+                label = f"ours {name} n={n} L={length}" + ("" if tree == "on" else " rows")
+                label += "" if tau is None else f" τ={tau}"
+                label += "" if shape == "tree" else f" {shape}"
+                label += "" if top_k is None else f" top-k={top_k}"
+                label += "" if quantized == "off" else " int8-draft"
+                fields = dict(n=n, L=length, tree=tree == "on", verifier=name, confidence_threshold=tau)
+                fields.update(draft_shape=shape, assistant_top_k=top_k, draft_int8=quantized == "on")
+                methods.append(Method(label, generate, assistant, fields))
+    return methods
 
 
 def main() -> None:
@@ -283,45 +363,16 @@ def main() -> None:
     with torch.no_grad():  # page both models' weights in, so every method's peak counts both models
         target(prompts[0])
         draft(prompts[0])
-    results = [run_method("plain sampling", lambda ids: target.generate(ids, **sample), prompts, target, args.seed)]
-    results += [run_assisted(setting_name, target, draft, prompts, sample, args.seed)
-                for setting_name in args.assisted.split(",")]  # fmt: skip
+    methods = [Method("plain sampling", lambda ids: target.generate(ids, **sample))]
+    methods += [assisted_method(setting_name, target, draft, sample) for setting_name in args.assisted.split(",")]
     if "on" in args.draft_int8.split(","):
         int8_draft = copy.deepcopy(draft)
         devices.quantize_int8(int8_draft)
-    thresholds = [None if x == "none" else float(x) for x in args.confidence.split(",")]
-    top_ks = [int(x) or None for x in args.top_k.split(",")]
-    drafts = {"off": draft, "on": int8_draft}
-    for name in args.verifiers.split(","):
-        rule = verifiers.get(name)
-        for n in (int(x) for x in args.drafts.split(",")):
-            if rule.max_drafts is not None and n > rule.max_drafts:
-                continue
-            shapes = args.shapes.split(",") if n > 1 else args.shapes.split(",")[:1]  # one shape at n = 1
-            for length, tree, tau, shape, top_k, quantized in itertools.product(
-                (int(x) for x in args.lengths.split(",")), args.tree.split(","), thresholds, shapes, top_ks,
-                args.draft_int8.split(","),
-            ):  # fmt: skip
-                options = {"num_drafts": n, "num_assistant_tokens": length, "verifier": name}
-                options.update(tree_attention=tree == "on", assistant_confidence_threshold=tau, draft_shape=shape)
-                options.update(assistant_top_k=top_k)
-                assistant = drafts[quantized]
-
-                def fn(ids, options=options, assistant=assistant):
-                    return hf_globalres.generate(
-                        target, ids, assistant_model=assistant, return_dict_in_generate=True, **options, **sample
-                    )
-
-                label = f"ours {name} n={n} L={length}" + ("" if tree == "on" else " rows")
-                label += "" if tau is None else f" τ={tau}"
-                label += "" if shape == "tree" else f" {shape}"
-                label += "" if top_k is None else f" top-k={top_k}"
-                label += "" if quantized == "off" else " int8-draft"
-                r = run_method(label, fn, prompts, target, args.seed, assistant)
-                r.update(n=n, L=length, tree=tree == "on", verifier=name, confidence_threshold=tau, draft_shape=shape)
-                r.update(assistant_top_k=top_k, draft_int8=quantized == "on")
-                r["overhead_s_per_block"] = r.get("overhead_share", 0.0) * r["seconds"] / max(r["target_forwards"], 1)
-                results.append(r)
+    methods += our_methods(args, target, {"off": draft, "on": int8_draft}, sample)
+    results = run_methods(methods, prompts, target, args.seed)
+    for r in results:
+        if "n" in r:
+            r["overhead_s_per_block"] = r.get("overhead_share", 0.0) * r["seconds"] / max(r["target_forwards"], 1)
     plain = results[0]
     assisted = max((r for r in results if r["method"].startswith("transformers")), key=lambda r: r["tokens_per_s"])
     ours = [r for r in results if "n" in r]
