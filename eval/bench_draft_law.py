@@ -2,11 +2,15 @@
 
     python eval/bench_draft_law.py                       # 6 GSM8K answers, every variant
     python eval/bench_draft_law.py --answers 2 --top-k 16,64
+    python eval/bench_draft_law.py --variants float32,vocab32768,int8,int8+vocab32768 --top-k 64,0
 
 The draft law is ours to choose (every verifier is exact for the p it is
 handed), so the draft may be truncated to its top-k tokens
-(``assistant_top_k``) or run in cheaper numerics (int8 weights,
-:func:`hf_globalres.devices.quantize_int8`). On teacher-forced positions of
+(``assistant_top_k``), run in cheaper numerics (int8 weights,
+:func:`hf_globalres.devices.quantize_int8`) or score part of the vocabulary
+(``vocabN``: the first N ids of its shipped ranking and the question's tokens,
+:mod:`hf_globalres.draft_vocab`; variants combine with ``+``, e.g.
+``int8+vocab32768``). On teacher-forced positions of
 GSM8K reference answers (the built-in pair, T = 1; q from the target in
 float32 at every position) this prints, for every draft variant and k:
 
@@ -33,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import DEFAULT_DATA, forward_costs, write_report
 
-from hf_globalres import devices, models, rates, verifiers
+from hf_globalres import devices, draft_vocab, models, rates, verifiers
 from hf_globalres.generation.processors import truncated_softmax
 
 
@@ -53,8 +57,28 @@ def teacher_forced_rows(path: Path, count: int, tokenizer) -> list[tuple[torch.T
 
 @torch.no_grad()
 def logits_at_answers(model: torch.nn.Module, rows: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
-    """[N, V] float32 next-token logits at every answer position of every row."""
-    return torch.cat([model(ids).logits[0, start - 1 : -1].float() for ids, start in rows])
+    """[N, V] float32 next-token logits at every answer position of every row (a restricted draft also
+    scores the row's prompt tokens, as in generate)."""
+    out = []
+    for ids, start in rows:
+        with draft_vocab.prompt_vocabulary(model, ids[:, :start]):
+            out.append(model(ids).logits[0, start - 1 : -1].float())
+    return torch.cat(out)
+
+
+def load_variant(name: str, variant: str) -> torch.nn.Module:
+    """The draft ``name`` as ``variant`` says: "+"-joined parts among float32, bfloat16, int8 and vocabN."""
+    parts = variant.split("+")
+    unknown = [x for x in parts if x not in ("float32", "bfloat16", "int8") and not x.removeprefix("vocab").isdigit()]
+    if unknown:
+        raise SystemExit(f"unknown draft variant part(s) {unknown}: use float32, bfloat16, int8, vocabN")
+    draft = models.load_model(name, dtype=torch.bfloat16 if "bfloat16" in parts else torch.float32)
+    for part in parts:
+        if part.startswith("vocab"):
+            draft_vocab.restrict_vocabulary(draft, draft_vocab.load_ranking(name), int(part.removeprefix("vocab")))
+    if "int8" in parts:
+        devices.quantize_int8(draft)
+    return draft
 
 
 def verify_ms(q: torch.Tensor, p: torch.Tensor, positions: int, generator: torch.Generator) -> float:
@@ -94,10 +118,7 @@ def main() -> None:
     top_ks = [int(k) for k in args.top_k.split(",")]
     results = []
     for variant in args.variants.split(","):
-        dtype = torch.bfloat16 if variant == "bfloat16" else torch.float32
-        draft = models.load_model(args.draft, dtype=dtype)
-        if variant == "int8":
-            devices.quantize_int8(draft)
+        draft = load_variant(args.draft, variant)
         scores = logits_at_answers(draft, rows)[:, : q.shape[1]]
         step = forward_costs(draft, draft, torch.device("cpu"))["draft_step_s"]["1"]
         del draft

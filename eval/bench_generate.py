@@ -40,7 +40,7 @@ from device_check import forward_seconds, project_method  # eval/, beside this s
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_globalres
-from hf_globalres import devices, models, verifiers
+from hf_globalres import devices, draft_vocab, models, verifiers
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k" / "test.jsonl"
 
@@ -252,8 +252,25 @@ def projection(costs: dict, ours: list[dict]) -> list[dict]:
     return rows
 
 
+def draft_variants(args: argparse.Namespace, draft, packed_rows: int | None) -> dict[tuple[str, int], torch.nn.Module]:
+    """The drafts the grid runs, by (int8 "off"/"on", kept vocabulary size, 0: all): copies of ``draft``
+    (a restricted float32 head is packed like the other linears)."""
+    variants = {}
+    for quantized, size in itertools.product(args.draft_int8.split(","), map(int, args.draft_vocab.split(","))):
+        variant = draft if quantized == "off" and size == 0 else copy.deepcopy(draft)
+        if size:
+            ranking = draft_vocab.load_ranking(args.draft_vocab_ranking or args.draft)
+            draft_vocab.restrict_vocabulary(variant, ranking, size)
+        if quantized == "on":
+            devices.quantize_int8(variant)
+        elif size and packed_rows:
+            devices.use_onednn_linear(variant, packed_rows)
+        variants[quantized, size] = variant
+    return variants
+
+
 def our_methods(args: argparse.Namespace, target, drafts: dict, sample: dict) -> list[Method]:
-    """The grid of this package's configurations given on the command line (``drafts``: "off"/"on" int8)."""
+    """The grid of this package's configurations given on the command line (``drafts``: see draft_variants)."""
     thresholds = [None if x == "none" else float(x) for x in args.confidence.split(",")]
     top_ks = [int(x) or None for x in args.top_k.split(",")]
     methods = []
@@ -263,14 +280,13 @@ def our_methods(args: argparse.Namespace, target, drafts: dict, sample: dict) ->
             if rule.max_drafts is not None and n > rule.max_drafts:
                 continue
             shapes = args.shapes.split(",") if n > 1 else args.shapes.split(",")[:1]  # one shape at n = 1
-            for length, tree, tau, shape, top_k, quantized in itertools.product(
-                (int(x) for x in args.lengths.split(",")), args.tree.split(","), thresholds, shapes, top_ks,
-                args.draft_int8.split(","),
+            for length, tree, tau, shape, top_k, (quantized, vocab) in itertools.product(
+                (int(x) for x in args.lengths.split(",")), args.tree.split(","), thresholds, shapes, top_ks, drafts,
             ):  # fmt: skip
                 options = {"num_drafts": n, "num_assistant_tokens": length, "verifier": name}
                 options.update(tree_attention=tree == "on", assistant_confidence_threshold=tau, draft_shape=shape)
                 options.update(assistant_top_k=top_k)
-                assistant = drafts[quantized]
+                assistant = drafts[quantized, vocab]
 
                 def generate(ids, options=options, assistant=assistant):
                     return hf_globalres.generate(
@@ -282,8 +298,10 @@ def our_methods(args: argparse.Namespace, target, drafts: dict, sample: dict) ->
                 label += "" if shape == "tree" else f" {shape}"
                 label += "" if top_k is None else f" top-k={top_k}"
                 label += "" if quantized == "off" else " int8-draft"
+                label += "" if vocab == 0 else f" vocab={vocab}"
                 fields = dict(n=n, L=length, tree=tree == "on", verifier=name, confidence_threshold=tau)
                 fields.update(draft_shape=shape, assistant_top_k=top_k, draft_int8=quantized == "on")
+                fields.update(draft_vocab=vocab or None)
                 methods.append(Method(label, generate, assistant, fields))
     return methods
 
@@ -311,6 +329,13 @@ def main() -> None:
         default="off",
         help="ours with the draft's linear layers in int8 (devices.quantize_int8): off,on",
     )
+    parser.add_argument(
+        "--draft-vocab",
+        default="0",
+        help="ours with the draft's LM head over the first N ids of its ranking and the prompt's tokens "
+        "(draft_vocab.restrict_vocabulary): e.g. 0,32768 (0: the whole vocabulary)",
+    )
+    parser.add_argument("--draft-vocab-ranking", help="ranking file (default: the one shipped for --draft)")
     parser.add_argument("--dtype", default="auto", choices=devices.DTYPE_CHOICES)
     parser.add_argument(
         "--onednn",
@@ -346,7 +371,6 @@ def main() -> None:
     if onednn:
         devices.use_onednn_linear(target, packed_rows)
         devices.use_onednn_linear(draft, packed_rows)
-    int8_draft = None
     prompts = [p.to(device) for p in gsm8k_prompts(args.data, args.prompts, tokenizer)]
     sample = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": args.max_new_tokens}
     if args.greedy:
@@ -365,10 +389,8 @@ def main() -> None:
         draft(prompts[0])
     methods = [Method("plain sampling", lambda ids: target.generate(ids, **sample))]
     methods += [assisted_method(setting_name, target, draft, sample) for setting_name in args.assisted.split(",")]
-    if "on" in args.draft_int8.split(","):
-        int8_draft = copy.deepcopy(draft)
-        devices.quantize_int8(int8_draft)
-    methods += our_methods(args, target, {"off": draft, "on": int8_draft}, sample)
+    drafts = draft_variants(args, draft, packed_rows)
+    methods += our_methods(args, target, drafts, sample)
     results = run_methods(methods, prompts, target, args.seed)
     for r in results:
         if "n" in r:
@@ -396,9 +418,9 @@ def main() -> None:
             },
         }
         print("summary:", json.dumps(summary, indent=1))
-    timed_draft = int8_draft if args.draft_int8 == "on" else draft  # the draft the methods ran
+    (quantized, vocab), timed_draft = next(iter(drafts.items()))  # the first draft the methods ran
     costs = forward_costs(target, timed_draft, device)
-    costs["draft_int8"] = timed_draft is int8_draft
+    costs.update(draft_int8=quantized == "on", draft_vocab=vocab or None)
     report = {
         "machine": machine(**setting),
         "args": {k: str(v) for k, v in vars(args).items()},

@@ -17,28 +17,47 @@ S is best made of the tokens the draft itself expects: :func:`frequent_tokens`
 ranks the vocabulary by the draft's summed probability over positions of
 calibration text (E_text[p(v)]), and :func:`restrict_vocabulary` keeps the
 first ``size`` of them (and the end-of-sequence tokens).
+
+A fixed S misses the words of the text at hand (a question's " cups" and
+" bolts"), which the target then often wants. So each generate call adds its
+prompt's tokens to S (:func:`prompt_vocabulary`): S = S_0 ∪ prompt, fixed before
+the first draft is drawn and the same for every block of the call, so the draft
+law is still one known p at every node and the output law stays the target's.
+Their logits come from the rows of the input embedding when the draft ties its
+weights (no copy), else from the original head's weight, kept for that purpose.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from .devices import PackedLinear
 
+BUILTIN_RANKING_SIZE = 32_768
+"""Ids in a shipped ranking: the most a draft keeps by default (see :func:`load_ranking`)."""
+_RANKINGS = Path(__file__).parent / "vocabularies"
+
 
 class VocabularyHead(torch.nn.Module):
-    """LM head over ``token_ids`` only: logits [..., V] with −∞ outside them (module docstring).
+    """LM head over S = ``token_ids`` ∪ the call's prompt tokens: logits [..., V], −∞ outside S (module docstring).
 
     Attributes:
         head: ``nn.Linear`` [in → K] holding the K kept rows of the original head (any
             later change of its numerics, such as :func:`~hf_globalres.devices.quantize_int8`, applies).
         token_ids: [K] the kept ids, ascending.
+        rows: ``nn.Embedding`` [V, in] whose rows score the prompt's tokens: the draft's input
+            embedding when its weights are tied (shared, not copied), else the original head's weight.
+        bias: [V] the original head's bias, or None.
         vocab_size: V, the width of the logits (the original head's).
+        prompt_ids: [C] the prompt tokens outside ``token_ids`` scored during a call, or None.
     """
 
-    def __init__(self, head: torch.nn.Linear | PackedLinear, token_ids: torch.Tensor) -> None:
+    def __init__(self, head: torch.nn.Linear | PackedLinear, token_ids: torch.Tensor, rows: torch.nn.Embedding) -> None:
         super().__init__()
         weight = head.weight.detach()
         self.vocab_size = head.out_features
@@ -49,14 +68,54 @@ class VocabularyHead(torch.nn.Module):
             self.head.weight.copy_(weight[self.token_ids])
             if head.bias is not None:
                 self.head.bias.copy_(head.bias.detach()[self.token_ids])
+        self.rows = rows
+        self.register_buffer("bias", None if head.bias is None else head.bias.detach(), persistent=False)
+        self.prompt_ids: torch.Tensor | None = None
+        self._prompt_weight: torch.Tensor | None = None
+
+    def set_prompt(self, input_ids: torch.Tensor | None) -> None:
+        """Score the tokens of ``input_ids`` (any shape) too until the next call; None: S = ``token_ids`` again."""
+        if input_ids is None:
+            self.prompt_ids = self._prompt_weight = None
+            return
+        outside = torch.ones(self.vocab_size, dtype=torch.bool, device=self.token_ids.device)
+        outside[self.token_ids] = False
+        ids = input_ids.flatten().to(self.token_ids.device).unique()
+        ids = ids[(ids >= 0) & (ids < self.vocab_size)]
+        self.prompt_ids = ids[outside[ids]]
+        self._prompt_weight = self.rows.weight.detach()[self.prompt_ids]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         kept = self.head(hidden)
         logits = kept.new_full((*kept.shape[:-1], self.vocab_size), float("-inf"))
-        return logits.index_copy_(-1, self.token_ids, kept)
+        logits.index_copy_(-1, self.token_ids, kept)
+        if self.prompt_ids is not None and self.prompt_ids.numel():
+            prompt = hidden @ self._prompt_weight.to(hidden.dtype).T
+            if self.bias is not None:
+                prompt = prompt + self.bias[self.prompt_ids].to(hidden.dtype)
+            logits.index_copy_(-1, self.prompt_ids, prompt.to(logits.dtype))
+        return logits
 
     def extra_repr(self) -> str:
         return f"kept={len(self.token_ids)}, vocab_size={self.vocab_size}"
+
+
+@contextmanager
+def prompt_vocabulary(model: torch.nn.Module, input_ids: torch.Tensor) -> Iterator[None]:
+    """While open, a draft restricted by :func:`restrict_vocabulary` also scores the tokens of ``input_ids``.
+
+    The generate loop opens it around each call, before any draft is drawn (module docstring);
+    for any other draft it does nothing.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, VocabularyHead):
+        yield
+        return
+    head.set_prompt(input_ids)
+    try:
+        yield
+    finally:
+        head.set_prompt(None)
 
 
 def restrict_vocabulary(model: torch.nn.Module, ranked_ids: Sequence[int] | torch.Tensor, size: int) -> int:
@@ -85,8 +144,17 @@ def restrict_vocabulary(model: torch.nn.Module, ranked_ids: Sequence[int] | torc
     keep[ranked[:size]] = True
     keep[[i for i in _eos_ids(model) if i < head.out_features]] = True
     kept = keep.nonzero()[:, 0]
-    model.set_output_embeddings(VocabularyHead(head, kept))
+    model.set_output_embeddings(VocabularyHead(head, kept, _prompt_rows(model, head)))
     return len(kept)
+
+
+def _prompt_rows(model: torch.nn.Module, head: torch.nn.Linear | PackedLinear) -> torch.nn.Embedding:
+    """The rows that score prompt tokens: the input embedding if it is the head's weight, else that weight."""
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, torch.nn.Embedding) and embedding.weight is getattr(head, "weight", None):
+        return embedding
+    weight = head.weight.detach()
+    return torch.nn.Embedding.from_pretrained(weight, freeze=True)
 
 
 def _eos_ids(model: torch.nn.Module) -> list[int]:
@@ -95,6 +163,32 @@ def _eos_ids(model: torch.nn.Module) -> list[int]:
     if eos is None:
         eos = getattr(model.config, "eos_token_id", None)
     return [] if eos is None else [int(i) for i in (eos if isinstance(eos, list | tuple) else [eos])]
+
+
+def builtin_ranking_path(draft: str) -> Path:
+    """Where the package keeps the ranking of the built-in draft ``draft`` (eval/calibrate_draft_vocab.py writes it)."""
+    return _RANKINGS / f"{Path(draft).name}.txt"
+
+
+def load_ranking(source: str | os.PathLike) -> torch.Tensor:
+    """[K] token ids, most expected first, from a built-in draft's name or a ranking file.
+
+    A ranking file holds ``#`` comment lines (the calibration's provenance) and one id per line.
+
+    Raises:
+        ValueError: no shipped ranking for that name and no such file.
+    """
+    path = Path(source)
+    if not path.is_file():
+        path = builtin_ranking_path(str(source))
+    if not path.is_file():
+        shipped = sorted(p.stem for p in _RANKINGS.glob("*.txt"))
+        raise ValueError(
+            f"no draft vocabulary ranking for {str(source)!r}: pass a ranking file "
+            f"(eval/calibrate_draft_vocab.py writes one) or a draft with a shipped ranking: {shipped}"
+        )
+    lines = path.read_text().splitlines()
+    return torch.tensor([int(line) for line in lines if line.strip() and not line.startswith("#")])
 
 
 @torch.no_grad()
@@ -118,4 +212,12 @@ def frequent_tokens(model: torch.nn.Module, token_ids: Iterable[torch.Tensor], c
     return tally.argsort(descending=True, stable=True)
 
 
-__all__ = ["VocabularyHead", "frequent_tokens", "restrict_vocabulary"]
+__all__ = [
+    "BUILTIN_RANKING_SIZE",
+    "VocabularyHead",
+    "builtin_ranking_path",
+    "frequent_tokens",
+    "load_ranking",
+    "prompt_vocabulary",
+    "restrict_vocabulary",
+]

@@ -165,6 +165,13 @@ def _add_grid_arguments(grid: argparse._ArgumentGroup) -> None:
         help="multi-draft runs use the draft with int8 linear layers (auto: on a CPU); lossless, the draft law "
         "is ours to choose",
     )
+    grid.add_argument(
+        "--draft-vocab",
+        type=_draft_vocab,
+        help="multi-draft runs use the draft's LM head over the first N ids of a ranking and each prompt's tokens "
+        "(auto: a shipped ranking's first 32768 where the draft has one; off: the whole vocabulary); lossless",
+    )
+    grid.add_argument("--draft-vocab-ranking", help="ranking file for --draft-vocab (eval/calibrate_draft_vocab.py)")
     grid.add_argument("--no-acceptance", action="store_true", help="skip acceptance-per-depth measurement")
     grid.add_argument(
         "--same-trees",
@@ -206,9 +213,20 @@ _OVERRIDES = (
     "draft_shape",
     "onednn_linear",
     "draft_int8",
+    "draft_vocab",
+    "draft_vocab_ranking",
     "output_dir",
     "run_name",
 )
+
+
+def _draft_vocab(value: str) -> str | int:
+    if value in ("auto", "off"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, off or a number of token ids, got {value!r}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:

@@ -109,6 +109,13 @@ class EvalConfig:
     #: Multi-draft runs use a copy of the draft with int8 linear layers (:func:`~hf_globalres.devices.quantize_int8`):
     #: "auto" (on a CPU), "on" or "off". transformers' assisted generation keeps the draft as loaded.
     draft_int8: str = "auto"
+    #: Multi-draft runs use a copy of the draft whose LM head scores only part of the vocabulary and each
+    #: prompt's tokens (:mod:`~hf_globalres.draft_vocab`): "auto" (the first
+    #: :data:`~hf_globalres.draft_vocab.BUILTIN_RANKING_SIZE` ids of the draft's shipped ranking where it has
+    #: one, else the whole vocabulary), "off", or a number of ids to keep.
+    draft_vocab: str | int = "off"
+    #: The ranking ``draft_vocab`` keeps the first ids of (None: the one shipped for the draft).
+    draft_vocab_ranking: str | None = None
     measure_acceptance: bool = True
     #: Runs of ``optimal`` (n ≥ 2) also score every rule of their draft scheme on their own trees.
     same_trees: bool = False
@@ -127,6 +134,8 @@ class EvalConfig:
         "draft_shape",
         "assistant_top_k",
         "draft_int8",
+        "draft_vocab",
+        "draft_vocab_ranking",
         "onednn_linear",
     )
 
@@ -170,8 +179,23 @@ class EvalConfig:
         for name in ("onednn_linear", "draft_int8"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ValueError(f"{name} must be auto, on or off, got {getattr(self, name)!r}")
+        if self.draft_vocab not in ("auto", "off") and (
+            isinstance(self.draft_vocab, bool) or not isinstance(self.draft_vocab, int) or self.draft_vocab < 1
+        ):
+            raise ValueError(f"draft_vocab must be auto, off or a number of token ids ≥ 1, got {self.draft_vocab!r}")
         if "multidraft" in self.methods:
             self.verifier_grid()
+
+    def draft_vocab_size(self) -> int | None:
+        """How many ranked ids the multi-draft draft keeps (None: the whole vocabulary)."""
+        from .. import draft_vocab
+
+        if self.draft_vocab == "off":
+            return None
+        if self.draft_vocab == "auto":
+            shipped = draft_vocab.builtin_ranking_path(str(self.draft)).is_file()
+            return draft_vocab.BUILTIN_RANKING_SIZE if shipped or self.draft_vocab_ranking else None
+        return int(self.draft_vocab)
 
     def verifier_grid(self) -> list[tuple[str, list[int]]]:
         """``(verifier, [n, ...])`` pairs from ``verifiers`` entries.
@@ -385,8 +409,8 @@ class Models:
     """Target, draft and their shared tokenizer, on one device.
 
     Attributes:
-        multidraft_draft: the draft multi-draft runs use (an int8 copy with ``draft_int8``;
-            default: ``draft``).
+        multidraft_draft: the draft multi-draft runs use (a copy with int8 layers with ``draft_int8``,
+            over part of the vocabulary with ``draft_vocab``; default: ``draft``).
         dtype: the models' dtype; onednn_linear: their float32 linears run through oneDNN;
         packed_rows: the rows those linears' weights are laid out for (None: unpacked).
     """
@@ -429,7 +453,7 @@ def _switched_on(setting: str, *, when_auto: bool) -> bool:
 
 def load_models(config: EvalConfig, device: torch.device) -> Models:
     """Load the configured pair (built-in names, directories, .gguf files or Hub ids)."""
-    from .. import devices, models
+    from .. import devices, draft_vocab, models
 
     dtype = devices.resolve_dtype(config.dtype, device)
     target = models.load_model(config.target, dtype=dtype, device_map=config.device_map)
@@ -438,8 +462,13 @@ def load_models(config: EvalConfig, device: torch.device) -> Models:
         target.to(device)
     draft.to(device)
     multidraft_draft = draft
-    if _switched_on(config.draft_int8, when_auto=device.type == "cpu"):
+    int8, vocab_size = _switched_on(config.draft_int8, when_auto=device.type == "cpu"), config.draft_vocab_size()
+    if int8 or vocab_size is not None:
         multidraft_draft = copy.deepcopy(draft)
+    if vocab_size is not None:
+        ranking = draft_vocab.load_ranking(config.draft_vocab_ranking or str(config.draft))
+        draft_vocab.restrict_vocabulary(multidraft_draft, ranking, vocab_size)
+    if int8:
         devices.quantize_int8(multidraft_draft)
     onednn = _switched_on(config.onednn_linear, when_auto=device.type == "cpu" and dtype == torch.float32)
     if onednn:

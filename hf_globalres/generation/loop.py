@@ -3,7 +3,9 @@
 One block for B sequences (SpecTr multi-step decoding, Sun et al. 2023, §4;
 docs/design.md §7):
 
-1. The assistant drafts n branches of L tokens (:mod:`.drafting`).
+1. The assistant drafts n branches of L tokens (:mod:`.drafting`); a draft
+   restricted to part of the vocabulary also scores the call's prompt tokens
+   (:func:`~hf_globalres.draft_vocab.prompt_vocabulary`, opened once per call).
 2. One target forward scores the not-yet-cached committed tokens (the prompt
    at the first block, so the prefill shares the first verification) and
    every distinct tree node, with a 4D additive mask (:mod:`.tree`); with
@@ -49,6 +51,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 
 from .. import _sync
+from ..draft_vocab import prompt_vocabulary
 from ..verifiers.base import VerificationResult, Verifier, sample_categorical
 from .drafting import DraftBlock, DraftSettings, DraftShape, draft_block
 from .processors import BatchView, HostRows, SpeculativeLogitsProcessor
@@ -441,8 +444,9 @@ def multi_draft_decode(
     decoding = _start(call, input_ids, attention_mask)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    while decoding.active.numel() > 0:
-        _block(call, decoding, block_callback, streamer)
+    with prompt_vocabulary(assistant_model, input_ids):
+        while decoding.active.numel() > 0:
+            _block(call, decoding, block_callback, streamer)
     if streamer is not None:
         streamer.end()
     return DecodeResult(

@@ -10,6 +10,7 @@ import sys
 from collections import defaultdict
 
 import pytest
+import torch
 
 from hf_globalres import verifiers
 from hf_globalres.eval import cli, runner
@@ -225,6 +226,8 @@ def test_grid_and_config_errors():
         ({"lengths": [0]}, "must be ≥ 1"),
         ({"assistant_confidence_threshold": 1.5}, "assistant_confidence_threshold"),
         ({"draft_shape": "bush"}, "draft_shape"),
+        ({"draft_vocab": 0}, "draft_vocab must be auto, off or a number"),
+        ({"draft_vocab": "some"}, "draft_vocab must be auto, off or a number"),
     ):
         with pytest.raises(ValueError, match=message):
             runner.EvalConfig(**settings).validate()
@@ -265,12 +268,33 @@ def test_confidence_stopped_spine_run(tiny_pair_dirs, tmp_path):
     assert cli.main([*args, "--confidence", "0.2", "--draft-shape", "spine"]) == 2
 
 
+def test_draft_vocab_keeps_the_first_ids_of_a_ranking(tiny_pair_dirs, tmp_path):
+    assert runner.EvalConfig(draft="qwen2.5-coder-0.5b-instruct", draft_vocab="auto").draft_vocab_size() == 32_768
+    assert runner.EvalConfig(draft=str(tiny_pair_dirs[1]), draft_vocab="auto").draft_vocab_size() is None
+    assert runner.EvalConfig(draft_vocab="off").draft_vocab_size() is None
+    ranking = tmp_path / "ranking.txt"
+    ranking.write_text("# calibrated on nothing\n7\n3\n9\n")
+    config = runner.EvalConfig(draft=str(tiny_pair_dirs[1]), draft_vocab=2, draft_vocab_ranking=str(ranking))
+    config.validate(datasets=False)
+    head = runner.load_models(config, torch.device("cpu")).multidraft_draft.get_output_embeddings()
+    assert set(head.token_ids.tolist()) - set(_eos_ids(tiny_pair_dirs[1])) == {3, 7}
+
+
+def _eos_ids(directory) -> list[int]:
+    eos = json.loads((directory / "config.json").read_text()).get("eos_token_id")
+    return [] if eos is None else eos if isinstance(eos, list) else [eos]
+
+
 def test_truncated_int8_draft_run_records_its_setting(tiny_pair_dirs, tmp_path, capsys):
-    """assistant_top_k and the int8 draft reach multi-draft runs; records and table name device and dtype."""
+    """assistant_top_k, the int8 draft and the draft vocabulary reach multi-draft runs; records and table name
+    device and dtype."""
     files = {"gsm8k": tmp_path / "gsm8k.jsonl", "mtbench": tmp_path / "mt.jsonl"}
     files["gsm8k"].write_text('{"question": "what is 2 + 3?", "answer": "#### 5"}\n')
     files["mtbench"].write_text('{"question_id": 1, "category": "x", "turns": ["say hi."]}\n')
+    ranking = tmp_path / "ranking.txt"
+    ranking.write_text("\n".join(map(str, range(0, 40, 3))) + "\n")
     args = _args(tiny_pair_dirs, files, tmp_path / "out", "--datasets", "gsm8k", "--temperatures", "0,1")
+    args += ["--draft-vocab", "8", "--draft-vocab-ranking", str(ranking)]
     args += ["--verifiers", "optimal:3", "--assistant-top-k", "4", "--draft-int8", "on", "--dtype", "float32"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
