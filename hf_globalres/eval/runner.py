@@ -74,7 +74,8 @@ class EvalConfig:
     generation and the multi-draft verifiers at n = 1 and 4, in the fastest
     measured setting (``generate``'s drafting defaults: L ≤ 12 with a
     confidence stop at 0.4 for every drafting method, top-64 draft laws and,
-    on a CPU, the int8 draft for multi-draft runs).
+    on a CPU, the int8 draft for multi-draft runs; a draft with a shipped
+    vocabulary ranking scores its first 32,768 tokens and each prompt's).
     """
 
     target: str = "qwen2.5-coder-1.5b-instruct"
@@ -113,7 +114,7 @@ class EvalConfig:
     #: prompt's tokens (:mod:`~hf_globalres.draft_vocab`): "auto" (the first
     #: :data:`~hf_globalres.draft_vocab.BUILTIN_RANKING_SIZE` ids of the draft's shipped ranking where it has
     #: one, else the whole vocabulary), "off", or a number of ids to keep.
-    draft_vocab: str | int = "off"
+    draft_vocab: str | int = "auto"
     #: The ranking ``draft_vocab`` keeps the first ids of (None: the one shipped for the draft).
     draft_vocab_ranking: str | None = None
     measure_acceptance: bool = True
@@ -932,6 +933,9 @@ def _warm_up(models: Models, config: EvalConfig) -> None:
 #: Settings whose values name files: compared by the content they name (:mod:`.fingerprint`), not as text.
 _NAMED_BY_PATH = ("target", "draft", "gsm8k_path", "mtbench_path")
 
+#: What runs did before a setting existed: a run directory whose config lacks it ran that way.
+_BEFORE_THE_SETTING = {"draft_int8": "off", "draft_vocab": "off", "draft_vocab_ranking": None}
+
 
 def _check_resumable(run_dir: Path, config: EvalConfig, prompts: dict[str, list[prompt_sets.Prompt]]) -> None:
     """Write the run's config and fingerprint, or check that the run directory's results match them.
@@ -947,7 +951,9 @@ def _check_resumable(run_dir: Path, config: EvalConfig, prompts: dict[str, list[
         defaults = EvalConfig()
         recorded = previous.get("fingerprint")
         fields = [k for k in EvalConfig.RESULT_FIELDS if recorded is None or k not in _NAMED_BY_PATH]
-        changed = [k for k in fields if previous.get(k, getattr(defaults, k)) != getattr(config, k)]
+        changed = [
+            k for k in fields if previous.get(k, _BEFORE_THE_SETTING.get(k, getattr(defaults, k))) != getattr(config, k)
+        ]
         if recorded is not None:
             changed += fingerprint.differences(recorded, current)
         if changed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -128,6 +129,19 @@ def test_changed_settings_refuse_to_mix_into_a_run(tiny_run, tiny_pair_dirs, cap
     run_dir, _, files = tiny_run
     assert cli.main([*_args(tiny_pair_dirs, files, run_dir.parent), "--max-new-tokens", "7"]) == 2
     assert "different max_new_tokens" in capsys.readouterr().err
+
+
+def test_a_run_from_before_a_setting_existed_resumes_only_as_it_ran(tiny_run, tiny_pair_dirs, tmp_path, capsys):
+    """A config.json without draft_vocab ran the whole vocabulary: the new default must not mix into it."""
+    run_dir, records, files = tiny_run
+    older = tmp_path / "tiny"
+    shutil.copytree(run_dir, older)
+    manifest = json.loads((older / "config.json").read_text())
+    (older / "config.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "draft_vocab"}))
+    assert cli.main(_args(tiny_pair_dirs, files, tmp_path)) == 2
+    assert "different draft_vocab" in capsys.readouterr().err
+    assert cli.main([*_args(tiny_pair_dirs, files, tmp_path), "--draft-vocab", "off", "--report-only"]) == 0
+    assert runner.RecordStore(older).records() == records
 
 
 def test_interrupted_run_resumes_to_the_same_set(tiny_pair_dirs, data_files, tmp_path, monkeypatch):
