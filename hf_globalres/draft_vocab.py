@@ -54,7 +54,8 @@ class VocabularyHead(torch.nn.Module):
             embedding when its weights are tied (shared, not copied), else the original head's weight.
         bias: [V] the original head's bias, or None.
         vocab_size: V, the width of the logits (the original head's).
-        prompt_ids: [C] the prompt tokens outside ``token_ids`` scored during a call, or None.
+        prompt_ids, prompt_mask: [C] the columns a call scores besides ``token_ids`` and which of them are
+            its prompt's tokens (the others keep their logits), or None outside a call.
     """
 
     def __init__(self, head: torch.nn.Linear | PackedLinear, token_ids: torch.Tensor, rows: torch.nn.Embedding) -> None:
@@ -71,29 +72,37 @@ class VocabularyHead(torch.nn.Module):
         self.rows = rows
         self.register_buffer("bias", None if head.bias is None else head.bias.detach(), persistent=False)
         self.prompt_ids: torch.Tensor | None = None
+        self.prompt_mask: torch.Tensor | None = None
         self._prompt_weight: torch.Tensor | None = None
 
     def set_prompt(self, input_ids: torch.Tensor | None) -> None:
-        """Score the tokens of ``input_ids`` (any shape) too until the next call; None: S = ``token_ids`` again."""
+        """Score the tokens of ``input_ids`` (any shape) too until the next call; None: S = ``token_ids`` again.
+
+        No host read (an accelerator keeps running): the columns scored are a fixed number, one per prompt
+        position (at most V), the prompt's tokens outside ``token_ids`` first, then ids left as they are.
+        """
         if input_ids is None:
-            self.prompt_ids = self._prompt_weight = None
+            self.prompt_ids = self.prompt_mask = self._prompt_weight = None
             return
-        outside = torch.ones(self.vocab_size, dtype=torch.bool, device=self.token_ids.device)
-        outside[self.token_ids] = False
-        ids = input_ids.flatten().to(self.token_ids.device).unique()
-        ids = ids[(ids >= 0) & (ids < self.vocab_size)]
-        self.prompt_ids = ids[outside[ids]]
+        ids = input_ids.flatten().to(self.token_ids.device)
+        extra = torch.zeros(self.vocab_size, dtype=torch.bool, device=ids.device)
+        extra[torch.where((ids >= 0) & (ids < self.vocab_size), ids, self.token_ids[0])] = True
+        extra[self.token_ids] = False
+        order = torch.sort(extra.to(torch.uint8), descending=True, stable=True).indices
+        self.prompt_ids = order[: min(ids.numel(), self.vocab_size)]
+        self.prompt_mask = extra[self.prompt_ids]
         self._prompt_weight = self.rows.weight.detach()[self.prompt_ids]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         kept = self.head(hidden)
         logits = kept.new_full((*kept.shape[:-1], self.vocab_size), float("-inf"))
         logits.index_copy_(-1, self.token_ids, kept)
-        if self.prompt_ids is not None and self.prompt_ids.numel():
+        if self.prompt_ids is not None:
             prompt = hidden @ self._prompt_weight.to(hidden.dtype).T
             if self.bias is not None:
                 prompt = prompt + self.bias[self.prompt_ids].to(hidden.dtype)
-            logits.index_copy_(-1, self.prompt_ids, prompt.to(logits.dtype))
+            as_is = logits.index_select(-1, self.prompt_ids)
+            logits.index_copy_(-1, self.prompt_ids, torch.where(self.prompt_mask, prompt.to(logits.dtype), as_is))
         return logits
 
     def extra_repr(self) -> str:

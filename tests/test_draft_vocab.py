@@ -76,7 +76,8 @@ def test_prompt_tokens_are_scored_while_the_prompt_vocabulary_is_open(tied):
     head = model.get_output_embeddings()
     assert (head.rows is model.get_input_embeddings()) == tied  # tied: the embedding's rows, no copy
     with draft_vocab.prompt_vocabulary(model, torch.tensor([[0, 7, 5], [0, 0, 9]])):
-        assert torch.equal(head.prompt_ids, torch.tensor([0, 5, 7]))  # 9 is kept already
+        assert torch.equal(head.prompt_ids[head.prompt_mask], torch.tensor([0, 5, 7]))  # 9 is kept already
+        assert len(head.prompt_ids) == 6  # one column per prompt position: a shape the host knows
         inside = model(ids).logits
     scored = torch.tensor([0, EOS, 4, 5, 7, 9])
     torch.testing.assert_close(inside[..., scored], full[..., scored], rtol=0, atol=1e-5)

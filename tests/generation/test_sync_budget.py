@@ -32,12 +32,12 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
-from hf_globalres import verifiers
+from hf_globalres import draft_vocab, verifiers
 from hf_globalres.generation import loop, timing
 from hf_globalres.generation.processors import ROW_WISE, SpeculativeLogitsProcessor, call_as_batch
 
 from ..syncs import SyncCounter, accelerator_path
-from .conftest import EOS, PAD
+from .conftest import EOS, PAD, tiny_llama
 
 #: The reads a block may make outside the verifier, each with why it stays.
 BUDGET: dict[str, str] = {
@@ -302,3 +302,17 @@ def test_cuda_phases_are_timed_by_events_and_synchronise_once(monkeypatch):
     assert summary["verifier"] == pytest.approx((timing.FOLD_EVERY + 3) * 1e-3)
     assert summary["draft_forward"] == pytest.approx((timing.FOLD_EVERY + 3) * 3e-3)
     assert summary["target_forward"] == 0.0
+
+
+def test_a_restricted_draft_reads_nothing_more(target, monkeypatch):
+    """A draft over part of the vocabulary scores each call's prompt tokens too: set up with no host read."""
+    restricted = tiny_llama(1, layers=1)
+    draft_vocab.restrict_vocabulary(restricted, [5, 9, 3, 12], size=4)
+    verifier = verifiers.get("optimal")
+    with torch.no_grad():
+        plain = decode(target, restricted, verifier, 4, 4, "tree", "row-wise")
+        with counting(monkeypatch, verifier) as reads:
+            counted = decode(target, restricted, verifier, 4, 4, "tree", "row-wise")
+    assert torch.equal(counted.sequences, plain.sequences)
+    assert max(reads.per_block) <= sum(budget(DEPTH, 4, "tree", True, None).values())
+    assert reads.outside_blocks == 0 and reads.kinds <= {"tolist", "item"}
