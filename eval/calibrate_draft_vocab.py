@@ -79,7 +79,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.tokens < 2 or args.keep < 1:
         parser.error(f"--tokens must be ≥ 2 and --keep ≥ 1, got {args.tokens} and {args.keep}")
-    torch.set_grad_enabled(False)
     model = models.load_model(args.draft, dtype=torch.float32).eval()
     tokenizer = models.load_tokenizer(args.draft)
     pieces, used = calibration_windows(tokenizer, args.tokens)

@@ -161,27 +161,32 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_records(ti
             "--run-name", run_name, "--device", "cpu",
         ]  # fmt: skip
 
+    started = time.monotonic()
     assert cli.main(args("whole")) == 0
     whole = {r["key"]: r["texts"] for r in runner.RecordStore(tmp_path / "whole").records()}
+    per_record = (time.monotonic() - started) / len(whole)  # an upper bound: the run's loading is in it
     records = tmp_path / "killed" / "records.0.jsonl"
+
+    def written() -> int:
+        return len(records.read_text().splitlines()) if records.exists() else 0
+
     chance = random.Random(0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     interrupted = []
     for _ in range(3):
-        wanted = chance.randrange(len(whole))
-        before = len(records.read_text().splitlines()) if records.exists() else 0
+        before = written()
+        if before == len(whole):
+            break
+        wanted = before + chance.randrange(len(whole) - before)  # at least one record left to write
         process = subprocess.Popen(
             [sys.executable, "-m", "hf_globalres.eval.cli", *args("killed")], env=env, cwd=tmp_path,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 300
-        while process.poll() is None and time.monotonic() < deadline:
-            if records.exists() and len(records.read_text().splitlines()) >= min(before + wanted, len(whole)):
-                break
-            time.sleep(0.01)
-        time.sleep(chance.uniform(0, 0.2))  # somewhere inside the next generation or write
-        written = len(records.read_text().splitlines()) if records.exists() else 0
-        interrupted.append(process.poll() is None and written < len(whole))
+        while process.poll() is None and time.monotonic() < deadline and written() < wanted:
+            time.sleep(0.005)
+        time.sleep(chance.uniform(0, per_record))  # somewhere inside the next generation or write
+        interrupted.append(process.poll() is None and written() < len(whole))
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert any(interrupted), "no kill landed while records were still being written"
