@@ -256,10 +256,11 @@ def draft_variants(args: argparse.Namespace, draft, packed_rows: int | None) -> 
     """The drafts the grid runs, by (int8 "off"/"on", kept vocabulary size, 0: all): copies of ``draft``
     (a restricted float32 head is packed like the other linears)."""
     variants = {}
-    for quantized, size in itertools.product(args.draft_int8.split(","), map(int, args.draft_vocab.split(","))):
+    sizes = [int(x) for x in args.draft_vocab.split(",")]
+    ranking = draft_vocab.load_ranking(args.draft_vocab_ranking or args.draft) if any(sizes) else None
+    for quantized, size in itertools.product(args.draft_int8.split(","), sizes):
         variant = draft if quantized == "off" and size == 0 else copy.deepcopy(draft)
         if size:
-            ranking = draft_vocab.load_ranking(args.draft_vocab_ranking or args.draft)
             draft_vocab.restrict_vocabulary(variant, ranking, size)
         if quantized == "on":
             devices.quantize_int8(variant)
