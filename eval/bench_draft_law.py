@@ -124,7 +124,7 @@ def main() -> None:
         del draft
         full = torch.softmax(scores, -1, torch.float64)
         for k in top_ks:
-            p = truncated_softmax(scores, k) if 0 < k < scores.shape[1] else full
+            p = truncated_softmax(scores, k).probs if 0 < k < scores.shape[1] else full
             row = {
                 "draft": variant,
                 "top_k": k or "V",

@@ -70,7 +70,7 @@ import torch
 
 from .. import _sync
 from ..verifiers.base import DraftScheme, sample_categorical
-from .processors import BatchView, SpeculativeLogitsProcessor
+from .processors import BatchView, DraftLaw, SpeculativeLogitsProcessor
 from .timing import PhaseTimer
 from .tree import KVState, PendingTokens, canonical_branches, forward_tokens, mask_to_front, true_rows
 
@@ -106,7 +106,7 @@ class DraftBlock:
     Attributes:
         tokens: [B, n, L] draft tokens (0 where not alive).
         alive: [B, n, L] the branch holds a token at that depth.
-        probs: L tensors [B, n, V]; ``probs[d − 1][b, i]`` is the law branch
+        laws: L laws over [B, n, ·]; ``laws[d − 1]`` at ``[b, i]`` is the law branch
             ``i`` drew its depth-d token from.
         state: the draft cache after the block: ``committed`` positions, then
             the block's node columns.
@@ -120,11 +120,16 @@ class DraftBlock:
 
     tokens: torch.Tensor
     alive: torch.Tensor
-    probs: list[torch.Tensor]
+    laws: list[DraftLaw]
     state: KVState
     committed: torch.Tensor
     columns: torch.Tensor
     tree_width: int | None = None
+
+    @property
+    def probs(self) -> list[torch.Tensor]:
+        """L tensors [B, n, V]: ``probs[d − 1][b, i]`` is the law branch ``i`` drew its depth-d token from."""
+        return [law.probs for law in self.laws]
 
     @property
     def depth(self) -> int:
@@ -182,7 +187,7 @@ def keeps_drafting(
     processor: SpeculativeLogitsProcessor,
     scores: torch.Tensor,
     node: torch.Tensor,
-    probs: torch.Tensor,
+    law: DraftLaw,
     tokens: torch.Tensor,
     alive: torch.Tensor,
     threshold: float | None,
@@ -190,21 +195,23 @@ def keeps_drafting(
     """[B, n]: branches that draft another token after ``tokens`` [B, n].
 
     A branch goes on while it is ``alive`` and, with a ``threshold`` τ, the
-    draft gave its last token probability ≥ τ under ``probs`` [B, n, V]
-    (sampling) or, in greedy mode where ``probs`` is one-hot, under
+    draft gave its last token probability ≥ τ under ``law`` over [B, n, ·]
+    (sampling) or, in greedy mode where ``law`` is one-hot, under
     ``softmax(scores[node])``: ``scores`` [N, V] are the processed scores of
     the N distinct nodes and ``node`` [B, n] each branch's row among them
     (gathered only then, so sampling never copies scores per branch).
     """
     if threshold is None:
         return alive
-    law = probs if processor.do_sample else torch.softmax(scores[node], dim=-1, dtype=torch.float64)
-    confidence = law.gather(-1, tokens[..., None])[..., 0]
+    if processor.do_sample:
+        confidence = law.at(tokens)
+    else:
+        confidence = torch.softmax(scores[node], dim=-1, dtype=torch.float64).gather(-1, tokens[..., None])[..., 0]
     return alive & (confidence >= threshold)
 
 
 def sample_children(
-    probs: torch.Tensor,
+    law: DraftLaw,
     parent: torch.Tensor,
     alive: torch.Tensor,
     scheme: DraftScheme,
@@ -213,8 +220,9 @@ def sample_children(
     """Next token of each branch.
 
     Args:
-        probs: [B, n, V] law of branch ``i``'s next token, equal across branches
-            with the same ``parent``.
+        law: over [B, n, ·], the law of branch ``i``'s next token, equal across branches
+            with the same ``parent``. I.i.d. draws read its support when it has one
+            (k entries instead of V; the same values, so the same law).
         parent: [B, n] canonical branch of each branch's current node.
         alive: [B, n] branches that are still drafting.
         scheme: ``"iid"`` or ``"without_replacement"`` (children of one node distinct).
@@ -222,13 +230,12 @@ def sample_children(
     Returns:
         tokens [B, n] (0 for dead branches) and alive [B, n].
     """
-    batch, n, vocab = probs.shape
     if scheme == "iid":
-        if probs.stride(1) == 0:  # one law per row, expanded over its branches: one cumulative sum per row
-            tokens = sample_categorical(probs[:, 0], generator, draws=n)
-        else:
-            tokens = sample_categorical(probs.reshape(batch * n, vocab), generator).view(batch, n)
+        tokens = _iid_draws(law.entries, generator)
+        tokens = tokens if law.support is None else law.support.gather(-1, tokens[..., None])[..., 0]
         return torch.where(alive, tokens, 0), alive
+    probs = law.probs
+    _, n, vocab = probs.shape
     # Rank of each branch among the live branches leaving the same node.
     same_node = (parent[:, :, None] == parent[:, None, :]) & alive[:, None, :]
     earlier = torch.ones(n, n, dtype=torch.bool, device=probs.device).tril(-1)
@@ -247,6 +254,14 @@ def sample_children(
     return torch.where(alive, tokens, 0), alive
 
 
+def _iid_draws(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """[B, n]: one independent draw from each row ``probs[b, i]`` [B, n, K] (its column)."""
+    batch, n, width = probs.shape
+    if probs.stride(1) == 0:  # one law per row, expanded over its branches: one cumulative sum per row
+        return sample_categorical(probs[:, 0], generator, draws=n)
+    return sample_categorical(probs.reshape(batch * n, width), generator).view(batch, n)
+
+
 @dataclass
 class _Growth:
     """The drafts of one block as they grow, depth by depth.
@@ -254,7 +269,7 @@ class _Growth:
     Attributes:
         state: the draft cache: ``committed`` positions, then the node columns fed so far.
         committed: [B, S_c] validity of the positions before the block's node columns.
-        tokens, alive: one [B, n] tensor per drafted depth; probs: one [B, n, V] per drafted depth.
+        tokens, alive: one [B, n] tensor per drafted depth; laws: one law over [B, n, ·] per drafted depth.
         columns: [B, n, L − 1] as in :class:`DraftBlock`.
         going: [B, n] branches that draft another token.
         on_spine: [B, n] branches whose path is the spine (see :func:`heaviest_child`).
@@ -265,7 +280,7 @@ class _Growth:
     committed: torch.Tensor
     tokens: list[torch.Tensor]
     alive: list[torch.Tensor]
-    probs: list[torch.Tensor]
+    laws: list[DraftLaw]
     columns: torch.Tensor
     going: torch.Tensor
     on_spine: torch.Tensor
@@ -276,7 +291,7 @@ class _Growth:
         self,
         tokens: torch.Tensor,
         alive: torch.Tensor,
-        probs: torch.Tensor,
+        law: DraftLaw,
         going: torch.Tensor,
         spine_members: torch.Tensor,
         draft_shape: DraftShape,
@@ -286,12 +301,12 @@ class _Growth:
         self.going = going & self.on_spine if draft_shape == "spine" else going
         self.tokens.append(tokens)
         self.alive.append(alive)
-        self.probs.append(probs)
+        self.laws.append(law)
 
 
 def _draw(
     processor: SpeculativeLogitsProcessor,
-    probs: torch.Tensor,
+    law: DraftLaw,
     parent: torch.Tensor,
     drafting: torch.Tensor,
     scores: torch.Tensor,
@@ -300,10 +315,10 @@ def _draw(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens [B, n], alive [B, n] and going [B, n] of the children of the ``drafting`` branches.
 
-    See :func:`sample_children` (``probs``, ``parent``) and :func:`keeps_drafting` (``scores``, ``node``).
+    See :func:`sample_children` (``law``, ``parent``) and :func:`keeps_drafting` (``scores``, ``node``).
     """
-    tokens, alive = sample_children(probs, parent, drafting, settings.draft_scheme, settings.generator)
-    going = keeps_drafting(processor, scores, node, probs, tokens, alive, settings.confidence_threshold)
+    tokens, alive = sample_children(law, parent, drafting, settings.draft_scheme, settings.generator)
+    going = keeps_drafting(processor, scores, node, law, tokens, alive, settings.confidence_threshold)
     return tokens, alive, going
 
 
@@ -339,7 +354,7 @@ def draft_block(
     return DraftBlock(
         tokens=torch.stack(growth.tokens, dim=-1),
         alive=torch.stack(growth.alive, dim=-1),
-        probs=growth.probs,
+        laws=growth.laws,
         state=growth.state,
         committed=growth.committed,
         columns=growth.columns[:, :, : drafted - 1],
@@ -398,19 +413,19 @@ def _draft_root(
     state = KVState(cache=state.cache, valid=torch.cat([state.valid, pending.valid], dim=1))
     rows = torch.arange(batch, device=device)
     with timer.phase("draft_sampling"):
-        root_scores, root_probs = processor.view_distribution(view, logits, top_k=settings.top_k)
-        probs = root_probs[:, None].expand(-1, n, -1)
+        root_scores = processor.view_scores(view, logits)
+        law = processor.draft_law(root_scores, settings.top_k).map(lambda t: t[:, None].expand(-1, n, -1))
         parent = torch.zeros(batch, n, dtype=torch.long, device=device)
         alive = torch.ones(batch, n, dtype=torch.bool, device=device)
         node = rows[:, None].expand(-1, n)  # every branch leaves the root, scored in its row
-        tokens_d, alive_d, going = _draw(processor, probs, parent, alive, root_scores, node, settings)
+        tokens_d, alive_d, going = _draw(processor, law, parent, alive, root_scores, node, settings)
     columns = torch.full((batch, n, max(depth - 1, 0)), -1, dtype=torch.long, device=device)
     branch = torch.arange(n, device=device)
     growth = _Growth(
-        state=state, committed=state.valid, tokens=[], alive=[], probs=[], columns=columns, going=going,
+        state=state, committed=state.valid, tokens=[], alive=[], laws=[], columns=columns, going=going,
         on_spine=alive, rows=rows, branch=branch,
     )  # fmt: skip
-    growth.extend(tokens_d, alive_d, probs, going, alive_d, settings.draft_shape)  # on_spine & alive_d = alive_d
+    growth.extend(tokens_d, alive_d, law, going, alive_d, settings.draft_shape)  # on_spine & alive_d = alive_d
     return growth
 
 
@@ -447,17 +462,19 @@ def _draft_depth(
     node_contexts.scatter_(1, offsets, fed[node_b, node_i])
     nodes = view.select(node_b, node_contexts, [b for b, count in enumerate(counts) for _ in range(count)])
     with timer.phase("draft_sampling"):
-        node_scores, node_probs = processor.view_distribution(
-            nodes, logits[node_b, node_j], d - 1, top_k=settings.top_k
-        )
+        node_scores = processor.view_scores(nodes, logits[node_b, node_j], d - 1)
+        node_law = processor.draft_law(node_scores, settings.top_k)
         node_of = torch.zeros(batch, n, dtype=torch.long, device=device)
         node_of[node_b, node_i] = torch.arange(node_b.shape[0], device=device)
         branch_node = node_of[growth.rows[:, None], parent]
         # [B, n, V]; rows of stopped branches are never read. With one node per sequence (the spine, one
         # branch, or branches that all agree) node b is row b's: a view instead of n copies of its law.
-        probs = node_probs[:, None].expand(-1, n, -1) if counts == [1] * batch else node_probs[branch_node]
-        tokens_d, alive_d, going = _draw(processor, probs, parent, growth.going, node_scores, branch_node, settings)
-    growth.extend(tokens_d, alive_d, probs, going, growth.on_spine & alive_d, settings.draft_shape)
+        if counts == [1] * batch:
+            law = node_law.map(lambda t: t[:, None].expand(-1, n, -1))
+        else:
+            law = node_law.map(lambda t: t[branch_node])
+        tokens_d, alive_d, going = _draw(processor, law, parent, growth.going, node_scores, branch_node, settings)
+    growth.extend(tokens_d, alive_d, law, going, growth.on_spine & alive_d, settings.draft_shape)
     return True
 
 

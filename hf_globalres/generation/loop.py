@@ -55,6 +55,7 @@ from ..draft_vocab import prompt_vocabulary
 from ..verifiers.base import VerificationResult, Verifier, sample_categorical
 from .drafting import DraftBlock, DraftSettings, DraftShape, draft_block
 from .processors import BatchView, HostRows, SpeculativeLogitsProcessor
+from .stopping import first_stops, token_wise
 from .timing import PhaseTimer
 from .tree import (
     KVState,
@@ -433,7 +434,10 @@ def multi_draft_decode(
         top_k=assistant_top_k,
         generator=generator,
     )
-    settings = DecodeSettings(drafting, num_assistant_tokens, max_length, pad_token_id, verifier, tree_attention)
+    # The loop makes every law a softmax and checks it itself (_Walk.check), for a pass over V instead of four.
+    settings = DecodeSettings(
+        drafting, num_assistant_tokens, max_length, pad_token_id, verifier.unchecked(), tree_attention
+    )
     timer = PhaseTimer(input_ids.device)
     target_width, draft_width = output_width(model), output_width(assistant_model)
     processor = SpeculativeLogitsProcessor(
@@ -467,7 +471,7 @@ def _block(call: _Call, decoding: _Decoding, block_callback: BlockCallback | Non
     walk = _walk(call, block.view, drafts, target)  # 3.
     count, finished = _stop(call, block.view, walk, block.lengths)  # 4.
     kept = _kept(call, decoding, drafts, target, walk)
-    settled = _Settled.read(count, finished, kept)  # the block's one read
+    settled = _Settled.read(count, finished, kept, walk.invalid)  # the block's one read
     _commit(decoding, block.view, walk.emitted, count, settled, call.settings.pad_token_id, streamer)
     _keep_cache(call, decoding, block, target, walk, kept, finished, settled)  # 5.
 
@@ -645,25 +649,38 @@ class _Walk:
         emitted: [R, L + 1] accepted tokens, then the recovered or bonus one.
         accepted: [R] count of accepted drafts.
         branch: [R] canonical branch of the accepted path.
-        scores: [R, L + 1, V] processed target scores per emitted token.
+        scores: [R, L + 1, V] processed target scores per emitted token, for stopping criteria that read them
+            (None when every criterion is token-wise, see :mod:`.stopping`).
         stopped: [R] the row's block has ended.
         surviving: [R, n] branches carrying the accepted path that draft at the next depth (None without drafts).
         walked: on the host, the depths each row has walked; ``accepted + 1`` once the walk is over.
+        invalid: [R] a law the row drew from was not a probability row (NaN: see :meth:`check`).
     """
 
     emitted: torch.Tensor
     accepted: torch.Tensor
     branch: torch.Tensor
-    scores: torch.Tensor
+    scores: torch.Tensor | None
     stopped: torch.Tensor
     surviving: torch.Tensor | None
     walked: list[int]
+    invalid: torch.Tensor
+
+    def check(self, rows: torch.Tensor, laws: torch.Tensor) -> None:
+        """Flag ``rows`` whose ``laws`` [R', K] (float64 softmaxes, or their support's entries) hold a NaN.
+
+        A softmax row is a probability row unless its scores had no finite maximum (every token −inf, or a
+        NaN or +inf score), and then its sum is NaN. The verifier skips its own input checks, so this is the
+        check; it is read with the block's one read (:class:`_Settled`), before any token is committed.
+        """
+        self.invalid[rows] |= ~torch.isfinite(laws.sum(-1))
 
     def write(self, view: BatchView, rows: torch.Tensor, index: int, token: torch.Tensor, scores: torch.Tensor) -> None:
         """Emit ``token`` [R'] as token ``index`` of the block for ``rows``, into ``view.contexts`` too."""
         view.contexts[rows, view.lengths[rows] + index] = token
         self.emitted[rows, index] = token
-        self.scores[rows, index] = scores
+        if self.scores is not None:
+            self.scores[rows, index] = scores
 
     def next_rows(self, drafting: bool) -> tuple[list[int], list[int]]:
         """The rows that walk at the next depth, and those of them with drafts there (``drafting``): one read."""
@@ -690,10 +707,13 @@ def _walk(call: _Call, view: BatchView, drafts: DraftBlock | None, target: Targe
         accepted=torch.zeros(batch, dtype=torch.long, device=device),
         branch=torch.zeros(batch, dtype=torch.long, device=device),
         # Entry (r, s) is read (by the stopping criteria) only after row r emitted token s: no fill needed.
-        scores=torch.empty(batch, depth + 1, processor.vocab_size, dtype=processor.dtype, device=device),
+        scores=None
+        if token_wise(call.stopping_criteria)
+        else torch.empty(batch, depth + 1, processor.vocab_size, dtype=processor.dtype, device=device),
         stopped=torch.zeros(batch, dtype=torch.bool, device=device),
         surviving=drafts.alive[:, :, 0].clone() if drafts is not None else None,
         walked=[0] * batch,
+        invalid=torch.zeros(batch, dtype=torch.bool, device=device),
     )
     walking = list(range(batch))
     drafted = walking if drafts is not None else []
@@ -732,6 +752,7 @@ def _walk_depth(
         step_scores, q = call.processor.view_distribution(
             view.select(rows_walking, host_entries=walking), target.logits_at(rows_walking, walk.branch, d - 1), d - 1
         )
+    walk.check(rows_walking, q)
     # A path whose branches all stopped drafting before depth d (or that accepted them all) ends with a token from q.
     has_drafts = walk.surviving[rows_walking].any(-1) if drafted else torch.zeros_like(rows_walking, dtype=torch.bool)
     if len(drafted) < len(walking):
@@ -744,13 +765,16 @@ def _walk_depth(
     local = true_rows(has_drafts, len(drafted))
     rows = rows_walking[local]
     q, step_scores = q[local], step_scores[local]
-    p = drafts.probs[d - 1][rows, walk.branch[rows]]
+    branch = walk.branch[rows]
+    law = drafts.laws[d - 1].map(lambda t: t[rows, branch])
+    walk.check(rows, law.entries)
+    p = law.rows()
     present = walk.surviving[rows]
     candidates, order = draft_candidates(drafts.tokens[rows, :, d - 1], present)
     with call.timer.phase("verifier"):
         result = call.settings.verifier.verify(q, p, candidates, generator)
     if call.verification_callback is not None:
-        call.verification_callback(d, q, p, candidates, result)
+        call.verification_callback(d, q, law.probs, candidates, result)
     token = result.token
     chosen = order.gather(1, result.draft_index.clamp_min(0)[:, None])[:, 0]  # the branch of the output
     walk.write(view, rows, d - 1, token, step_scores)
@@ -767,27 +791,43 @@ def _stop(call: _Call, view: BatchView, walk: _Walk, lengths: list[int]) -> tupl
     """Step 4: how many of each row's emitted tokens stand [R], and which rows are finished [R].
 
     The stopping criteria see each emitted token in turn, exactly as plain ``generate`` would; a row's
-    tokens after its first stop are dropped. The host knows how many tokens each row emitted
-    (``walk.walked``, capped by ``max_length``), so at token s it calls the criteria on the rows that
-    have one; a row that stopped before is shown there as its committed tokens and its answer ignored.
+    tokens after its first stop are dropped. Criteria that look at nothing but the token and the length
+    (EOS, max length: :mod:`.stopping`) are evaluated for every token at once.
     """
     max_length = call.settings.max_length
     emitted = [min(walked, max_length - total) for walked, total in zip(walk.walked, lengths, strict=True)]
     count = torch.minimum(walk.accepted + 1, max_length - view.lengths)
     _check_known(count, emitted)
     finished = view.lengths + count >= max_length
-    stop_at = torch.zeros_like(count)
     with call.timer.phase("stopping"):
-        for s in range(1, max(emitted, default=0) + 1):
-            members = [r for r, tokens in enumerate(emitted) if tokens >= s]
-            rows = true_rows(count >= s, len(members))
-            going = stop_at[rows] == 0
-            candidates = view.select(rows, host_entries=members)
-            for entries, done in candidates.call(call.stopping_criteria, walk.scores[rows, s - 1], s, going):
-                hit = rows[entries]
-                stop_at[hit] = torch.where(done.to(count.device) & going[entries], s, stop_at[hit])
+        if token_wise(call.stopping_criteria):
+            stop_at = first_stops(call.stopping_criteria, walk.emitted, view.lengths, count)
+        else:
+            stop_at = _stops_token_by_token(call.stopping_criteria, view, walk, emitted, count)
     finished |= stop_at > 0
     return torch.where(stop_at > 0, stop_at, count), finished
+
+
+def _stops_token_by_token(
+    criteria: StoppingCriteriaList, view: BatchView, walk: _Walk, emitted: list[int], count: torch.Tensor
+) -> torch.Tensor:
+    """[R]: the first emitted token after which ``criteria`` stop each row (1-based), 0 for none.
+
+    The host knows how many tokens each row emitted (``emitted``, capped by ``max_length``), so at
+    token s it calls the criteria on the rows that have one; a row that stopped before is shown there
+    as its committed tokens and its answer ignored.
+    """
+    stop_at = torch.zeros_like(count)
+    for s in range(1, max(emitted, default=0) + 1):
+        members = [r for r, tokens in enumerate(emitted) if tokens >= s]
+        rows = true_rows(count >= s, len(members))
+        going = stop_at[rows] == 0
+        candidates = view.select(rows, host_entries=members)
+        assert walk.scores is not None  # kept for criteria that are not token-wise
+        for entries, done in candidates.call(criteria, walk.scores[rows, s - 1], s, going):
+            hit = rows[entries]
+            stop_at[hit] = torch.where(done.to(count.device) & going[entries], s, stop_at[hit])
+    return stop_at
 
 
 @dataclass
@@ -835,10 +875,21 @@ class _Settled:
     path_cached: list[int]
 
     @classmethod
-    def read(cls, count: torch.Tensor, finished: torch.Tensor, kept: _Kept) -> _Settled:
-        """Read ``count`` [R], ``finished`` [R] and what ``kept`` sums per row, stacked into one read."""
+    def read(cls, count: torch.Tensor, finished: torch.Tensor, kept: _Kept, invalid: torch.Tensor) -> _Settled:
+        """Read ``count`` [R], ``finished`` [R] and what ``kept`` sums per row, stacked into one read.
+
+        Raises ValueError, before anything is committed, when a row drew from an ``invalid`` [R] law.
+        """
         path = kept.path_cached if kept.path_cached is not None else torch.zeros_like(count)
-        return cls(*torch.stack([count, finished.long(), kept.target_sums, kept.draft_keep.sum(-1), path]).tolist())
+        values = [count, finished.long(), kept.target_sums, kept.draft_keep.sum(-1), path, invalid.long()]
+        *read, flags = torch.stack(values).tolist()
+        if any(flags):
+            raise ValueError(
+                "a row's next-token scores have no finite maximum after the logits "
+                "processors (every token −inf, or a NaN or +inf score), so they are no distribution to sample: "
+                "check the logits processors and the models' outputs"
+            )
+        return cls(*read)
 
     @property
     def staying(self) -> list[int]:

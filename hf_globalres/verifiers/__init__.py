@@ -18,7 +18,7 @@ import importlib
 import pkgutil
 from typing import TypeVar
 
-from .base import DraftScheme, EmissionPlan, VerificationResult, Verifier
+from .base import DraftScheme, EmissionPlan, SparseRows, VerificationResult, Verifier
 
 _REGISTRY: dict[str, type[Verifier]] = {}
 _DISCOVERED = False
@@ -72,6 +72,7 @@ def get(name: str | Verifier, **options) -> Verifier:
 __all__ = [
     "DraftScheme",
     "EmissionPlan",
+    "SparseRows",
     "VerificationResult",
     "Verifier",
     "available",

@@ -18,9 +18,10 @@ which branch, then, for the residual branch, the recovered token).
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -110,6 +111,12 @@ class Verifier(ABC):
     def __init__(self, *, validate: bool = True) -> None:
         self.validate = validate
 
+    def unchecked(self) -> Verifier:
+        """This rule with ``validate=False``, for a caller whose inputs are valid by construction."""
+        rule = copy.copy(self)
+        rule.validate = False
+        return rule
+
     @abstractmethod
     def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
         """The emission plan for these drafts.
@@ -121,19 +128,20 @@ class Verifier(ABC):
         """
 
     def conditional(
-        self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor
+        self, target_probs: torch.Tensor, draft_probs: torch.Tensor | SparseRows, draft_tokens: torch.Tensor
     ) -> torch.Tensor:
         """Exact law of the output token given the drafts: FloatTensor [B, V].
 
         The verifier's own randomness is integrated out; averaging this over
         draft tuples drawn under ``draft_scheme`` gives q for a lossless rule.
+        ``draft_probs`` as in :meth:`verify`.
         """
         q, p, x = self.prepare(target_probs, draft_probs, draft_tokens)
         if x.shape[0] == 0:  # an empty batch has an empty law
             return q.new_zeros(q.shape)
         support = SupportRows.of(q, p, x) if self.verifies_on_support else None
         if support is None:
-            return self._law(q, p, x)
+            return self._law(q, dense(p), x)
         return support.expand_law(self._law(support.q, support.p, support.drafts), q)
 
     def _law(self, q: torch.Tensor, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +153,7 @@ class Verifier(ABC):
     def verify(
         self,
         target_probs: torch.Tensor,
-        draft_probs: torch.Tensor,
+        draft_probs: torch.Tensor | SparseRows,
         draft_tokens: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> VerificationResult:
@@ -153,7 +161,8 @@ class Verifier(ABC):
 
         Args:
             target_probs: q, [B, V].
-            draft_probs: p, [B, V].
+            draft_probs: p, [B, V]; or :class:`SparseRows` holding p on k tokens per row (a
+                truncated draft law), which the rule then reads without a pass over V.
             draft_tokens: [B, n] LongTensor, −1 marks an absent draft; a row
                 with no drafts samples q.
             generator: optional ``torch.Generator`` on the tensors' device.
@@ -164,7 +173,7 @@ class Verifier(ABC):
             return VerificationResult(token=empty, accepted=empty.bool(), draft_index=empty)
         support = SupportRows.of(q, p, x) if self.verifies_on_support else None
         if support is None:
-            token = self._sample(q, p, x, generator)
+            token = self._sample(q, dense(p), x, generator)
         else:
             token = support.expand_tokens(self._sample(support.q, support.p, support.drafts, generator), q, generator)
         draft_index = first_match(token, x)
@@ -197,8 +206,8 @@ class Verifier(ABC):
         return EmissionPlan(plan.draft_emit[inverse], recover=lambda: plan.residual[inverse])
 
     def prepare(
-        self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, target_probs: torch.Tensor, draft_probs: torch.Tensor | SparseRows, draft_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | SparseRows, torch.Tensor]:
         """Validate (unless disabled), promote to one float dtype, renormalise rows."""
         if self.validate:
             check_inputs(
@@ -212,14 +221,62 @@ class Verifier(ABC):
         if not dtype.is_floating_point or dtype.itemsize < 4:
             dtype = torch.float32
         q = target_probs.to(dtype)
-        p = draft_probs.to(dtype)
+        values = draft_probs.values if isinstance(draft_probs, SparseRows) else draft_probs
+        values = values.to(dtype)
         if self.normalizes_inputs:
             q = q / q.sum(-1, keepdim=True)
-            p = p / p.sum(-1, keepdim=True)
+            values = values / values.sum(-1, keepdim=True)
+        p = replace(draft_probs, values=values) if isinstance(draft_probs, SparseRows) else values
         return q, p, draft_tokens.long()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, draft_scheme={self.draft_scheme!r})"
+
+
+@dataclass(frozen=True)
+class SparseRows:
+    """Probability rows [B, V] held on k tokens each: ``values`` at ``tokens``, 0 at every other token.
+
+    A truncated draft law (64 of 152k tokens) handed to a verifier this way costs
+    it no pass over V for p (:class:`SupportRows`), and no [B, V] tensor for p is built.
+
+    Attributes:
+        tokens: [B, k] LongTensor, distinct within each row.
+        values: [B, k] floating, the rows' entries at ``tokens``.
+        vocab_size: V.
+    """
+
+    tokens: torch.Tensor
+    values: torch.Tensor
+    vocab_size: int
+
+    @property
+    def shape(self) -> torch.Size:
+        """[B, V], the rows' dense shape."""
+        return torch.Size((self.values.shape[0], self.vocab_size))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def dense(self) -> torch.Tensor:
+        """[B, V]: the rows over the whole vocabulary."""
+        rows = self.values.new_zeros(self.shape)
+        return rows.scatter_(1, self.tokens, self.values)
+
+    def at(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, m]: the rows' entries at ``tokens`` [B, m] (ids in [0, V))."""
+        match = self.tokens[:, None, :] == tokens[:, :, None]
+        return torch.where(match, self.values[:, None, :], 0).sum(-1)
+
+
+def dense(probs: torch.Tensor | SparseRows) -> torch.Tensor:
+    """[B, V]: ``probs`` over the whole vocabulary."""
+    return probs.dense() if isinstance(probs, SparseRows) else probs
 
 
 #: A row verifies on the support of p (:class:`SupportRows`) when that support spans at most this
@@ -252,21 +309,30 @@ class SupportRows:
     drafts: torch.Tensor
 
     @classmethod
-    def of(cls, q: torch.Tensor, p: torch.Tensor, draft_tokens: torch.Tensor) -> SupportRows | None:
-        """The support rows of ``q``, ``p`` [B, V], or None when supports are wide or host reads are costly."""
-        if not _sync.reads_are_cheap(p):  # finding the supports reads them back
-            return None
-        vocab = p.shape[1]
-        supported = p > 0
-        count = supported.sum(-1)
-        width = int(count.max())
-        if width > SUPPORT_SHARE * vocab:
-            return None
-        index = support_index(supported, count, width)
+    def of(cls, q: torch.Tensor, p: torch.Tensor | SparseRows, draft_tokens: torch.Tensor) -> SupportRows | None:
+        """The support rows of ``q``, ``p`` [B, V], or None when supports are wide or host reads are costly.
+
+        A :class:`SparseRows` p names its columns; a dense one is searched for its nonzero entries.
+        """
+        vocab = q.shape[1]
+        if isinstance(p, SparseRows):
+            if p.tokens.shape[1] > SUPPORT_SHARE * vocab:
+                return None
+            index, order = p.tokens.sort(-1)
+            p_on = p.values.gather(1, order)
+        else:
+            if not _sync.reads_are_cheap(p):  # finding the supports reads them back
+                return None
+            supported = p > 0
+            count = supported.sum(-1)
+            width = int(count.max())
+            if width > SUPPORT_SHARE * vocab:
+                return None
+            index = support_index(supported, count, width)
+            p_on = torch.where(index < vocab, p.gather(1, index.clamp_max(vocab - 1)), 0)
         on = index < vocab
         q_on = torch.where(on, q.gather(1, index.clamp_max(vocab - 1)), 0)
         rest = (q.sum(-1, keepdim=True) - q_on.sum(-1, keepdim=True)).clamp_min(0)
-        p_on = torch.where(on, p.gather(1, index.clamp_max(vocab - 1)), 0)
         column = torch.searchsorted(index, draft_tokens.clamp_min(0))
         drafts = torch.where(draft_tokens >= 0, column, -1)
         return cls(index, torch.cat([q_on, rest], -1), torch.cat([p_on, torch.zeros_like(rest)], -1), drafts)
@@ -314,7 +380,7 @@ def support_index(supported: torch.Tensor, count: torch.Tensor, width: int) -> t
 
 def check_inputs(
     target_probs: torch.Tensor,
-    draft_probs: torch.Tensor,
+    draft_probs: torch.Tensor | SparseRows,
     draft_tokens: torch.Tensor,
     *,
     max_drafts: int | None = None,
@@ -325,8 +391,9 @@ def check_inputs(
     ``distinct``: drafts were drawn without replacement, so a row cannot repeat a token.
     Every check on values is computed on the device and read back at once (one host read).
     """
-    for label, probs in (("target_probs", target_probs), ("draft_probs", draft_probs)):
-        _check_probs_layout(probs, label)
+    _check_probs_layout(target_probs, "target_probs")
+    sparse = isinstance(draft_probs, SparseRows)
+    _check_sparse_layout(draft_probs) if sparse else _check_probs_layout(draft_probs, "draft_probs")
     if target_probs.shape != draft_probs.shape:
         raise ValueError(
             f"target_probs {tuple(target_probs.shape)} and draft_probs "
@@ -349,7 +416,11 @@ def check_inputs(
             "optimal, spectr and rrs take any number"
         )
     # Failure flags in the order their errors are reported; the first raised flag names the problem.
-    failures = [*_probs_failures(target_probs, "target_probs"), *_probs_failures(draft_probs, "draft_probs")]
+    failures = [*_probs_failures(target_probs, "target_probs")]
+    if sparse:
+        failures += [*_sparse_failures(draft_probs), *_probs_failures(draft_probs.values, "draft_probs")]
+    else:
+        failures += _probs_failures(draft_probs, "draft_probs")
     if draft_tokens.numel():
         tokens = draft_tokens.long()
         present = tokens >= 0
@@ -360,7 +431,7 @@ def check_inputs(
             )
         )
         # Clamped into range, so that the gather runs even when the range check fails.
-        draft_mass = draft_probs.gather(1, tokens.clamp(0, vocab - 1))
+        draft_mass = gather_draft_probs(draft_probs, tokens.clamp(0, vocab - 1))
         failures.append(
             (
                 (present & (draft_mass <= 0)).any(),
@@ -376,6 +447,28 @@ def check_inputs(
                 )
             )
     _raise_first(failures)
+
+
+def _check_sparse_layout(probs: SparseRows) -> None:
+    """The checks of a :class:`SparseRows` that need no values: shapes, dtypes, devices."""
+    _check_probs_layout(probs.values, "draft_probs.values")
+    if probs.tokens.shape != probs.values.shape or probs.tokens.dtype != torch.long:
+        raise ValueError(
+            f"draft_probs.tokens must be a LongTensor shaped like its values {tuple(probs.values.shape)}, "
+            f"got {probs.tokens.dtype} {tuple(probs.tokens.shape)}"
+        )
+    if probs.tokens.device != probs.values.device:
+        raise ValueError("draft_probs.tokens and draft_probs.values must be on one device")
+
+
+def _sparse_failures(probs: SparseRows) -> list[Failure]:
+    """Flags of a :class:`SparseRows` whose tokens repeat within a row or lie outside the vocabulary."""
+    ordered = probs.tokens.sort(-1).values
+    out_of_range = (ordered[:, 0] < 0).any() | (ordered[:, -1] >= probs.vocab_size).any()
+    return [
+        (out_of_range, lambda: f"draft_probs.tokens must lie in [0, {probs.vocab_size})"),
+        ((ordered.diff(dim=-1) == 0).any(), lambda: "draft_probs.tokens repeats a token within a row"),
+    ]
 
 
 def check_probs(probs: torch.Tensor, label: str) -> None:
@@ -498,9 +591,10 @@ def normalize_rows(mass: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, mass / torch.where(total > 0, total, 1), fallback)
 
 
-def gather_draft_probs(probs: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
+def gather_draft_probs(probs: torch.Tensor | SparseRows, draft_tokens: torch.Tensor) -> torch.Tensor:
     """[B, n]: ``probs`` at each draft token, 0 for absent drafts."""
-    values = probs.gather(1, draft_tokens.clamp_min(0))
+    index = draft_tokens.clamp_min(0)
+    values = probs.at(index) if isinstance(probs, SparseRows) else probs.gather(1, index)
     return torch.where(draft_tokens >= 0, values, 0)
 
 
@@ -509,6 +603,7 @@ __all__ = [
     "SUPPORT_SHARE",
     "DraftScheme",
     "EmissionPlan",
+    "SparseRows",
     "SupportRows",
     "VerificationResult",
     "Verifier",

@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (
 
 from hf_globalres.generation import SpeculativeLogitsProcessor
 from hf_globalres.generation.drafting import DraftSettings, draft_block, sample_children
-from hf_globalres.generation.processors import BatchView, call_as_batch
+from hf_globalres.generation.processors import BatchView, DraftLaw, call_as_batch, top_k_indices, truncated_softmax
 from hf_globalres.generation.timing import PhaseTimer
 from hf_globalres.generation.tree import (
     PendingTokens,
@@ -52,6 +52,51 @@ def test_truncated_probabilities_renormalise_the_top_k(generator):
     assert torch.equal(SpeculativeLogitsProcessor().probabilities(logits, top_k=16), full)
     greedy = SpeculativeLogitsProcessor(do_sample=False).probabilities(logits, top_k=5)
     assert torch.equal(greedy, torch.nn.functional.one_hot(logits.argmax(-1), 16).double())
+
+
+@pytest.mark.parametrize("vocab", [1000, 151_936, 70_001])
+def test_top_k_indices_are_the_rows_largest_scores(vocab, generator):
+    """The two-stage search (wide rows) finds the same entries as one ``topk``, ties and −inf included."""
+    scores = torch.randn(3, vocab, generator=generator).round(decimals=1)  # many ties
+    scores[1, 5000:] = float("-inf")
+    scores[2] = float("-inf")
+    scores[2, torch.randint(0, vocab, (20,), generator=generator)] = 1.0  # fewer finite entries than k
+    found = top_k_indices(scores, 64)
+    expected = scores.topk(64, dim=-1).values
+    assert found.shape == (3, 64) and (found.sort(-1).values.diff(dim=-1) > 0).all()  # distinct columns
+    assert torch.equal(scores.gather(1, found).sort(-1, descending=True).values, expected)
+
+
+def test_truncated_law_holds_the_same_values_on_its_support(generator):
+    scores = torch.randn(5, 151_936, generator=generator)
+    law = truncated_softmax(scores, 64)
+    assert torch.equal(law.probs.gather(1, law.support), law.weights)
+    assert ((law.probs > 0).sum(-1) == 64).all() and torch.allclose(
+        law.weights.sum(-1), torch.ones(5, dtype=torch.float64)
+    )
+    tokens = torch.cat([law.support[:, :2], scores.argmin(-1, keepdim=True)], dim=1)  # two held, one not
+    for rows in (law, DraftLaw(law.vocab_size, dense=law.probs)):
+        assert torch.equal(rows.map(lambda t: t[:, None].expand(-1, 3, -1)).at(tokens), law.probs.gather(1, tokens))
+        assert torch.equal(rows.rows() if rows.dense is not None else rows.rows().dense(), law.probs)
+    greedy = SpeculativeLogitsProcessor(do_sample=False).draft_law(scores, 64)
+    assert torch.equal(greedy.support[:, 0], scores.argmax(-1)) and torch.equal(
+        greedy.probs.sum(-1), torch.ones(5, dtype=torch.float64)
+    )
+
+
+def test_iid_children_from_the_support_follow_the_law():
+    """Draws read from a truncated law's support have the dense law (chi-square over the support)."""
+    scores = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(1))
+    law = truncated_softmax(scores, 6).map(lambda t: t[:, None].expand(-1, 4, -1))
+    parent, alive = torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(2)
+    draws = torch.cat([sample_children(law, parent, alive, "iid", generator)[0].flatten() for _ in range(5000)])
+    counts = torch.bincount(draws, minlength=VOCAB).double()
+    expected = law.probs[0, 0] * draws.numel()
+    assert (counts[expected == 0] == 0).all()
+    kept = expected > 0
+    chi2 = float(((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum())
+    assert chi2 < 25.7  # 99.9th percentile of chi-square with 5 degrees of freedom
 
 
 def test_processor_pads_narrow_logits_with_zero_probability(generator):
@@ -308,8 +353,10 @@ def test_children_of_an_expanded_law_equal_those_of_its_copies(scheme):
     expanded = law[:, None].expand(-1, 4, -1)
     parent = torch.zeros(2, 4, dtype=torch.long)
     alive = torch.tensor([[True, True, False, True], [True, True, True, True]])
-    view = sample_children(expanded, parent, alive, scheme, torch.Generator().manual_seed(3))
-    copies = sample_children(expanded.contiguous(), parent, alive, scheme, torch.Generator().manual_seed(3))
+    view = sample_children(DraftLaw(VOCAB, dense=expanded), parent, alive, scheme, torch.Generator().manual_seed(3))
+    copies = sample_children(
+        DraftLaw(VOCAB, dense=expanded.contiguous()), parent, alive, scheme, torch.Generator().manual_seed(3)
+    )
     assert expanded.stride(1) == 0
     assert torch.equal(view[0], copies[0]) and torch.equal(view[1], copies[1])
     assert len(set(view[0][alive].tolist())) > 1

@@ -325,6 +325,30 @@ def test_prompt_ids_outside_the_vocabulary_are_refused(target, draft):
     hf_globalres.generate(target, **inputs, assistant_model=draft, num_drafts=2, max_new_tokens=3)
 
 
+class NoFiniteScoreAfter(LogitsProcessor):
+    """Every score −inf (or NaN) in ``rows`` once the prefix is ``length`` tokens long: no law to sample there."""
+
+    def __init__(self, length: int, rows: list[int], value: float) -> None:
+        self.length, self.rows, self.value = length, rows, value
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] >= self.length:
+            scores = scores.clone()
+            scores[self.rows] = self.value
+        return scores
+
+
+@pytest.mark.parametrize("verifier", ["optimal", "spectr"])
+@pytest.mark.parametrize(("rows", "value"), [([0], float("-inf")), ([1], float("nan")), ([0, 1], float("-inf"))])
+def test_scores_with_no_finite_maximum_are_refused(target, draft, verifier, rows, value):
+    """The loop checks the laws itself (its verifier skips its input checks) and commits nothing from them."""
+    inputs = batch()
+    processors = LogitsProcessorList([NoFiniteScoreAfter(inputs["input_ids"].shape[1] + 2, rows, value)])
+    with pytest.raises(ValueError, match="no finite maximum"):
+        hf_globalres.generate(target, **inputs, assistant_model=draft, num_drafts=3, do_sample=True, max_new_tokens=8,
+                              logits_processor=processors, verifier=verifier)  # fmt: skip
+
+
 def test_empty_prompts_are_refused(target, draft):
     with pytest.raises(ValueError, match="a prompt is empty"):
         hf_globalres.generate(target, torch.zeros(1, 0, dtype=torch.long), assistant_model=draft, max_new_tokens=3)

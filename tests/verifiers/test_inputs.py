@@ -117,3 +117,15 @@ def test_empty_batch_gives_an_empty_result(name):
     result = rule.verify(q[:0], p[:0], x[:0, :n])
     assert result.token.shape == result.accepted.shape == result.draft_index.shape == (0,)
     assert rule.conditional(q[:0], p[:0], x[:0, :n]).shape == (0, 6)
+
+
+def test_unchecked_is_a_copy_that_skips_the_checks():
+    rule = verifiers.get("optimal")
+    unchecked = rule.unchecked()
+    assert rule.validate and not unchecked.validate and type(unchecked) is type(rule)
+    q = torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64)
+    p = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64)
+    x = torch.tensor([[1, 2]])
+    assert torch.allclose(unchecked.conditional(q, p, x), rule.conditional(q, p, x), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="sum to 1"):
+        rule.verify(q * 2, p, x)

@@ -70,3 +70,58 @@ def test_verify_draws_off_the_support_from_q(name: str) -> None:
                              torch.Generator().manual_seed(4))  # fmt: skip
     assert chi_square_pvalue(result.token, law) > 1e-3
     assert bool((result.accepted == (result.token == x[0, 0])).all())
+
+
+def sparse(p: torch.Tensor, extra: int, seed: int) -> base.SparseRows:
+    """p on its nonzero tokens plus ``extra`` zero-probability ones per row, shuffled (widest row first)."""
+    g = torch.Generator().manual_seed(seed)
+    width = int((p > 0).sum(-1).max()) + extra
+    keys = (p > 0).double() + torch.rand(p.shape, generator=g, dtype=torch.float64) / 2  # nonzeros rank first
+    tokens = keys.topk(width, dim=-1).indices[:, torch.randperm(width, generator=g)]
+    return base.SparseRows(tokens, p.gather(1, tokens), p.shape[1])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_sparse_rows_give_every_rule_its_law(name: str) -> None:
+    """p handed on its support (with extra zero-probability tokens, in any order): every rule keeps its law."""
+    verifier = verifiers.get(name)
+    q, p = sparse_rows([3, 7, 5, 6], seed=5)
+    for n in drafts_for(name):
+        x = draw_drafts(p, n, verifier.draft_scheme, torch.Generator().manual_seed(n))
+        whole = verifier.conditional(q, p, x)
+        for extra in (0, 3, VOCAB - 7):  # the last is wider than SUPPORT_SHARE · V: made dense
+            held = sparse(p, extra, seed=n)
+            assert torch.equal(held.dense(), p)
+            known = verifier.conditional(q, held, x)
+            assert torch.allclose(known, whole, rtol=0, atol=1e-12), (name, n, extra)
+
+
+@pytest.mark.parametrize("name", ["spectr", "optimal"])
+def test_verify_on_sparse_rows_draws_the_same_tokens(name: str) -> None:
+    verifier = verifiers.get(name)
+    q, p = sparse_rows([3, 7, 5, 6], seed=6)
+    x = draw_drafts(p, 4, verifier.draft_scheme, torch.Generator().manual_seed(7))
+    found = verifier.verify(q, p, x, torch.Generator().manual_seed(8))
+    held = verifier.verify(q, sparse(p, 0, seed=9), x, torch.Generator().manual_seed(8))
+    assert torch.equal(found.token, held.token) and torch.equal(found.draft_index, held.draft_index)
+
+
+def test_malformed_sparse_rows_are_refused() -> None:
+    verifier = verifiers.get("optimal")
+    q, p = sparse_rows([3, 5], seed=10)
+    x = draw_drafts(p, 2, "iid", torch.Generator().manual_seed(11))
+    held = sparse(p, 1, seed=12)
+    cases = [
+        (base.SparseRows(held.tokens.flip(-1)[:, :1].expand(-1, held.tokens.shape[1]), held.values, VOCAB), "repeats"),
+        (base.SparseRows(held.tokens + VOCAB, held.values, VOCAB), r"lie in \[0, 40\)"),
+        (base.SparseRows(held.tokens, held.values * 2, VOCAB), "sum to 1"),
+        (base.SparseRows(held.tokens[:, :2], held.values, VOCAB), "LongTensor shaped like"),
+        (base.SparseRows(held.tokens, held.values, VOCAB + 1), "differ in shape"),
+    ]
+    for rows, message in cases:
+        with pytest.raises(ValueError, match=message):
+            verifier.verify(q, rows, x)
+    moved = (held.values == 0).double() / (held.values == 0).sum(-1, keepdim=True)  # p's mass moved off the drafts
+    off = base.SparseRows(held.tokens, moved, VOCAB)
+    with pytest.raises(ValueError, match="zero draft probability"):  # the drafts are where p was, not where it is
+        verifier.verify(q, off, x)

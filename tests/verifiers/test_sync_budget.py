@@ -16,7 +16,7 @@ import torch
 
 from hf_globalres import _sync, rates, verifiers
 from hf_globalres.reference import enumerate_law
-from hf_globalres.verifiers.base import check_inputs
+from hf_globalres.verifiers.base import SparseRows, check_inputs
 from hf_globalres.verifiers.optimal import Optimal
 
 from ..syncs import accelerator_path, count_syncs
@@ -62,6 +62,10 @@ BUDGET = {
     # row falls back on |T| (no fit): 11.
     "global_resolution": 13,
 }
+
+
+#: The rules fitted per row (verifiers/_selection.py), whose reads follow the rows they fit.
+FITTED = {"khisti", "global_resolution", "optimal_without_replacement"}
 
 
 def rows(name: str, vocab: int, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,6 +125,27 @@ def test_optimal_reads_at_the_default_options_stay_few() -> None:
             p = p / p.sum(-1, keepdim=True)
             drafts = torch.multinomial(p, 4, replacement=True, generator=torch.Generator().manual_seed(1))
             assert reads(rule, q, p, drafts) <= 10
+
+
+@pytest.mark.parametrize("name", sorted(BUDGET))
+def test_sparse_draft_rows_verify_on_their_support_within_budget(name: str) -> None:
+    """Top-64 p handed as SparseRows on the accelerator path: the rule works on the support columns with
+    no read to find them (a dense p would need one), the law is the dense p's, the reads within budget
+    (the fitted rules' reads depend on which rows they fit, which the narrow support changes: counted
+    here for exactness only)."""
+    rule = verifiers.get(name, **OPTIONS.get(name, {}))
+    q, p, _ = rows(name, 5000, 8)
+    top = p.topk(64, -1).indices
+    held = SparseRows(top, p.gather(1, top) / p.gather(1, top).sum(-1, keepdim=True), 5000)
+    drafts = torch.multinomial(held.dense(), min(4, rule.max_drafts or 4), replacement=rule.draft_scheme == "iid",
+                               generator=torch.Generator().manual_seed(2))  # fmt: skip
+    count = reads(rule, q, held, drafts)
+    # + 1: the rows whose output lands in the column of the rest of q draw their token off the support
+    # (SupportRows.expand_tokens finds them, as verify finds the rows that drew from the residual).
+    assert count <= BUDGET[name] + 1 or name in FITTED
+    with accelerator_path():
+        sparse_law = rule.conditional(q, held, drafts)
+    assert torch.allclose(sparse_law, rule.conditional(q, held.dense(), drafts), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize(
