@@ -228,7 +228,8 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     rows, vocab = scores.shape
     if vocab < 8 * k * TOP_K_CHUNK:
         return scores.topk(k, dim=-1).indices
-    padded = torch.nn.functional.pad(scores, (0, -vocab % TOP_K_CHUNK), value=float("-inf"))
+    padding = -vocab % TOP_K_CHUNK  # 0 for Qwen2's 151,936 = 64 · 2,374
+    padded = torch.nn.functional.pad(scores, (0, padding), value=float("-inf")) if padding else scores.contiguous()
     chunks = padded.view(rows, -1, TOP_K_CHUNK).amax(-1).topk(k, dim=-1).indices  # [N, k]
     offsets = torch.arange(TOP_K_CHUNK, device=scores.device)
     candidates = (chunks[..., None] * TOP_K_CHUNK + offsets).view(rows, -1)  # [N, k · chunk]
