@@ -17,7 +17,7 @@ reproduce greedy decoding token for token.
 
 Rows of different lengths (tree nodes at different depths, batch rows that
 accepted different numbers of tokens) are processed in groups of equal length
-(:meth:`SpeculativeLogitsProcessor.ragged_distribution`): length-dependent
+(:meth:`SpeculativeLogitsProcessor.ragged_scores`): length-dependent
 processors (``min_new_tokens``, exponential decay, ngram bans) then see exactly
 the ``input_ids`` that plain ``generate`` would have shown them. Processors
 that only reshape each row of scores (temperature, top-k, top-p, min-p, ...:
@@ -411,20 +411,6 @@ class SpeculativeLogitsProcessor(LogitsProcessor):
             scores[entries] = processed
         return scores
 
-    def ragged_distribution(
-        self,
-        contexts: torch.LongTensor,
-        lengths: torch.Tensor,
-        logits: torch.Tensor,
-        batch_rows: torch.Tensor | None = None,
-        batch_tokens: torch.LongTensor | None = None,
-        *,
-        host: HostRows | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`distribution` for prefixes of different lengths: scores, probs [N, V] (see :meth:`ragged_scores`)."""
-        scores = self.ragged_scores(contexts, lengths, logits, batch_rows, batch_tokens, host=host)
-        return scores, self.probabilities(scores)
-
     def view_scores(self, view: BatchView, logits: torch.Tensor, ahead: int = 0) -> torch.Tensor:
         """:meth:`ragged_scores` after the prefixes ``view.contexts[i, :view.lengths[i] + ahead]``."""
         lengths = view.lengths + ahead if ahead else view.lengths
@@ -434,7 +420,7 @@ class SpeculativeLogitsProcessor(LogitsProcessor):
     def view_distribution(
         self, view: BatchView, logits: torch.Tensor, ahead: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`ragged_distribution` after the prefixes ``view.contexts[i, :view.lengths[i] + ahead]``."""
+        """Scores and probabilities [N, V] after the prefixes ``view.contexts[i, :view.lengths[i] + ahead]``."""
         scores = self.view_scores(view, logits, ahead)
         return scores, self.probabilities(scores)
 

@@ -123,7 +123,7 @@ def test_ragged_processing_matches_full_batch_calls(generator):
     lengths = torch.tensor([5, 7, 5, 9])
     rows = torch.tensor([0, 2, 0, 1])  # two entries in row 0: separate calls
     logits = torch.randn(4, 16, generator=generator)
-    scores, _ = component.ragged_distribution(contexts, lengths, logits, rows, background)
+    scores = component.ragged_scores(contexts, lengths, logits, rows, background)
     for i in range(4):
         ids = background[:, : lengths[i]].clone()
         ids[rows[i]] = contexts[i, : lengths[i]]

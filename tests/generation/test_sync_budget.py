@@ -225,9 +225,9 @@ def test_grouping_with_host_lengths_reads_nothing():
     rows = torch.tensor([0, 2, 0, 1])
     logits = torch.randn(4, 16, generator=generator)
     component = SpeculativeLogitsProcessor(LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.8)]))
-    expected, _ = component.ragged_distribution(contexts, lengths, logits, rows, contexts[:3])
+    expected = component.ragged_scores(contexts, lengths, logits, rows, contexts[:3])
     with accelerator_path(), SyncCounter() as counter:
-        scores, _ = component.ragged_distribution(
+        scores = component.ragged_scores(
             contexts, lengths, logits, rows, contexts[:3], host=HostRows([5, 7, 5, 9], [0, 2, 0, 1])
         )
         calls = list(
@@ -257,7 +257,8 @@ def test_row_wise_processors_run_once_over_every_length(generator, monkeypatch):
         return temperature(self, input_ids, scores)
 
     monkeypatch.setattr(TemperatureLogitsWarper, "__call__", recorded)
-    scores, probs = component.ragged_distribution(contexts, lengths, logits)
+    scores = component.ragged_scores(contexts, lengths, logits)
+    probs = component.probabilities(scores)
     assert rows_per_call == [5]  # one call over all five entries
     for i in range(5):
         alone = warpers(contexts[i : i + 1, : lengths[i]], logits[i : i + 1])
