@@ -12,10 +12,11 @@ budget (``--budget``, 450 s by default) stops the optional ones (3-6) before 8 m
    drawn without replacement, ``optimal`` with ``bins=64`` so V = 5000 takes its grouped-weight path);
    max |difference| against a tolerance that allows different Newton iteration counts (1e-6).
 3. ``verify_timing``: ``verify`` at V = 152064, n = 4, B ∈ {1, 8, 64}, full support and top-k support
-   (k ∈ {64, 1000}): median of ≥ 10 timed calls after a warm-up (``torch.cuda.synchronize``), peak memory
-   above the inputs (``torch.cuda.max_memory_allocated``), host reads (a dispatch-mode counter) and
-   synchronisations (``torch.cuda.set_sync_debug_mode("warn")``). A combination a rule refuses, or one
-   whose warm-up at a smaller B predicts more time than the budget affords, is recorded with the reason.
+   (k ∈ {64, 1000}, p handed on its k tokens as ``verifiers.SparseRows``, as the generate loop does):
+   median of ≥ 10 timed calls after a warm-up (``torch.cuda.synchronize``), peak memory above the inputs
+   (``torch.cuda.max_memory_allocated``), host reads (a dispatch-mode counter) and synchronisations
+   (``torch.cuda.set_sync_debug_mode("warn")``). A combination a rule refuses, or one whose warm-up at a
+   smaller B predicts more time than the budget affords, is recorded with the reason.
 4. ``profile``: ``torch.profiler`` summary of ``optimal.verify`` at B = 64, top-1000: kernel launches,
    time in ``cudaStreamSynchronize`` / ``cudaMemcpy*``, the 10 kernels with the most device time.
 5. ``block_loop``: random-weight models of real sizes (a Qwen2-7B-like target, a Qwen2-0.5B-like draft,
@@ -191,6 +192,14 @@ def random_case(
     return laws[0], laws[1]
 
 
+def held_on_support(p: torch.Tensor, support: int | None) -> torch.Tensor | verifiers.SparseRows:
+    """p as the generate loop hands it to a verifier: with a top-k ``support``, on its k tokens (SparseRows)."""
+    if support is None:
+        return p
+    tokens = p.topk(support, dim=-1).indices
+    return verifiers.SparseRows(tokens, p.gather(1, tokens), p.shape[1])
+
+
 def draw_drafts(rule: verifiers.Verifier, p: torch.Tensor, seed: int) -> torch.Tensor:
     """[B, n] drafts from p under the rule's draft scheme, n = 4 (or the rule's maximum, if lower)."""
     n = min(NUM_DRAFTS, rule.max_drafts or NUM_DRAFTS)
@@ -345,16 +354,22 @@ def section_agreement(ctx: Context) -> dict[str, Any]:
 # 3. verify: time, memory, host reads
 
 
-def time_verify(name: str, q: torch.Tensor, p: torch.Tensor, ctx: Context) -> dict[str, Any]:
-    """One rule on one (B, support) case: median time, peak memory, host reads; a refusal is recorded."""
+def time_verify(
+    name: str, q: torch.Tensor, p: torch.Tensor, ctx: Context, support: int | None = None
+) -> dict[str, Any]:
+    """One rule on one (B, support) case: median time, peak memory, host reads; a refusal is recorded.
+
+    A top-k p is handed over on its support (:func:`held_on_support`), as the generate loop does.
+    """
     options = rule_options(name, ctx.sizes)
     rule = verifiers.get(name, **options)
     drafts = draw_drafts(rule, p, seed=7)
+    held = held_on_support(p, support)
     g = torch.Generator(device=ctx.device).manual_seed(0)
     row: dict[str, Any] = {"verifier": name, "n": drafts.shape[1], "options": options}
 
     def call() -> Any:
-        return rule.verify(q, p, drafts, generator=g)
+        return rule.verify(q, held, drafts, generator=g)
 
     try:
         times, warm = timed_calls(call, ctx.device, ctx.sizes)
@@ -400,13 +415,14 @@ def section_verify_timing(ctx: Context) -> dict[str, Any]:
                     "batch": batch,
                     "vocab": ctx.sizes.vocab,
                     "support": support or ctx.sizes.vocab,
+                    "draft_probs": "dense" if support is None else "SparseRows",
                 }
                 reason = budget_skip(ctx, warmups.get((name, support)), batch)
                 if reason is not None:
                     rows.append({**case, "skipped": reason})
                     continue
                 try:
-                    rows.append({**case, **time_verify(name, q, p, ctx)})
+                    rows.append({**case, **time_verify(name, q, p, ctx, support)})
                 except Exception as error:
                     rows.append({**case, "error": error_text(error)})
                     if ctx.device.type == "cuda":
@@ -468,6 +484,7 @@ def section_profile(ctx: Context) -> dict[str, Any]:
     q, p = random_case(batch, ctx.sizes.vocab, support, ctx.device, seed=11)
     rule = verifiers.get("optimal")
     drafts = draw_drafts(rule, p, seed=12)
+    p = held_on_support(p, support)
     g = torch.Generator(device=ctx.device).manual_seed(0)
     rule.verify(q, p, drafts, generator=g)  # warm-up: allocator, kernels' first launch
     synchronize(ctx.device)
