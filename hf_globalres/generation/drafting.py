@@ -232,7 +232,7 @@ def sample_children(
     """
     if scheme == "iid":
         tokens = _iid_draws(law.entries, generator)
-        tokens = tokens if law.support is None else law.support.gather(-1, tokens[..., None])[..., 0]
+        tokens = tokens if law.sparse is None else law.sparse.tokens.gather(-1, tokens[..., None])[..., 0]
         return torch.where(alive, tokens, 0), alive
     probs = law.probs
     _, n, vocab = probs.shape

@@ -235,14 +235,14 @@ class Verifier(ABC):
 
 @dataclass(frozen=True)
 class SparseRows:
-    """Probability rows [B, V] held on k tokens each: ``values`` at ``tokens``, 0 at every other token.
+    """Probability rows [..., V] held on k tokens each: ``values`` at ``tokens``, 0 at every other token.
 
-    A truncated draft law (64 of 152k tokens) handed to a verifier this way costs
-    it no pass over V for p (:class:`SupportRows`), and no [B, V] tensor for p is built.
+    A truncated draft law (64 of 152k tokens) handed to a verifier this way ([B, k])
+    costs it no pass over V for p (:class:`SupportRows`), and no [B, V] tensor for p is built.
 
     Attributes:
-        tokens: [B, k] LongTensor, distinct within each row.
-        values: [B, k] floating, the rows' entries at ``tokens``.
+        tokens: [..., k] LongTensor, distinct within each row.
+        values: [..., k] floating, the rows' entries at ``tokens``.
         vocab_size: V.
     """
 
@@ -252,8 +252,8 @@ class SparseRows:
 
     @property
     def shape(self) -> torch.Size:
-        """[B, V], the rows' dense shape."""
-        return torch.Size((self.values.shape[0], self.vocab_size))
+        """[..., V], the rows' dense shape."""
+        return torch.Size((*self.values.shape[:-1], self.vocab_size))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -264,14 +264,18 @@ class SparseRows:
         return self.values.device
 
     def dense(self) -> torch.Tensor:
-        """[B, V]: the rows over the whole vocabulary."""
+        """[..., V]: the rows over the whole vocabulary."""
         rows = self.values.new_zeros(self.shape)
-        return rows.scatter_(1, self.tokens, self.values)
+        return rows.scatter_(-1, self.tokens, self.values)
 
     def at(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, m]: the rows' entries at ``tokens`` [B, m] (ids in [0, V))."""
-        match = self.tokens[:, None, :] == tokens[:, :, None]
-        return torch.where(match, self.values[:, None, :], 0).sum(-1)
+        """[..., m]: the rows' entries at ``tokens`` [..., m] (ids in [0, V))."""
+        match = self.tokens[..., None, :] == tokens[..., :, None]
+        return torch.where(match, self.values[..., None, :], 0).sum(-1)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SparseRows:
+        """The rows with ``fn`` applied to ``tokens`` and ``values`` (an index or expansion of leading dimensions)."""
+        return SparseRows(fn(self.tokens), fn(self.values), self.vocab_size)
 
 
 def dense(probs: torch.Tensor | SparseRows) -> torch.Tensor:

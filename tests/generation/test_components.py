@@ -70,16 +70,16 @@ def test_top_k_indices_are_the_rows_largest_scores(vocab, generator):
 def test_truncated_law_holds_the_same_values_on_its_support(generator):
     scores = torch.randn(5, 151_936, generator=generator)
     law = truncated_softmax(scores, 64)
-    assert torch.equal(law.probs.gather(1, law.support), law.weights)
+    assert torch.equal(law.probs.gather(1, law.sparse.tokens), law.sparse.values)
     assert ((law.probs > 0).sum(-1) == 64).all() and torch.allclose(
-        law.weights.sum(-1), torch.ones(5, dtype=torch.float64)
+        law.sparse.values.sum(-1), torch.ones(5, dtype=torch.float64)
     )
-    tokens = torch.cat([law.support[:, :2], scores.argmin(-1, keepdim=True)], dim=1)  # two held, one not
-    for rows in (law, DraftLaw(law.vocab_size, dense=law.probs)):
+    tokens = torch.cat([law.sparse.tokens[:, :2], scores.argmin(-1, keepdim=True)], dim=1)  # two held, one not
+    for rows in (law, DraftLaw(dense=law.probs)):
         assert torch.equal(rows.map(lambda t: t[:, None].expand(-1, 3, -1)).at(tokens), law.probs.gather(1, tokens))
         assert torch.equal(rows.rows() if rows.dense is not None else rows.rows().dense(), law.probs)
     greedy = SpeculativeLogitsProcessor(do_sample=False).draft_law(scores, 64)
-    assert torch.equal(greedy.support[:, 0], scores.argmax(-1)) and torch.equal(
+    assert torch.equal(greedy.sparse.tokens[:, 0], scores.argmax(-1)) and torch.equal(
         greedy.probs.sum(-1), torch.ones(5, dtype=torch.float64)
     )
 
@@ -353,9 +353,9 @@ def test_children_of_an_expanded_law_equal_those_of_its_copies(scheme):
     expanded = law[:, None].expand(-1, 4, -1)
     parent = torch.zeros(2, 4, dtype=torch.long)
     alive = torch.tensor([[True, True, False, True], [True, True, True, True]])
-    view = sample_children(DraftLaw(VOCAB, dense=expanded), parent, alive, scheme, torch.Generator().manual_seed(3))
+    view = sample_children(DraftLaw(dense=expanded), parent, alive, scheme, torch.Generator().manual_seed(3))
     copies = sample_children(
-        DraftLaw(VOCAB, dense=expanded.contiguous()), parent, alive, scheme, torch.Generator().manual_seed(3)
+        DraftLaw(dense=expanded.contiguous()), parent, alive, scheme, torch.Generator().manual_seed(3)
     )
     assert expanded.stride(1) == 0
     assert torch.equal(view[0], copies[0]) and torch.equal(view[1], copies[1])
