@@ -104,9 +104,6 @@ class Verifier(ABC):
     draft_scheme: ClassVar[DraftScheme] = "iid"
     max_drafts: ClassVar[int | None] = None
     normalizes_inputs: ClassVar[bool] = True
-    #: Run the rule on the support of p when it is narrow (:class:`SupportRows`); False for a rule
-    #: that restricts itself to the support.
-    verifies_on_support: ClassVar[bool] = True
 
     def __init__(self, *, validate: bool = True) -> None:
         self.validate = validate
@@ -139,7 +136,7 @@ class Verifier(ABC):
         q, p, x = self.prepare(target_probs, draft_probs, draft_tokens)
         if x.shape[0] == 0:  # an empty batch has an empty law
             return q.new_zeros(q.shape)
-        support = SupportRows.of(q, p, x) if self.verifies_on_support else None
+        support = SupportRows.of(q, p, x)
         if support is None:
             return self._law(q, dense(p), x)
         return support.expand_law(self._law(support.q, support.p, support.drafts), q)
@@ -171,7 +168,7 @@ class Verifier(ABC):
         if x.shape[0] == 0:  # an empty batch verifies to an empty result
             empty = x.new_zeros(0)
             return VerificationResult(token=empty, accepted=empty.bool(), draft_index=empty)
-        support = SupportRows.of(q, p, x) if self.verifies_on_support else None
+        support = SupportRows.of(q, p, x)
         if support is None:
             token = self._sample(q, dense(p), x, generator)
         else:

@@ -352,7 +352,6 @@ class Optimal(Verifier):
     name = "optimal"
     draft_scheme = "iid"
     normalizes_inputs = False  # the solve works on q / Σq and p restricted to supp p, renormalised there
-    verifies_on_support = False  # _tier_problems restricts the rows to supp p itself
 
     def __init__(
         self,
