@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
+from collections.abc import Callable
 
 import torch
 
@@ -83,35 +85,120 @@ def enumerate_law(
     return marginal, acceptance, emitted
 
 
+def enumerate_block_tokens(
+    verifier,
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    child_target_probs: torch.Tensor,
+    child_draft_probs: torch.Tensor,
+    num_drafts: int,
+) -> float:
+    """Exact expected tokens per block of ``verifier`` at every node of the tree of :func:`block_limit_lp`.
+
+    ``1 + Σ_x P(x) Σ_{y ∈ x} P(Y = y | x) (1 + α(q_y, p_y, m_y(x)))``, with ``α`` the rule's
+    ``P(Y ∈ drafts)`` at the child of y against its ``m_y(x)`` drafts (:func:`enumerate_law`).
+    """
+    q = target_probs.double().reshape(1, -1)
+    p = draft_probs.double().reshape(1, -1)
+    tuples, weights = draft_tuples(p[0], num_drafts, verifier.draft_scheme)
+    law = verifier.conditional(q.expand(tuples.shape[0], -1), p.expand(tuples.shape[0], -1), tuples)
+    below: dict[tuple[int, int], float] = {}
+    total = 1.0
+    for combo, weight, row in zip(tuples.tolist(), weights.tolist(), law, strict=True):
+        for token, times in collections.Counter(token for token in combo if token >= 0).items():
+            if (token, times) not in below:
+                child = enumerate_law(verifier, child_target_probs[token], child_draft_probs[token], times)
+                below[token, times] = float(child[1])
+            total += weight * float(row[token]) * (1 + below[token, times])
+    return total
+
+
 def transport_lp(
-    target_probs: torch.Tensor, draft_probs: torch.Tensor, num_drafts: int, scheme: DraftScheme = "iid"
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    num_drafts: int,
+    scheme: DraftScheme = "iid",
+    gain: Callable[[int, int], float] | None = None,
 ) -> float:
     """Optimal acceptance of one row by the transport LP over draft tuples (scipy HiGHS).
 
     Variables ``π(t, y) ≥ 0`` for tuple ``t`` and output ``y``;
     ``Σ_y π(t, y) = P(t)``, ``Σ_t π(t, y) = q(y)``; maximise
-    ``Σ_{t, y ∈ t} π(t, y)``. Size ``T·V``: keep ``V^n`` small.
+    ``Σ_{t, y ∈ t} π(t, y) g(y, m_y(t))``, with ``m_y(t)`` the number of drafts
+    in ``t`` that show ``y`` and ``g`` = ``gain`` (default 1: the acceptance; a
+    ``g`` increasing in m values the drafts left below the accepted token, as
+    ``optimal_block`` does, docs/design.md §4.7). Size ``T·V``: keep ``V^n`` small.
     """
+    import numpy as np
+
+    q = target_probs.double().cpu().reshape(-1)
+    tuples, weights = draft_tuples(draft_probs.reshape(-1), num_drafts, scheme)
+    value = np.zeros((tuples.shape[0], q.shape[0]))
+    for row, combo in enumerate(tuples.tolist()):
+        for token, times in collections.Counter(token for token in combo if token >= 0).items():
+            value[row, token] = 1.0 if gain is None else gain(token, times)
+    return _best_coupling(value, weights.numpy(), (q / q.sum()).numpy())
+
+
+def block_limit_lp(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    child_target_probs: torch.Tensor,
+    child_draft_probs: torch.Tensor,
+    num_drafts: int,
+) -> float:
+    """The most tokens per block any lossless rule emits on a two-level i.i.d. draft tree (scipy HiGHS).
+
+    The root has laws q, p [V]; the child of token y has ``child_target_probs[y]``,
+    ``child_draft_probs[y]`` [V, V]. A tree ``T`` is n root drafts ``x_i ~ p`` and, on
+    each branch, one draft ``z_i ~ p_{x_i}`` below it. A lossless rule couples ``T``
+    with the output pair ``(y_1, y_2) ~ q(y_1) q_{y_1}(y_2)``, jointly over the whole
+    tree (a rule that looks below a node is allowed here: this is the limit), and the
+    block emits ``1 + [y_1 ∈ x] (1 + [some branch has (x_i, z_i) = (y_1, y_2)])`` tokens.
+    Size ``V^{2n} · V²`` variables: V ≤ 4, n ≤ 3.
+    """
+    import numpy as np
+
+    q, p = target_probs.double().cpu().reshape(-1), draft_probs.double().cpu().reshape(-1)
+    child_q, child_p = child_target_probs.double().cpu(), child_draft_probs.double().cpu()
+    q, child_q = q / q.sum(), child_q / child_q.sum(-1, keepdim=True)
+    vocab = q.shape[0]
+    roots, root_weights = draft_tuples(p, num_drafts)
+    trees, weights = [], []
+    child_p = child_p / child_p.sum(-1, keepdim=True)
+    for root, root_weight in zip(roots.tolist(), root_weights.tolist(), strict=True):
+        for below in itertools.product(range(vocab), repeat=num_drafts):
+            branches = list(zip(root, below, strict=True))
+            weight = root_weight * math.prod(float(child_p[x, z]) for x, z in branches)
+            if weight > 0:
+                trees.append(branches)
+                weights.append(weight)
+    value = np.ones((len(trees), vocab, vocab))  # the recovered or bonus token
+    for row, branches in enumerate(trees):
+        for x in {x for x, _ in branches}:
+            value[row, x, :] += 1.0  # y_1 accepted
+        for x, z in set(branches):
+            value[row, x, z] += 1.0  # and y_2 below it
+    demand = (q[:, None] * child_q).reshape(-1).numpy()
+    weights_np = np.asarray(weights)
+    return _best_coupling(value.reshape(len(trees), -1), weights_np / weights_np.sum(), demand)
+
+
+def _best_coupling(value, supply, demand) -> float:
+    """``max Σ π value`` over couplings ``π`` [T, O] ≥ 0 with row sums ``supply`` [T] and column sums ``demand`` [O]."""
     import numpy as np
     from scipy.optimize import linprog
     from scipy.sparse import coo_matrix
 
-    q = target_probs.double().cpu().reshape(-1)
-    q = (q / q.sum()).numpy()
-    tuples, weights = draft_tuples(draft_probs.reshape(-1), num_drafts, scheme)
-    count, vocab = tuples.shape[0], q.shape[0]
-    index = np.arange(count * vocab).reshape(count, vocab)
-    gain = np.zeros((count, vocab))
-    for row, combo in enumerate(tuples.tolist()):
-        gain[row, [token for token in combo if token >= 0]] = 1.0
-    rows = np.concatenate([np.repeat(np.arange(count), vocab), count + np.tile(np.arange(vocab), count)])
+    count, outputs = value.shape
+    index = np.arange(count * outputs).reshape(count, outputs)
+    rows = np.concatenate([np.repeat(np.arange(count), outputs), count + np.tile(np.arange(outputs), count)])
     cols = np.concatenate([index.reshape(-1), index.reshape(-1)])
-    equality = coo_matrix((np.ones_like(rows, dtype=float), (rows, cols)), shape=(count + vocab, count * vocab))
-    rhs = np.concatenate([weights.numpy(), q])
+    equality = coo_matrix((np.ones_like(rows, dtype=float), (rows, cols)), shape=(count + outputs, count * outputs))
     result = linprog(
-        -gain.reshape(-1),
+        -value.reshape(-1),
         A_eq=equality.tocsr(),
-        b_eq=rhs,
+        b_eq=np.concatenate([supply, demand]),
         bounds=(0, None),
         method="highs",
         options={"presolve": False, "primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10},

@@ -258,6 +258,51 @@ def race_law(problems: RaceProblems, alpha: torch.Tensor, step: float, chunk: in
     return law
 
 
+def race_law_by_count(
+    problems: RaceProblems, alpha: torch.Tensor, step: float, classes: int, chunk: int | None = None
+) -> torch.Tensor:
+    """``B_{y,m}`` [P, S, N]: the chance that y wins the race at ``alpha`` while exactly m draws show y.
+
+    ``N`` = ``classes``, at least the most draws of any problem (from shapes: no host read);
+    entry ``m − 1`` holds m. With
+    ``A_yk = p_y e^{−x_yk}`` (``x_yk = t_k w_y``) the draws that show y and the
+    others' survival ``M_k − A_yk`` (docs/design.md §4.7),
+
+        B_{y,m} = C(n, m) m Σ_k ω_k x_yk A_yk^m (M_k − A_yk)^{n−m},
+
+    which sums over m to :func:`race_law`'s ``b_y = n p_y Σ_k ω_k x_yk e^{−x_yk} M_k^{n−1}``.
+    Slots are taken in blocks of at most ``chunk`` [P, ·, K, N] elements (``LAW_CHUNK``).
+    """
+    tier = problems.tier
+    alpha = torch.where(tier, alpha, 0)
+    t, quad = quadrature_nodes(problems, alpha, step)
+    rate = torch.exp(alpha)
+    p = problems.draft_mass
+    n = problems.num_draws
+    size, width, nodes = p.shape[0], p.shape[1], t.shape[1]
+    most = max(classes, 1)
+    count = torch.arange(1, most + 1, dtype=p.dtype, device=p.device)  # m, [N]
+    rest = n[:, None] - count  # n − m, [P, N]
+    ways = torch.where(
+        rest >= 0,
+        count * torch.exp(torch.lgamma(n[:, None] + 1) - torch.lgamma(count + 1) - torch.lgamma(rest.clamp_min(0) + 1)),
+        0,
+    )  # C(n, m) m, [P, N]
+    survive = problems.background[:, None].expand(size, nodes).clone()  # M_k
+    blocks = slot_blocks(p, width, size * nodes * most, LAW_CHUNK if chunk is None else chunk)
+    for block in blocks:
+        _, clock = _clocks(t, rate, block)
+        survive += torch.bmm(p[:, None, block], clock)[:, 0]
+    law = p.new_empty(size, width, most)
+    for block in blocks:
+        x, clock = _clocks(t, rate, block)
+        shows = (clock * p[:, block, None])[..., None]  # A, [P, ·, K, 1]
+        others = (survive[:, None, :] - shows[..., 0]).clamp_min(0)[..., None]
+        terms = shows.pow(count) * others.pow(rest.clamp_min(0)[:, None, None, :])  # [P, ·, K, N]
+        law[:, block] = torch.einsum("pskm,psk,pk->psm", terms, x, quad) * ways[:, None, :]
+    return law
+
+
 def clock_derivatives(s: torch.Tensor, order: int) -> torch.Tensor:
     """[..., order + 1]: ``D^j e^{−s}`` for j = 0..order, with ``D = s d/ds``.
 

@@ -29,6 +29,7 @@ BATCHES = (1, 8)
 #: 2 · bins slots), at V = 50 Newton at the slot width.
 OPTIONS = {
     "optimal": {"max_iters": 3, "tol": 1e-300, "bins": 64},
+    "optimal_block": {"max_iters": 3, "tol": 1e-300, "bins": 64},
     "khisti": {"max_iters": 3},
     "global_resolution": {"max_iters": 3},
 }
@@ -43,6 +44,9 @@ BUDGET = {
     # convergence is read every _sync.CHECK_EVERY Newton iterations, so never at max_iters = 3.
     # The other tier's solve on rejection reads nothing either.
     "optimal": 3,
+    # As optimal: the multiplicity classes are the draft columns (a shape), and rows whose drafts all
+    # agree are found only where reads are cheap.
+    "optimal_block": 3,
     "single": 2,
     "rrs": 2,
     "rrs_without_replacement": 2,
