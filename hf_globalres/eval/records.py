@@ -32,6 +32,9 @@ METHOD_KINDS: tuple[MethodKind, ...] = ("autoregressive", "assisted", "multidraf
 
 #: The rule the suite's checks are about, and the single-draft rule it is measured against.
 REFERENCE_VERIFIER = "optimal"
+#: ``optimal`` spending its acceptance for longer blocks (docs/design.md §4.7): the checks that ask
+#: whether ``optimal`` makes blocks as long as any rule leave it out; ``block_gain_same_trees`` measures it.
+BLOCK_VERIFIER = "optimal_block"
 BASELINE_VERIFIER = "single"
 #: The ``same_trees`` entry of ``single`` scored on each tree's first branch (a chain drafted as n = 1).
 FIRST_BRANCH_SINGLE = "single (first branch)"
@@ -498,7 +501,13 @@ def as_row(row: SummaryRow | Mapping[str, Any]) -> SummaryRow:
 #: Checks that estimate the standard error of their value: their JSON always carries "stderr" (null where
 #: it cannot be estimated); the other checks carry none.
 CHECKS_WITH_STDERR = frozenset(
-    {"best_verifier", "other_draft_scheme", "best_verifier_same_trees", "acceptance_vs_optimum"}
+    {
+        "best_verifier",
+        "other_draft_scheme",
+        "best_verifier_same_trees",
+        "block_gain_same_trees",
+        "acceptance_vs_optimum",
+    }
 )
 
 
@@ -555,6 +564,7 @@ def as_finding(finding: Finding | Mapping[str, Any]) -> Finding:
 
 __all__ = [
     "BASELINE_VERIFIER",
+    "BLOCK_VERIFIER",
     "CHECKS_WITH_STDERR",
     "FIRST_BRANCH_SINGLE",
     "METHOD_KINDS",

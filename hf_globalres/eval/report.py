@@ -41,6 +41,7 @@ from .metrics import (
     within_noise,
 )
 from .records import (
+    BLOCK_VERIFIER,
     FIRST_BRANCH_SINGLE,
     DepthSummary,
     Finding,
@@ -194,13 +195,16 @@ def check_rows(rows: Sequence[SummaryRow]) -> list[Finding]:
        also on complete blocks (``gain_over_single_complete_blocks``);
     2. ``best_verifier``: whether ``optimal`` has the highest block efficiency among the
        verifiers of its draft scheme (i.i.d. drafts) at its n and L (the difference to the
-       best rival, with the standard error of that difference over prompts);
+       best rival, with the standard error of that difference over prompts), ``optimal_block``
+       (which spends ``optimal``'s acceptance for longer blocks) left out;
        ``other_draft_scheme``: the same difference to the best verifier that drafts otherwise
        (without replacement), with no verdict: those rules see other drafts, whose optimum
        ``α*_wor`` is not ``α*``;
     3. ``best_verifier_same_trees`` (runs with ``same_trees``): ``optimal``'s expected tokens
        per block minus the best other rule's on the same trees, with the paired standard
-       error; ``gain_over_single_same_trees``: its ratio to ``single`` on each tree's first branch;
+       error (``optimal_block`` left out); ``block_gain_same_trees``: ``optimal_block``'s minus
+       ``optimal``'s, with no verdict; ``gain_over_single_same_trees``: ``optimal``'s ratio to
+       ``single`` on each tree's first branch;
     4. ``acceptance_vs_optimum``: measured acceptance over the theoretical optimum on the same
        positions (the floor for ``optimal``: within 2 %), with a bound on its standard error.
 
@@ -256,6 +260,7 @@ def _best_verifier(where: _Where, row: SummaryRow, group: list[SummaryRow]) -> l
         if r.method.kind == "multidraft"
         and (r.method.num_drafts, r.method.length) == (method.num_drafts, method.length)
         and r is not row
+        and r.method.verifier != BLOCK_VERIFIER
     ]
     out = []
     for check, scheme_rivals in (
@@ -279,11 +284,14 @@ def _same_tree_findings(where: _Where, row: SummaryRow) -> list[Finding]:
     if same is None or not row.method.is_reference_rule:
         return []
     out = []
-    rivals = [name for name in same.difference if name != FIRST_BRANCH_SINGLE]
+    rivals = [name for name in same.difference if name not in (FIRST_BRANCH_SINGLE, BLOCK_VERIFIER)]
     if rivals:
         best = min(rivals, key=lambda name: same.difference[name])
         gap, stderr = same.difference[best], same.difference_stderr[best]
         out.append(_finding(where, "best_verifier_same_trees", row, gap, against=best, stderr=stderr, passed=gap >= 0))
+    if BLOCK_VERIFIER in same.difference:
+        gain, stderr = -same.difference[BLOCK_VERIFIER], same.difference_stderr[BLOCK_VERIFIER]
+        out.append(_finding(where, "block_gain_same_trees", row, gain, against=BLOCK_VERIFIER, stderr=stderr))
     if FIRST_BRANCH_SINGLE in same.tokens_per_block and row.method.verifier is not None:
         gain = same.tokens_per_block[row.method.verifier] / same.tokens_per_block[FIRST_BRANCH_SINGLE]
         out.append(_finding(where, "gain_over_single_same_trees", row, gain, against=FIRST_BRANCH_SINGLE))

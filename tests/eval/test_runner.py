@@ -364,9 +364,12 @@ def test_same_tree_scores(tiny_pair_dirs, tmp_path):
     assert same["difference"]["rrs"] == pytest.approx((total["optimal"] - total["rrs"]) / same["blocks"])
     assert same["prompts"] == 2 and same["difference_stderr"]["rrs"] is not None
     checks = {f["check"]: f for f in summary["findings"] if f["method"] == "optimal n=3 L=3"}
-    best = max(iid - {"optimal"}, key=lambda name: same["tokens_per_block"][name])
+    best = max(iid - {"optimal", "optimal_block"}, key=lambda name: same["tokens_per_block"][name])
     assert checks["best_verifier_same_trees"]["against"] == best
     assert checks["best_verifier_same_trees"]["passed"] == (same["difference"][best] >= 0)
+    block = checks["block_gain_same_trees"]
+    assert block["against"] == "optimal_block" and block["value"] == pytest.approx(-same["difference"]["optimal_block"])
+    assert block["stderr"] is not None and block.get("passed") is None
     assert "gain_over_single_same_trees" in checks
     report = (run_dir / "report.md").read_text()
     assert "## Same draft trees" in report and "single (first branch)" in report
