@@ -29,20 +29,15 @@ SETTINGS = [(3, 2), (3, 3), (4, 2), (4, 3)]
 RULES = ["single", "spectr", "khisti", "optimal", "optimal_block"]
 
 
-def random_law(shape: tuple[int, ...], spread: float, generator: torch.Generator) -> torch.Tensor:
-    """Float64 rows ``softmax(spread · z)``, z standard normal."""
-    return torch.softmax(spread * torch.randn(shape, generator=generator, dtype=torch.float64), -1)
-
-
-def node_limit(q, p, child_q, child_p, n: int) -> float:
+def node_limit(tree: reference.TwoLevelTree, n: int) -> float:
     """The root's best coupling when accepting y with m drafts is worth ``1 + α*(q_y, p_y, m)`` (plus the token)."""
 
     def gain(token: int, times: int) -> float:
-        below = rates.optimal_acceptance(child_q[token : token + 1], child_p[token : token + 1], times)
+        below = rates.optimal_acceptance(tree.child_q[token : token + 1], tree.child_p[token : token + 1], times)
         return 1.0 + float(below)
 
     # The tokens every block emits (1) plus the root's accepted token and what its child then accepts.
-    return 1.0 + reference.transport_lp(q, p, n, gain=gain)
+    return 1.0 + reference.transport_lp(tree.q, tree.p, n, gain=gain)
 
 
 def main() -> None:
@@ -59,15 +54,13 @@ def main() -> None:
     for vocab, drafts in SETTINGS:
         rows = []
         for _ in range(args.trees):
-            q, p = random_law((vocab,), args.spread, generator), random_law((vocab,), args.spread, generator)
-            child_q = random_law((vocab, vocab), args.spread, generator)
-            child_p = random_law((vocab, vocab), args.spread, generator)
+            tree = reference.TwoLevelTree.random(vocab, args.spread, generator)
             tokens = {
-                name: reference.enumerate_block_tokens(rule, q, p, child_q, child_p, 1 if name == "single" else drafts)
+                name: reference.enumerate_block_tokens(rule, tree, 1 if name == "single" else drafts)
                 for name, rule in rules.items()
             }
-            tokens["node limit"] = node_limit(q, p, child_q, child_p, drafts)
-            tokens["tree limit"] = reference.block_limit_lp(q, p, child_q, child_p, drafts)
+            tokens["node limit"] = node_limit(tree, drafts)
+            tokens["tree limit"] = reference.block_limit_lp(tree, drafts)
             rows.append(tokens)
             records.append({"vocab": vocab, "num_drafts": drafts, "tokens_per_block": tokens})
         means = {name: statistics.fmean(row[name] for row in rows) for name in rows[0]}

@@ -11,6 +11,7 @@ import collections
 import itertools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -85,21 +86,37 @@ def enumerate_law(
     return marginal, acceptance, emitted
 
 
-def enumerate_block_tokens(
-    verifier,
-    target_probs: torch.Tensor,
-    draft_probs: torch.Tensor,
-    child_target_probs: torch.Tensor,
-    child_draft_probs: torch.Tensor,
-    num_drafts: int,
-) -> float:
-    """Exact expected tokens per block of ``verifier`` at every node of the tree of :func:`block_limit_lp`.
+@dataclass(frozen=True)
+class TwoLevelTree:
+    """The laws of a two-level draft tree: the root's and one child's per token (float64, normalised).
+
+    Attributes:
+        q, p: [V] the root's target and draft laws.
+        child_q, child_p: [V, V], row y: the laws at the child of token y.
+    """
+
+    q: torch.Tensor
+    p: torch.Tensor
+    child_q: torch.Tensor
+    child_p: torch.Tensor
+
+    @classmethod
+    def random(cls, vocab: int, spread: float, generator: torch.Generator) -> TwoLevelTree:
+        """Every law ``softmax(spread · z)``, z standard normal."""
+
+        def law(*shape: int) -> torch.Tensor:
+            return torch.softmax(spread * torch.randn(shape, generator=generator, dtype=torch.float64), -1)
+
+        return cls(law(vocab), law(vocab), law(vocab, vocab), law(vocab, vocab))
+
+
+def enumerate_block_tokens(verifier, tree: TwoLevelTree, num_drafts: int) -> float:
+    """Exact expected tokens per block of ``verifier`` at every node of ``tree`` (n drafts at the root).
 
     ``1 + Σ_x P(x) Σ_{y ∈ x} P(Y = y | x) (1 + α(q_y, p_y, m_y(x)))``, with ``α`` the rule's
     ``P(Y ∈ drafts)`` at the child of y against its ``m_y(x)`` drafts (:func:`enumerate_law`).
     """
-    q = target_probs.double().reshape(1, -1)
-    p = draft_probs.double().reshape(1, -1)
+    q, p = tree.q.reshape(1, -1), tree.p.reshape(1, -1)
     tuples, weights = draft_tuples(p[0], num_drafts, verifier.draft_scheme)
     law = verifier.conditional(q.expand(tuples.shape[0], -1), p.expand(tuples.shape[0], -1), tuples)
     below: dict[tuple[int, int], float] = {}
@@ -107,7 +124,7 @@ def enumerate_block_tokens(
     for combo, weight, row in zip(tuples.tolist(), weights.tolist(), law, strict=True):
         for token, times in collections.Counter(token for token in combo if token >= 0).items():
             if (token, times) not in below:
-                child = enumerate_law(verifier, child_target_probs[token], child_draft_probs[token], times)
+                child = enumerate_law(verifier, tree.child_q[token], tree.child_p[token], times)
                 below[token, times] = float(child[1])
             total += weight * float(row[token]) * (1 + below[token, times])
     return total
@@ -140,32 +157,22 @@ def transport_lp(
     return _best_coupling(value, weights.numpy(), (q / q.sum()).numpy())
 
 
-def block_limit_lp(
-    target_probs: torch.Tensor,
-    draft_probs: torch.Tensor,
-    child_target_probs: torch.Tensor,
-    child_draft_probs: torch.Tensor,
-    num_drafts: int,
-) -> float:
-    """The most tokens per block any lossless rule emits on a two-level i.i.d. draft tree (scipy HiGHS).
+def block_limit_lp(tree: TwoLevelTree, num_drafts: int) -> float:
+    """The most tokens per block any lossless rule emits on ``tree`` with n i.i.d. drafts (scipy HiGHS).
 
-    The root has laws q, p [V]; the child of token y has ``child_target_probs[y]``,
-    ``child_draft_probs[y]`` [V, V]. A tree ``T`` is n root drafts ``x_i ~ p`` and, on
-    each branch, one draft ``z_i ~ p_{x_i}`` below it. A lossless rule couples ``T``
-    with the output pair ``(y_1, y_2) ~ q(y_1) q_{y_1}(y_2)``, jointly over the whole
-    tree (a rule that looks below a node is allowed here: this is the limit), and the
-    block emits ``1 + [y_1 ∈ x] (1 + [some branch has (x_i, z_i) = (y_1, y_2)])`` tokens.
+    A draft tree ``T`` is n root drafts ``x_i ~ p`` and, on each branch, one draft
+    ``z_i ~ p_{x_i}`` below it. A lossless rule couples ``T`` with the output pair
+    ``(y_1, y_2) ~ q(y_1) q_{y_1}(y_2)``, jointly over the whole tree (a rule that looks
+    below a node is allowed here: this is the limit), and the block emits
+    ``1 + [y_1 ∈ x] (1 + [some branch has (x_i, z_i) = (y_1, y_2)])`` tokens.
     Size ``V^{2n} · V²`` variables: V ≤ 4, n ≤ 3.
     """
     import numpy as np
 
-    q, p = target_probs.double().cpu().reshape(-1), draft_probs.double().cpu().reshape(-1)
-    child_q, child_p = child_target_probs.double().cpu(), child_draft_probs.double().cpu()
-    q, child_q = q / q.sum(), child_q / child_q.sum(-1, keepdim=True)
+    q, p, child_p = tree.q, tree.p, tree.child_p
     vocab = q.shape[0]
     roots, root_weights = draft_tuples(p, num_drafts)
     trees, weights = [], []
-    child_p = child_p / child_p.sum(-1, keepdim=True)
     for root, root_weight in zip(roots.tolist(), root_weights.tolist(), strict=True):
         for below in itertools.product(range(vocab), repeat=num_drafts):
             branches = list(zip(root, below, strict=True))
@@ -179,7 +186,7 @@ def block_limit_lp(
             value[row, x, :] += 1.0  # y_1 accepted
         for x, z in set(branches):
             value[row, x, z] += 1.0  # and y_2 below it
-    demand = (q[:, None] * child_q).reshape(-1).numpy()
+    demand = (q[:, None] * tree.child_q).reshape(-1).numpy()
     weights_np = np.asarray(weights)
     return _best_coupling(value.reshape(len(trees), -1), weights_np / weights_np.sum(), demand)
 

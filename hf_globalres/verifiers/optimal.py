@@ -273,6 +273,18 @@ class TierProblems:
         mass = torch.where(self.in_l, mass, mass * self.all_h[:, None])
         return torch.where((self.drafts > 0)[:, None] & self.on, mass, 0)
 
+    def residual(self, target_probs: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+        """[B, V]: ``(q − ā) / (1 − Σ ā)`` for the accepted mass ``ā`` = ``mass`` [B, S] on the slots.
+
+        Only supp p changes; padding slots write to a spare column.
+        """
+        batch, vocab = target_probs.shape
+        left = torch.where(self.on, target_probs.gather(1, self.index.clamp_max(vocab - 1)).double(), 0)
+        left = (left - mass * self.q_total).clamp_min(0)
+        residual = torch.cat([target_probs, target_probs.new_zeros(batch, 1)], -1)
+        residual = residual.scatter(1, self.index, left.to(residual.dtype))[:, :vocab]
+        return normalize_rows(residual, fallback=target_probs)
+
 
 @dataclass
 class RacingDrafts:
@@ -549,7 +561,6 @@ class Optimal(Verifier):
         tier; on a CPU, a batch whose drafts all agree) is solved on a rejection, for the residual. The
         tiers' problems are independent, so this gives the same rule as solving everything at once.
         """
-        batch, vocab = target_probs.shape
         tiers = self._tier_problems(target_probs, draft_probs, (draft_tokens >= 0).sum(-1))
         drafts = RacingDrafts.of(tiers, draft_probs, draft_tokens)
         race = tiers.races(drafts.in_l_race)
@@ -563,16 +574,12 @@ class Optimal(Verifier):
             accept = torch.where(drafts.agree[:, None], accept, accept_split.gather(1, drafts.slot))
 
         def recover() -> torch.Tensor:
-            """Residual ``q − ā``: only supp p changes; padding slots write to a spare column."""
+            """Residual ``q − ā``, both tiers solved."""
             race_law = self._solve_tiers(race)[1] if law is None else law
             _, other_law = self._solve_tiers(tiers.races(~drafts.in_l_race))
             pick = drafts.in_l_race[:, None]
             mass = tiers.accepted_mass(torch.where(pick, race_law, other_law), torch.where(pick, other_law, race_law))
-            left = torch.where(tiers.on, target_probs.gather(1, tiers.index.clamp_max(vocab - 1)).double(), 0)
-            left = (left - mass * tiers.q_total).clamp_min(0)
-            residual = torch.cat([target_probs, target_probs.new_zeros(batch, 1)], -1)
-            residual = residual.scatter(1, tiers.index, left.to(residual.dtype))[:, :vocab]
-            return normalize_rows(residual, fallback=target_probs)
+            return tiers.residual(target_probs, mass)
 
         return EmissionPlan((drafts.shares(alpha) * accept).to(target_probs.dtype), recover=recover)
 

@@ -27,7 +27,7 @@ import torch
 from .. import _sync
 from . import register
 from ._race import RaceProblems, race_law_by_count
-from .base import EmissionPlan, normalize_rows
+from .base import EmissionPlan
 from .optimal import Optimal, RacingDrafts, TierProblems
 
 
@@ -100,7 +100,6 @@ class OptimalBlock(Optimal):
         self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor
     ) -> EmissionPlan:
         """The race of :class:`~.optimal.Optimal`, accepting by multiplicity; solved only where the drafts differ."""
-        batch, vocab = target_probs.shape
         present = draft_tokens >= 0
         tiers = self._tier_problems(target_probs, draft_probs, present.sum(-1))
         drafts = RacingDrafts.of(tiers, draft_probs, draft_tokens)
@@ -132,11 +131,6 @@ class OptimalBlock(Optimal):
             low = torch.where(pick, race_rule.mass, other_rule.mass)
             high = torch.where(pick, other_rule.mass, race_rule.mass)
             mass = torch.where(tiers.in_l, low, high * tiers.all_h[:, None])
-            mass = torch.where((tiers.drafts > 0)[:, None] & tiers.on, mass, 0)
-            left = torch.where(tiers.on, target_probs.gather(1, tiers.index.clamp_max(vocab - 1)).double(), 0)
-            left = (left - mass * tiers.q_total).clamp_min(0)
-            residual = torch.cat([target_probs, target_probs.new_zeros(batch, 1)], -1)
-            residual = residual.scatter(1, tiers.index, left.to(residual.dtype))[:, :vocab]
-            return normalize_rows(residual, fallback=target_probs)
+            return tiers.residual(target_probs, torch.where((tiers.drafts > 0)[:, None] & tiers.on, mass, 0))
 
         return EmissionPlan((drafts.shares(alpha) * accept).to(target_probs.dtype), recover=recover)

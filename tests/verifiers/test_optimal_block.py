@@ -135,15 +135,12 @@ def test_two_level_trees_at_least_optimal_and_below_the_limit(vocab: int, n: int
     g = torch.Generator().manual_seed(vocab * 10 + n)
     better = 0
     for _ in range(5):
-        q, p = (torch.softmax(1.5 * torch.randn(vocab, generator=g, dtype=torch.float64), -1) for _ in range(2))
-        child_q, child_p = (
-            torch.softmax(1.5 * torch.randn(vocab, vocab, generator=g, dtype=torch.float64), -1) for _ in range(2)
-        )
+        tree = reference.TwoLevelTree.random(vocab, 1.5, g)
         tokens = {
-            name: reference.enumerate_block_tokens(verifiers.get(name), q, p, child_q, child_p, n)
+            name: reference.enumerate_block_tokens(verifiers.get(name), tree, n)
             for name in ("spectr", "optimal", "optimal_block")
         }
-        limit = reference.block_limit_lp(q, p, child_q, child_p, n)
+        limit = reference.block_limit_lp(tree, n)
         assert tokens["optimal"] - EXACT <= tokens["optimal_block"] <= limit + 1e-7, tokens
         assert tokens["spectr"] <= limit + 1e-7
         better += tokens["optimal_block"] > tokens["optimal"] + 1e-7
