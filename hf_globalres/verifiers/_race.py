@@ -226,6 +226,15 @@ def quadrature_nodes(problems: RaceProblems, alpha: torch.Tensor, step: float) -
     return t, quad
 
 
+def survival(problems: RaceProblems, t: torch.Tensor, rate: torch.Tensor, blocks: list[slice]) -> torch.Tensor:
+    """``M_k = r + Σ_y p_y e^{−t_k w_y}`` [P, K] at the nodes ``t`` [P, K], one pass over the slot ``blocks``."""
+    survive = problems.background[:, None].expand_as(t).clone()
+    for block in blocks:
+        _, clock = _clocks(t, rate, block)
+        survive += torch.bmm(problems.draft_mass[:, None, block], clock)[:, 0]
+    return survive
+
+
 def race_law(problems: RaceProblems, alpha: torch.Tensor, step: float, chunk: int | None = None) -> torch.Tensor:
     """The race law b(α) [P, S], in slot blocks of at most ``chunk`` [P, ·, K] elements (``LAW_CHUNK``).
 
@@ -245,10 +254,7 @@ def race_law(problems: RaceProblems, alpha: torch.Tensor, step: float, chunk: in
     n = problems.num_draws[:, None]
     size, width, nodes = p.shape[0], p.shape[1], t.shape[1]
     blocks = slot_blocks(p, width, size * nodes, LAW_CHUNK if chunk is None else chunk)
-    survive = problems.background[:, None].expand(size, nodes).clone()  # M_k
-    for block in blocks:
-        clock = torch.exp(t[:, None, :] * rate[:, block, None].neg())
-        survive += torch.bmm(p[:, None, block], clock)[:, 0]
+    survive = survival(problems, t, rate, blocks)
     weight = n * quad * survive.pow(n - 1)  # n ω M^{n−1}, [P, K]
     law = torch.empty_like(p)
     for block in blocks:
@@ -288,11 +294,8 @@ def race_law_by_count(
         count * torch.exp(torch.lgamma(n[:, None] + 1) - torch.lgamma(count + 1) - torch.lgamma(rest.clamp_min(0) + 1)),
         0,
     )  # C(n, m) m, [P, N]
-    survive = problems.background[:, None].expand(size, nodes).clone()  # M_k
     blocks = slot_blocks(p, width, size * nodes * most, LAW_CHUNK if chunk is None else chunk)
-    for block in blocks:
-        _, clock = _clocks(t, rate, block)
-        survive += torch.bmm(p[:, None, block], clock)[:, 0]
+    survive = survival(problems, t, rate, blocks)
     law = p.new_empty(size, width, most)
     for block in blocks:
         x, clock = _clocks(t, rate, block)
