@@ -4,15 +4,18 @@
 
 Each tree: a root with laws q, p and one child per token with its own laws
 (softmax of random logits, temperature ``--spread``), n i.i.d. drafts at the
-root, one draft per branch below (L = 2, docs/design.md §4.7). Per rule, the
-exact expected tokens per block (``reference.enumerate_block_tokens``; ``single``
-drafts one branch). Two limits: ``node limit``, the best root coupling when
-every child then runs ``optimal`` and the value of accepting y with m drafts,
-``1 + α*(q_y, p_y, m)``, is known to the root (the transport LP with that gain;
-no rule at the root may know it, so this bounds every node-wise rule from
-above); ``tree limit``, the best coupling of the whole tree with the output
-pair (``reference.block_limit_lp``), which may look below the root. Prints a
-table per (V, n) and writes every tree's numbers as JSON.
+root, one draft per branch below (L = 2, docs/design.md §4.7), drafted in both
+shapes: every branch goes on ("tree"), or only the branches of the token most
+root drafts show ("spine", ties to the first). Per rule (in the rule's form for
+the shape, ``Verifier.for_shape``), the exact expected tokens per block
+(``reference.enumerate_block_tokens``; ``single`` drafts one branch). Limits:
+``node limit``, the best root coupling when every child then runs ``optimal``
+and the value of each acceptance is known to the root
+(``reference.node_limit_lp``; no rule at the root may know it, so this bounds
+every node-wise rule from above); in the tree shape ``tree limit``, the best
+coupling of the whole tree with the output pair (``reference.block_limit_lp``),
+which may look below the root. Prints a table per shape and (V, n) and writes
+every tree's numbers as JSON.
 """
 
 from __future__ import annotations
@@ -23,21 +26,25 @@ import statistics
 
 import torch
 
-from hf_globalres import rates, reference, verifiers
+from hf_globalres import reference, verifiers
 
 SETTINGS = [(3, 2), (3, 3), (4, 2), (4, 3)]
 RULES = ["single", "spectr", "khisti", "optimal", "optimal_block"]
+SHAPES = ["tree", "spine"]
 
 
-def node_limit(tree: reference.TwoLevelTree, n: int) -> float:
-    """The root's best coupling when accepting y with m drafts is worth ``1 + α*(q_y, p_y, m)`` (plus the token)."""
-
-    def gain(token: int, times: int) -> float:
-        below = rates.optimal_acceptance(tree.child_q[token : token + 1], tree.child_p[token : token + 1], times)
-        return 1.0 + float(below)
-
-    # The tokens every block emits (1) plus the root's accepted token and what its child then accepts.
-    return 1.0 + reference.transport_lp(tree.q, tree.p, n, gain=gain)
+def block_tokens(
+    rules: dict[str, verifiers.Verifier], tree: reference.TwoLevelTree, drafts: int, shape: str
+) -> dict[str, float]:
+    """Each rule's exact tokens per block on ``tree`` drafted in ``shape``, then the limits."""
+    tokens = {
+        name: reference.enumerate_block_tokens(rule, tree, 1 if name == "single" else drafts, shape)
+        for name, rule in rules.items()
+    }
+    tokens["node limit"] = reference.node_limit_lp(tree, drafts, shape)
+    if shape == "tree":
+        tokens["tree limit"] = reference.block_limit_lp(tree, drafts)
+    return tokens
 
 
 def main() -> None:
@@ -48,23 +55,18 @@ def main() -> None:
     parser.add_argument("--out", default="bench_block.json")
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(args.seed)
-    rules = {name: verifiers.get(name) for name in RULES}
+    trees = {setting: [reference.TwoLevelTree.random(setting[0], args.spread, generator) for _ in range(args.trees)]
+             for setting in SETTINGS}  # fmt: skip
     records = []
-    print(f"{'V':>2} {'n':>2} " + " ".join(f"{name:>13s}" for name in [*RULES, "node limit", "tree limit"]))
-    for vocab, drafts in SETTINGS:
-        rows = []
-        for _ in range(args.trees):
-            tree = reference.TwoLevelTree.random(vocab, args.spread, generator)
-            tokens = {
-                name: reference.enumerate_block_tokens(rule, tree, 1 if name == "single" else drafts)
-                for name, rule in rules.items()
-            }
-            tokens["node limit"] = node_limit(tree, drafts)
-            tokens["tree limit"] = reference.block_limit_lp(tree, drafts)
-            rows.append(tokens)
-            records.append({"vocab": vocab, "num_drafts": drafts, "tokens_per_block": tokens})
-        means = {name: statistics.fmean(row[name] for row in rows) for name in rows[0]}
-        print(f"{vocab:>2} {drafts:>2} " + " ".join(f"{means[name]:13.5f}" for name in means))
+    for shape in SHAPES:
+        rules = {name: verifiers.get(name).for_shape(shape) for name in RULES}
+        limits = ["node limit", "tree limit"] if shape == "tree" else ["node limit"]
+        print(f"{shape}:\n{'V':>2} {'n':>2} " + " ".join(f"{name:>13s}" for name in [*RULES, *limits]))
+        for (vocab, drafts), settings_trees in trees.items():
+            rows = [block_tokens(rules, tree, drafts, shape) for tree in settings_trees]
+            records += [{"shape": shape, "vocab": vocab, "num_drafts": drafts, "tokens_per_block": r} for r in rows]
+            means = {name: statistics.fmean(row[name] for row in rows) for name in rows[0]}
+            print(f"{vocab:>2} {drafts:>2} " + " ".join(f"{means[name]:13.5f}" for name in means))
     with open(args.out, "w") as handle:
         json.dump({"description": __doc__.splitlines()[0], "spread": args.spread, "trees": records}, handle, indent=1)
     print(f"wrote {args.out}")

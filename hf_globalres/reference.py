@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .rates import DraftScheme
+from .verifiers.base import DraftShape, heaviest_child
 
 
 def draft_tuples(
@@ -110,24 +111,61 @@ class TwoLevelTree:
         return cls(law(vocab), law(vocab), law(vocab, vocab), law(vocab, vocab))
 
 
-def enumerate_block_tokens(verifier, tree: TwoLevelTree, num_drafts: int) -> float:
+def leaders(tuples: torch.Tensor) -> list[int]:
+    """[T]: the token each draft tuple [T, n] continues a spine through (:func:`.verifiers.base.heaviest_child`)."""
+    lead = heaviest_child(tuples, tuples >= 0)
+    return tuples.gather(1, lead.int().argmax(-1, keepdim=True))[:, 0].tolist()
+
+
+def enumerate_block_tokens(verifier, tree: TwoLevelTree, num_drafts: int, draft_shape: DraftShape = "tree") -> float:
     """Exact expected tokens per block of ``verifier`` at every node of ``tree`` (n drafts at the root).
 
     ``1 + Σ_x P(x) Σ_{y ∈ x} P(Y = y | x) (1 + α(q_y, p_y, m_y(x)))``, with ``α`` the rule's
     ``P(Y ∈ drafts)`` at the child of y against its ``m_y(x)`` drafts (:func:`enumerate_law`).
+    With ``draft_shape="spine"`` only the child of the root's spine token
+    (:func:`~hf_globalres.verifiers.base.heaviest_child`) has drafts: ``α = 0`` below every other token.
     """
     q, p = tree.q.reshape(1, -1), tree.p.reshape(1, -1)
     tuples, weights = draft_tuples(p[0], num_drafts, verifier.draft_scheme)
     law = verifier.conditional(q.expand(tuples.shape[0], -1), p.expand(tuples.shape[0], -1), tuples)
     below: dict[tuple[int, int], float] = {}
     total = 1.0
-    for combo, weight, row in zip(tuples.tolist(), weights.tolist(), law, strict=True):
+    for combo, leader, weight, row in zip(tuples.tolist(), leaders(tuples), weights.tolist(), law, strict=True):
         for token, times in collections.Counter(token for token in combo if token >= 0).items():
             if (token, times) not in below:
                 child = enumerate_law(verifier, tree.child_q[token], tree.child_p[token], times)
                 below[token, times] = float(child[1])
-            total += weight * float(row[token]) * (1 + below[token, times])
+            goes_on = draft_shape == "tree" or token == leader
+            total += weight * float(row[token]) * (1 + (below[token, times] if goes_on else 0.0))
     return total
+
+
+def node_limit_lp(tree: TwoLevelTree, num_drafts: int, draft_shape: DraftShape = "tree") -> float:
+    """The most tokens per block of any rule that couples the root alone, told what each acceptance is worth.
+
+    Accepting y while m of the root's drafts show it is worth ``1 + α*(q_y, p_y, m)``
+    (the child of y then verifies its m drafts optimally; :func:`rates.optimal_acceptance`),
+    and with ``draft_shape="spine"`` only when y leads the spine
+    (:func:`~hf_globalres.verifiers.base.heaviest_child`; 1 otherwise, the block ends).
+    The best coupling of the root's ordered draft tuples with ``Y ~ q`` for these
+    values (an LP over ``V^n · V`` variables), plus the token that ends every block. No
+    rule at the root may know the children's α*, so this bounds every node-wise rule
+    from above; :func:`block_limit_lp` also lets the root look below itself.
+    """
+    import numpy as np
+
+    from .rates import optimal_acceptance
+
+    tuples, weights = draft_tuples(tree.p, num_drafts)
+    worth: dict[tuple[int, int], float] = {}
+    value = np.zeros((tuples.shape[0], tree.q.shape[0]))
+    for row, (combo, leader) in enumerate(zip(tuples.tolist(), leaders(tuples), strict=True)):
+        for token, times in collections.Counter(combo).items():
+            if (token, times) not in worth:
+                below = optimal_acceptance(tree.child_q[token : token + 1], tree.child_p[token : token + 1], times)
+                worth[token, times] = 1.0 + float(below[0])
+            value[row, token] = worth[token, times] if draft_shape == "tree" or token == leader else 1.0
+    return 1.0 + _best_coupling(value, weights.numpy(), (tree.q / tree.q.sum()).double().numpy())
 
 
 def transport_lp(

@@ -500,14 +500,15 @@ class SameTreeScores:
     that tree (:func:`~hf_globalres.generation.loop.expected_block_tokens`),
     so rules compare on the same drafts and q with their own sampling noise
     integrated out. The rules are every registered rule of the run's draft
-    scheme that takes n drafts, and, for ``draft_shape="tree"``, ``single``
+    scheme that takes n drafts (each for the run's draft shape,
+    :meth:`~hf_globalres.verifiers.base.Verifier.for_shape`), and, for ``draft_shape="tree"``, ``single``
     on each tree's first branch (drafted exactly as an n = 1 chain).
     """
 
     def __init__(self, scheme: str, num_drafts: int, draft_shape: str) -> None:
         self.rules: dict[str, verifiers.Verifier] = {}
         for name in verifiers.available():
-            rule = verifiers.get(name)
+            rule = verifiers.get(name).for_shape(draft_shape)
             if rule.draft_scheme == scheme and (rule.max_drafts is None or rule.max_drafts >= num_drafts):
                 self.rules[name] = rule
         self.first_branch = (

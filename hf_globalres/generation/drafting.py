@@ -64,18 +64,14 @@ The draft shape (``draft_shape``) says which nodes draft on:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from .. import _sync
-from ..verifiers.base import DraftScheme, sample_categorical
+from ..verifiers.base import DRAFT_SHAPES, DraftScheme, DraftShape, heaviest_child, sample_categorical
 from .processors import BatchView, DraftLaw, SpeculativeLogitsProcessor
 from .timing import PhaseTimer
 from .tree import KVState, PendingTokens, canonical_branches, forward_tokens, mask_to_front, true_rows
-
-DraftShape = Literal["tree", "spine"]
-DRAFT_SHAPES: tuple[DraftShape, ...] = ("tree", "spine")
 
 
 @dataclass(frozen=True)
@@ -151,20 +147,6 @@ class DraftBlock:
                             device=branch.device)  # fmt: skip
         block.scatter_(1, torch.where(on_path, path, block.shape[1] - 1), on_path)
         return torch.cat([self.committed, block[:, :-1]], dim=1), on_path.sum(-1)
-
-
-def heaviest_child(tokens: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-    """[B, n]: the ``members`` whose token is the one most of them drew (ties: the lowest branch's).
-
-    Args:
-        tokens: [B, n] tokens the branches just drew; members: [B, n] branches on the spine so far.
-    """
-    same = (tokens[:, :, None] == tokens[:, None, :]) & members[:, :, None] & members[:, None, :]
-    votes = same.sum(-1)  # [B, n], 0 for non-members
-    # The earliest branch holding the largest vote count names the spine's token.
-    leader = (votes * (tokens.shape[1] + 1) - torch.arange(tokens.shape[1], device=tokens.device)).argmax(-1)
-    chosen = tokens.gather(1, leader[:, None])
-    return members & (tokens == chosen)
 
 
 def check_drafting_options(confidence_threshold: object, draft_shape: object, top_k: object = None) -> None:

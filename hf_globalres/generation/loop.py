@@ -436,7 +436,12 @@ def multi_draft_decode(
     )
     # The loop makes every law a softmax and checks it itself (_Walk.check), for a pass over V instead of four.
     settings = DecodeSettings(
-        drafting, num_assistant_tokens, max_length, pad_token_id, verifier.unchecked(), tree_attention
+        drafting,
+        num_assistant_tokens,
+        max_length,
+        pad_token_id,
+        verifier.for_shape(draft_shape).unchecked(),
+        tree_attention,
     )
     timer = PhaseTimer(input_ids.device)
     target_width, draft_width = output_width(model), output_width(assistant_model)

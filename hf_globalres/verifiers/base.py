@@ -22,7 +22,7 @@ import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -31,6 +31,11 @@ from ..rates import DraftScheme
 
 #: Largest tolerated ``|Σ_y probs(y) − 1|`` for an input row (or the dtype's eps, if larger).
 ROW_SUM_TOLERANCE = 1e-4
+
+#: Which nodes of a block's draft tree draft on (:mod:`hf_globalres.generation.drafting`): every
+#: branch ("tree"), or only the spine through each node's :func:`heaviest_child` ("spine").
+DraftShape = Literal["tree", "spine"]
+DRAFT_SHAPES: tuple[DraftShape, ...] = ("tree", "spine")
 
 
 @dataclass
@@ -107,6 +112,13 @@ class Verifier(ABC):
 
     def __init__(self, *, validate: bool = True) -> None:
         self.validate = validate
+
+    def for_shape(self, draft_shape: DraftShape) -> Verifier:
+        """This rule for the nodes of ``draft_shape`` trees; itself, for a rule that verifies every node alike.
+
+        ``generate`` verifies with ``verifier.for_shape(draft_shape)``.
+        """
+        return self
 
     def unchecked(self) -> Verifier:
         """This rule with ``validate=False``, for a caller whose inputs are valid by construction."""
@@ -599,10 +611,26 @@ def gather_draft_probs(probs: torch.Tensor | SparseRows, draft_tokens: torch.Ten
     return torch.where(draft_tokens >= 0, values, 0)
 
 
+def heaviest_child(tokens: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """[B, n]: the ``members`` whose token is the one most of them drew (ties: the lowest branch's).
+
+    Args:
+        tokens: [B, n] tokens the branches just drew; members: [B, n] branches on the spine so far.
+    """
+    same = (tokens[:, :, None] == tokens[:, None, :]) & members[:, :, None] & members[:, None, :]
+    votes = same.sum(-1)  # [B, n], 0 for non-members
+    # The earliest branch holding the largest vote count names the spine's token.
+    leader = (votes * (tokens.shape[1] + 1) - torch.arange(tokens.shape[1], device=tokens.device)).argmax(-1)
+    chosen = tokens.gather(1, leader[:, None])
+    return members & (tokens == chosen)
+
+
 __all__ = [
+    "DRAFT_SHAPES",
     "ROW_SUM_TOLERANCE",
     "SUPPORT_SHARE",
     "DraftScheme",
+    "DraftShape",
     "EmissionPlan",
     "SparseRows",
     "SupportRows",
@@ -613,6 +641,7 @@ __all__ = [
     "distinct_rows",
     "first_match",
     "gather_draft_probs",
+    "heaviest_child",
     "normalize_rows",
     "sample_categorical",
     "support_index",

@@ -16,18 +16,28 @@ alone, and for every token ``Σ_m B_{y,m} γ_{y,m} = ā_y ≤ q_y`` whatever the
 weights, so the output law is q exactly as for ``optimal`` (docs/design.md §5).
 A winner that all k drafts show is accepted with ``min(1, κ_y / B_{y,k})``,
 ``B_{y,k} = p_y^k`` (in the H tier ``(p_y / p(H*))^k``), which needs no weights.
+
+With ``draft_shape="spine"`` only the spine's token (the one most drafts show,
+ties to the earliest draft's, :func:`~.base.heaviest_child`) has drafts below
+it, and which of the tied tokens leads depends on the drafts' order alone. The
+rule then moves the race's wins within each multiset of drafts towards the
+leader (:func:`leader_shares`): per multiset every token wins as often as in the
+race, so ``B_{y,m}``, the acceptance and the output law stay the same, while the
+winner leads the spine more often (docs/design.md §4.7).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .. import _sync
 from . import register
 from ._race import RaceProblems, race_law_by_count
-from .base import EmissionPlan
+from .base import DRAFT_SHAPES, DraftShape, EmissionPlan, heaviest_child
 from .optimal import Optimal, RacingDrafts, TierProblems
 
 
@@ -70,14 +80,64 @@ def count_acceptance(
     return CountAcceptance(top, accept, every * top + (lower * accept).sum(-1))
 
 
+def leader_shares(
+    shares: torch.Tensor, draft_tokens: torch.Tensor, present: torch.Tensor, count: torch.Tensor
+) -> torch.Tensor:
+    """[B, n]: each draft's chance to win, moved towards the spine's leader within the drafts' multiset.
+
+    Args:
+        shares: [B, n] each draft's chance to win the race (0 for drafts that do not race);
+        draft_tokens: [B, n], −1 where absent; present: [B, n] ``draft_tokens ≥ 0``;
+        count: [B, n] m, how many drafts show each draft's token.
+
+    Given the multiset, the race's chance ``r_y`` that token y wins does not
+    depend on the drafts' order, and the leader ℓ (:func:`~.base.heaviest_child`)
+    is each of the ``t`` tokens tied at the largest count with chance 1/t. ℓ wins
+    with ``min(1, t r_ℓ)``, and what it leaves goes to the other tokens in
+    proportion to ``d_y = r_y − min(1, t r_y)/t`` (y tied) or ``r_y`` (y not
+    tied). Averaged over the leader, y wins with ``min(1, t r_y)/t + d_y = r_y``
+    (the leaders that leave something have ``d = 0``, and the d's sum to what
+    they leave): the multiset's law of the winner is the race's. A token's
+    chance is split evenly over its m drafts.
+    """
+    same = (draft_tokens[:, :, None] == draft_tokens[:, None, :]) & present[:, None, :]
+    chance = (same.double() * shares[:, None, :]).sum(-1)  # r of each draft's token
+    most = torch.where(present, count, 0).amax(-1, keepdim=True)
+    tied = present & (count == most)
+    ties = tied.sum(-1, keepdim=True).double() / most.double().clamp_min(1)  # t
+    lead = heaviest_child(draft_tokens, present)
+    keep = (ties * torch.where(lead, chance, 0).amax(-1, keepdim=True)).clamp_max(1)  # ℓ's chance
+    rest = chance - torch.where(tied, (ties * chance).clamp_max(1) / ties, 0)  # d
+    per_draft = count.double().clamp_min(1)
+    left = torch.where(present & ~lead, rest / per_draft, 0).sum(-1, keepdim=True)  # Σ_y d_y over tokens
+    won = torch.where(lead, keep, (1 - keep) * rest / left.clamp_min(1e-300))
+    return torch.where(present, won / per_draft, 0)
+
+
 @register
 class OptimalBlock(Optimal):
     """``optimal`` with each winner's acceptance spent on its most-drawn events first (module docstring).
 
-    Options as :class:`~.optimal.Optimal`.
+    Options as :class:`~.optimal.Optimal`, and ``draft_shape``: ``"tree"`` (every accepted
+    token's drafts go on) or ``"spine"`` (only the spine's leader's do: wins move towards it,
+    :func:`leader_shares`). ``generate`` sets it from its own ``draft_shape`` (:meth:`for_shape`).
     """
 
     name = "optimal_block"
+
+    def __init__(self, *, draft_shape: DraftShape = "tree", **options: Any) -> None:
+        super().__init__(**options)
+        if draft_shape not in DRAFT_SHAPES:
+            raise ValueError(f"draft_shape must be one of {DRAFT_SHAPES}, got {draft_shape!r}")
+        self.draft_shape = draft_shape
+
+    def for_shape(self, draft_shape: DraftShape) -> OptimalBlock:
+        rule = copy.copy(self)
+        rule.draft_shape = draft_shape
+        return rule
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, draft_shape={self.draft_shape!r})"
 
     def _tier_acceptance(
         self, tiers: TierProblems, in_l: torch.Tensor, race: RaceProblems, alpha: torch.Tensor | None, classes: int
@@ -133,4 +193,7 @@ class OptimalBlock(Optimal):
             mass = torch.where(tiers.in_l, low, high * tiers.all_h[:, None])
             return tiers.residual(target_probs, torch.where((tiers.drafts > 0)[:, None] & tiers.on, mass, 0))
 
-        return EmissionPlan((drafts.shares(alpha) * accept).to(target_probs.dtype), recover=recover)
+        shares = drafts.shares(alpha)
+        if self.draft_shape == "spine":
+            shares = leader_shares(shares, draft_tokens, present, count)
+        return EmissionPlan((shares * accept).to(target_probs.dtype), recover=recover)

@@ -332,6 +332,13 @@ def test_truncated_int8_draft_run_records_its_setting(tiny_pair_dirs, tmp_path, 
     assert "assistant_top_k" in capsys.readouterr().err
 
 
+def test_same_tree_scores_take_each_rule_in_the_form_for_the_runs_draft_shape():
+    for shape in ("tree", "spine"):
+        scores = runner.SameTreeScores("iid", 4, shape)
+        assert scores.rules["optimal_block"].draft_shape == shape
+        assert (scores.first_branch is None) == (shape == "spine")
+
+
 def test_same_tree_scores(tiny_pair_dirs, tmp_path):
     """optimal's runs score every i.i.d. rule and the first-branch chain on their own trees; the report pairs them."""
     files = {"gsm8k": tmp_path / "gsm8k.jsonl", "mtbench": tmp_path / "mt.jsonl"}

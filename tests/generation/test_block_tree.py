@@ -13,6 +13,7 @@ import hf_globalres
 from hf_globalres import verifiers
 from hf_globalres.generation.loop import BlockTree, expected_block_tokens
 from hf_globalres.generation.tree import canonical_branches
+from hf_globalres.verifiers.optimal_block import OptimalBlock
 
 from .conftest import EOS, tiny_llama
 
@@ -184,6 +185,7 @@ def near_draft(target):
         ("spectr", 2, 4, {"draft_shape": "spine"}),
         ("rrs", 3, 3, {"assistant_confidence_threshold": 0.3}),
         ("optimal", 4, 2, {"tree_attention": False}),
+        ("optimal_block", 4, 3, {"draft_shape": "spine"}),
     ],
 )
 def test_expected_tokens_match_the_realized_blocks(target, near_draft, rule, n, depth, options):
@@ -192,7 +194,7 @@ def test_expected_tokens_match_the_realized_blocks(target, near_draft, rule, n, 
     # EOS is masked until the last token, so no block is cut by a stop; blocks without drafts are skipped.
     processors = LogitsProcessorList([MinNewTokensLengthLogitsProcessor(6, new_tokens, EOS)])
     gaps = []
-    scorer = verifiers.get(rule)
+    scorer = verifiers.get(rule).for_shape(options.get("draft_shape", "tree"))
     for seed in range(20):
         expected: list[float] = []
         torch.manual_seed(seed)
@@ -210,3 +212,17 @@ def test_expected_tokens_match_the_realized_blocks(target, near_draft, rule, n, 
     stderr = math.sqrt(sum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1) / len(gaps))
     assert len(gaps) >= 100 and stderr < 0.1
     assert abs(mean) < 4.5 * stderr, (mean, stderr)
+
+
+def test_generate_verifies_with_the_rules_form_for_its_draft_shape(target, draft, monkeypatch):
+    shapes = []
+    original = OptimalBlock.for_shape
+    monkeypatch.setattr(OptimalBlock, "for_shape", lambda self, shape: shapes.append(shape) or original(self, shape))
+    verified = []
+    torch.manual_seed(0)
+    hf_globalres.generate(
+        target, torch.tensor([[1, 5, 7]]), attention_mask=torch.ones(1, 3, dtype=torch.long), assistant_model=draft,
+        num_drafts=3, num_assistant_tokens=2, do_sample=True, max_new_tokens=4, verifier="optimal_block",
+        draft_shape="spine", verification_callback=lambda *args: verified.append(args[0]),
+    )  # fmt: skip
+    assert shapes == ["spine"] and verified

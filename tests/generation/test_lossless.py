@@ -44,6 +44,8 @@ CONFIDENCE_CASES = [
     ("optimal", 4, 3, True, False, {"top_k": 4}, None, "spine", None),
     ("spectr", 3, 3, False, True, {}, 0.09, "spine", None),
     ("rrs", 4, 3, True, False, {"temperature": 0.7, "top_k": 8}, 0.2, "spine", None),
+    ("optimal_block", 4, 3, True, True, {}, None, "spine", None),
+    ("optimal_block", 3, 3, False, False, {"repetition_penalty": 1.5, "min_p": 0.05}, 0.09, "spine", None),
 ]
 
 #: Drafts from p truncated to its top-k tokens (``assistant_top_k``, the last entry; 1: greedy drafts).

@@ -5,7 +5,28 @@ from __future__ import annotations
 import torch
 from scipy.stats import chisquare
 
+from hf_globalres import verifiers
+
 CASE_KINDS = ("random", "sparse", "equal", "disjoint", "one_hot_p", "one_hot_q", "q_zero_where_p")
+
+
+def rule_ids() -> list[str]:
+    """Every registered rule, and as ``name[spine]`` each one that verifies spine trees its own way.
+
+    (A rule whose :meth:`~hf_globalres.verifiers.base.Verifier.for_shape` returns another rule for
+    ``draft_shape="spine"``, which must be exact too.)
+    """
+    ids = []
+    for name in verifiers.available():
+        rule = verifiers.get(name)
+        ids += [name] if rule.for_shape("spine") is rule else [name, f"{name}[spine]"]
+    return ids
+
+
+def rule(rule_id: str) -> verifiers.Verifier:
+    """The rule of one :func:`rule_ids` entry."""
+    name, _, shape = rule_id.partition("[")
+    return verifiers.get(name).for_shape(shape.rstrip("]")) if shape else verifiers.get(name)
 
 
 def make_case(kind: str, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,21 +10,21 @@ from hypothesis import strategies as st
 from hf_globalres import rates, verifiers
 from hf_globalres.reference import draft_tuples, enumerate_law
 
-from .cases import CASE_KINDS, make_case
+from .cases import CASE_KINDS, make_case, rule, rule_ids
 
-ALL = verifiers.available()
+ALL = rule_ids()
 EXACT = 1e-10
 
 
 def draft_counts(name: str) -> list[int]:
-    limit = verifiers.get(name).max_drafts or 4
+    limit = rule(name).max_drafts or 4
     return [n for n in (1, 2, 3, 4) if n <= limit]
 
 
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("kind", CASE_KINDS)
 def test_marginal_is_target(name: str, kind: str) -> None:
-    verifier = verifiers.get(name)
+    verifier = rule(name)
     for vocab, seed in ((3, 0), (5, 1)):
         q, p = make_case(kind, vocab, seed)
         for n in draft_counts(name):
@@ -69,7 +69,7 @@ def test_baselines_are_ordered() -> None:
 @pytest.mark.parametrize("name", ALL)
 def test_absent_drafts_anywhere(name: str) -> None:
     """Rows carry different numbers of drafts; −1 columns may sit anywhere and change nothing."""
-    verifier = verifiers.get(name)
+    verifier = rule(name)
     q, p = make_case("random", 4, 3)
     width = min(verifier.max_drafts or 3, 3)
     for k in range(0, width + 1):
@@ -93,7 +93,7 @@ def test_absent_drafts_anywhere(name: str) -> None:
 @pytest.mark.parametrize("name", ALL)
 def test_batched_rows_match_single_rows(name: str) -> None:
     """A batch of different rows gives each row the law it gets alone (no cross-row leakage)."""
-    verifier = verifiers.get(name)
+    verifier = rule(name)
     n = min(verifier.max_drafts or 3, 3)
     cases = [make_case(kind, 6, i) for i, kind in enumerate(CASE_KINDS)]
     q = torch.stack([c[0] for c in cases])
@@ -129,7 +129,7 @@ def test_property_every_verifier_is_lossless(vocab: int, num_drafts: int, zeros:
     p[(seed // 7) % vocab] += 0.5
     q, p = q / q.sum(), p / p.sum()
     for name in ALL:
-        verifier = verifiers.get(name)
+        verifier = rule(name)
         n = min(num_drafts, verifier.max_drafts or num_drafts)
         marginal, acceptance, _ = enumerate_law(verifier, q, p, n)
         assert torch.allclose(marginal, q, rtol=0, atol=EXACT), name
@@ -139,7 +139,7 @@ def test_property_every_verifier_is_lossless(vocab: int, num_drafts: int, zeros:
 
 @pytest.mark.parametrize("name", ALL)
 def test_repeated_rows_share_one_plan_and_keep_their_law(name: str) -> None:
-    verifier = verifiers.get(name)
+    verifier = rule(name)
     q, p = make_case("random", 6, 21)
     n = min(verifier.max_drafts or 2, 2)
     tuples, _ = draft_tuples(p, n, verifier.draft_scheme)

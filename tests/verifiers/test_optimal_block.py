@@ -4,8 +4,9 @@ Exactness of the output law is checked for every rule in test_exactness.py and,
 in generate, in tests/generation; here: the multiplicity split of the race law
 against the race enumerated exactly, the accepted mass per token against
 `optimal`'s, the multiplicity-weighted value against `optimal` and the per-node
-LP, the rows that need no solve, and tokens per block on two-level trees
-against the limit of any lossless rule.
+LP, the rows that need no solve, tokens per block on two-level trees
+against the limit of any lossless rule, and, for spine trees, the wins moved
+towards the spine's leader.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 from hf_globalres import reference, verifiers
 from hf_globalres.reference import draft_tuples
 from hf_globalres.verifiers._race import RaceProblems, race_law, race_law_by_count
-from hf_globalres.verifiers.optimal_block import OptimalBlock, count_acceptance
+from hf_globalres.verifiers.base import heaviest_child
+from hf_globalres.verifiers.optimal_block import OptimalBlock, count_acceptance, leader_shares
 
 from .cases import CASE_KINDS, make_case
 
@@ -145,3 +147,53 @@ def test_two_level_trees_at_least_optimal_and_below_the_limit(vocab: int, n: int
         assert tokens["spectr"] <= limit + 1e-7
         better += tokens["optimal_block"] > tokens["optimal"] + 1e-7
     assert better >= 1
+
+
+def test_leader_shares_keep_each_multisets_race_law() -> None:
+    """Averaged over the orders of a multiset, each token wins as in the race; the leader wins at least as often."""
+    weight = {0: 0.5, 1: 2.0, 2: 1.0, 3: 0.0}  # token 3 does not race (the background of the L race)
+    for multiset in ((0, 1, 2, 3), (0, 0, 1, 1), (1, 1, 3, 3), (0, 1, 2), (2, 2, 2, 0), (0, 1, 1, 3)):
+        orders = torch.tensor(sorted(set(itertools.permutations(multiset))))
+        present = orders >= 0
+        count = ((orders[:, :, None] == orders[:, None, :]) & present[:, None, :]).sum(-1)
+        raw = torch.tensor([[weight[int(t)] for t in row] for row in orders], dtype=torch.float64)
+        shares = raw / raw.sum(-1, keepdim=True)
+        moved = leader_shares(shares, orders, present, count)
+        assert torch.allclose(moved.sum(-1), torch.ones(len(orders), dtype=torch.float64), atol=1e-12), multiset
+        for token in set(multiset):
+            race = (shares * (orders == token)).sum(-1).mean()
+            assert float((moved * (orders == token)).sum(-1).mean()) == pytest.approx(float(race), abs=1e-12)
+        lead = heaviest_child(orders, present)
+        assert float((moved * lead).sum(-1).mean()) >= float((shares * lead).sum(-1).mean()) - 1e-12
+    # All distinct, equal weights: the first draft (the leader) always wins.
+    orders = torch.tensor([[3, 1, 2, 0]])
+    flat = leader_shares(
+        torch.full((1, 4), 0.25, dtype=torch.float64), orders, orders >= 0, torch.ones(1, 4, dtype=torch.long)
+    )
+    assert flat[0].tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0])
+
+
+def test_for_shape_picks_the_spine_rule_and_keeps_the_options() -> None:
+    rule = verifiers.get("optimal_block", tol=1e-9)
+    spine = rule.for_shape("spine")
+    assert (spine.draft_shape, spine.tol, rule.draft_shape) == ("spine", 1e-9, "tree")
+    assert spine.for_shape("tree").draft_shape == "tree"
+    assert "spine" in repr(spine)
+    with pytest.raises(ValueError, match="draft_shape must be one of"):
+        verifiers.get("optimal_block", draft_shape="chain")
+
+
+@pytest.mark.parametrize(("vocab", "n"), [(3, 3), (4, 3)])
+def test_spine_trees_gain_on_the_tree_rule_and_stay_below_the_node_limit(vocab: int, n: int) -> None:
+    g = torch.Generator().manual_seed(vocab * 10 + n)
+    spine, tree_rule = verifiers.get("optimal_block", draft_shape="spine"), verifiers.get("optimal_block")
+    gains = 0
+    for _ in range(4):
+        tree = reference.TwoLevelTree.random(vocab, 1.5, g)
+        leader = reference.enumerate_block_tokens(spine, tree, n, "spine")
+        counts_only = reference.enumerate_block_tokens(tree_rule, tree, n, "spine")
+        optimal = reference.enumerate_block_tokens(verifiers.get("optimal"), tree, n, "spine")
+        limit = reference.node_limit_lp(tree, n, "spine")
+        assert optimal - EXACT <= counts_only and leader <= limit + 1e-7, (optimal, counts_only, leader, limit)
+        gains += leader > counts_only + 1e-6
+    assert gains >= 2
