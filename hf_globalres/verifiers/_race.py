@@ -277,11 +277,14 @@ def race_law_by_count(
         B_{y,m} = C(n, m) m Σ_k ω_k x_yk A_yk^m (M_k − A_yk)^{n−m},
 
     which sums over m to :func:`race_law`'s ``b_y = n p_y Σ_k ω_k x_yk e^{−x_yk} M_k^{n−1}``.
-    Slots are taken in blocks of at most ``chunk`` [P, ·, K, N] elements (``LAW_CHUNK``).
+    Slots are taken in blocks of at most ``chunk`` [P, ·, K, N] elements (``LAW_CHUNK``); tiers of
+    ``EXPANSION_MIN_WIDTH`` slots or more take :func:`expanded_race_law_by_count`.
     """
     tier = problems.tier
     alpha = torch.where(tier, alpha, 0)
     t, quad = quadrature_nodes(problems, alpha, step)
+    if alpha.shape[1] >= EXPANSION_MIN_WIDTH:
+        return expanded_race_law_by_count(problems, alpha, t, quad, classes)
     rate = torch.exp(alpha)
     p = problems.draft_mass
     n = problems.num_draws
@@ -321,6 +324,100 @@ def clock_derivatives(s: torch.Tensor, order: int) -> torch.Tensor:
     return torch.exp(-s)[..., None] * (powers @ stirling.T)
 
 
+@dataclass
+class SlotExpansion:
+    """The slots of a batch of race problems in buckets of α, for sums over the nodes in O(S·J + G·K·J).
+
+    Slots are grouped into G buckets of α-width ``width`` with centres ``a_g``;
+    with ``δ_y = α_y − a_g`` and ``s_gk = t_k e^{a_g}``, Taylor's formula in α gives
+
+        e^{−t_k w_y} = Σ_j D^j e^{−s_gk} δ_y^j / j!,   t_k w_y e^{−t_k w_y} = −Σ_j D^{j+1} e^{−s_gk} δ_y^j / j!
+
+    (:func:`clock_derivatives`), so a sum over the slots needs only the bucket
+    moments ``m_gj = Σ_{y∈g} p_y δ_y^j`` and a sum over the nodes only the
+    bucket centres. The truncation after ``order`` terms errs by less than the
+    quadrature (see ``EXPANSION_WIDTH``). Buckets are taken in blocks of at most
+    ``chunk`` [P, ·, K, J] elements (``EXPANSION_CHUNK``; at least
+    ``ACCELERATOR_CHUNK`` off the CPU), and slots in blocks of at most ``chunk``
+    [P, ·, J] elements (:func:`slot_blocks`).
+
+    Attributes:
+        bucket: [P, S] each slot's bucket; centre: [P, G] ``a_g``; delta: [P, S] ``δ_y`` (0 off the tier).
+        factorial: [J + 1] j!; order: J; chunk: elements per block.
+    """
+
+    bucket: torch.Tensor
+    centre: torch.Tensor
+    delta: torch.Tensor
+    factorial: torch.Tensor
+    order: int
+    chunk: int
+
+    @classmethod
+    def of(
+        cls,
+        problems: RaceProblems,
+        alpha: torch.Tensor,
+        width: float = EXPANSION_WIDTH,
+        order: int = EXPANSION_ORDER,
+        chunk: int | None = None,
+    ) -> SlotExpansion:
+        tier = problems.tier
+        low, high = (torch.where(torch.isfinite(bound), bound, 0) for bound in masked_range(alpha, tier))
+        if _sync.reads_are_cheap(alpha):
+            groups = int(((high - low) / width).max()) + 1
+        else:  # α spans at most ALPHA_SPAN (see quadrature_nodes)
+            groups = math.ceil(ALPHA_SPAN / width) + 1
+        bucket = ((alpha - low) / width).floor().clamp(0, groups - 1).long()
+        centre = low + (torch.arange(groups, dtype=alpha.dtype, device=alpha.device) + 0.5) * width  # [P, G]
+        delta = torch.where(tier, alpha - centre.gather(1, bucket), 0)
+        # j! on the device itself: a tensor built from host values would be a blocking copy there.
+        factorial = torch.arange(order + 1, dtype=alpha.dtype, device=alpha.device).clamp_min(1).cumprod(0)
+        return cls(bucket, centre, delta, factorial, order, EXPANSION_CHUNK if chunk is None else chunk)
+
+    def slot_blocks(self) -> list[slice]:
+        size, width = self.delta.shape
+        return slot_blocks(self.delta, width, size * (self.order + 1), self.chunk)
+
+    def bucket_blocks(self, nodes: int) -> list[slice]:
+        size, groups = self.centre.shape
+        return slot_blocks(self.delta, groups, size * nodes * (self.order + 2), self.chunk)
+
+    def scaled_powers(self, block: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """δ^j / j! [P, ·, J+1] on the slots ``block``, and the slots' buckets repeated to that shape."""
+        powers = torch.stack([self.delta[:, block] ** j for j in range(self.order + 1)], dim=-1) / self.factorial
+        return powers, self.bucket[:, block, None].expand(-1, -1, self.order + 1)
+
+    def survival(self, problems: RaceProblems, t: torch.Tensor) -> torch.Tensor:
+        """``M_k = r + Σ_g Σ_j D^j e^{−s_gk} m_gj / j!`` [P, K] at the nodes ``t`` [P, K]."""
+        p = problems.draft_mass
+        moments = p.new_zeros(*self.centre.shape, self.order + 1)
+        for block in self.slot_blocks():
+            powers, index = self.scaled_powers(block)
+            moments.scatter_add_(1, index, p[:, block, None] * powers)
+        survive = problems.background[:, None].expand_as(t).clone()
+        for block in self.bucket_blocks(t.shape[1]):
+            derivs = clock_derivatives(t[:, None, :] * torch.exp(self.centre[:, block, None]), self.order)
+            survive += torch.einsum("pgkj,pgj->pk", derivs, moments[:, block])
+        return survive
+
+    def clock_sums(self, t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``Σ_k W_k x_yk e^{−x_yk}`` [P, S], ``x_yk = t_k w_y``, for node weights ``W`` = ``weight`` [P, K].
+
+        Per bucket ``H_gj = −Σ_k W_k D^{j+1} e^{−s_gk}``, then ``Σ_j H_gj δ_y^j / j!`` per slot.
+        """
+        size, groups = self.centre.shape
+        level = weight.new_empty(size, groups, self.order + 1)  # H_gj
+        for block in self.bucket_blocks(t.shape[1]):
+            derivs = clock_derivatives(t[:, None, :] * torch.exp(self.centre[:, block, None]), self.order + 1)
+            level[:, block] = -torch.einsum("pgkj,pk->pgj", derivs[..., 1:], weight)
+        sums = []
+        for block in self.slot_blocks():
+            powers, index = self.scaled_powers(block)
+            sums.append((level.gather(1, index) * powers).sum(-1))
+        return _join(sums)
+
+
 def expanded_race_law(
     problems: RaceProblems,
     alpha: torch.Tensor,
@@ -333,60 +430,52 @@ def expanded_race_law(
 ) -> torch.Tensor:
     """The race law b(α) [P, S] of :func:`race_law` at the nodes ``t``, ``ω`` [P, K], in O(S·J + G·K·J).
 
-    Slots are grouped into G buckets of α-width ``width`` with centres ``a_g``;
-    with ``δ_y = α_y − a_g`` and ``s_gk = t_k e^{a_g}``, Taylor's formula in α gives
-
-        e^{−t_k w_y} = Σ_j D^j e^{−s_gk} δ_y^j / j!,   t_k w_y e^{−t_k w_y} = −Σ_j D^{j+1} e^{−s_gk} δ_y^j / j!,
-
-    so ``M_k = r + Σ_g Σ_j D^j e^{−s_gk} m_gj / j!`` with the bucket moments
-    ``m_gj = Σ_{y∈g} p_y δ_y^j``, and ``b_y = p_y Σ_j H_gj δ_y^j / j!`` with
-    ``H_gj = −Σ_k n ω_k M_k^{n−1} D^{j+1} e^{−s_gk}``. The truncation after
-    ``order`` terms errs by less than the quadrature (see ``EXPANSION_WIDTH``).
-    Buckets are taken in blocks of at most ``chunk`` [P, ·, K, J] elements
-    (``EXPANSION_CHUNK``; at least ``ACCELERATOR_CHUNK`` off the CPU), and slots
-    in blocks of at most ``chunk`` [P, ·, J] elements (:func:`slot_blocks`).
+    ``b_y = p_y Σ_k n ω_k M_k^{n−1} x_yk e^{−x_yk}`` with ``M`` and the sum over
+    the nodes from the buckets of :class:`SlotExpansion`.
     """
-    tier = problems.tier
-    p = problems.draft_mass
+    expansion = SlotExpansion.of(problems, alpha, width, order, chunk)
+    survive = expansion.survival(problems, t)
     n = problems.num_draws[:, None]
-    size, nodes = p.shape[0], t.shape[1]
-    low, high = (torch.where(torch.isfinite(bound), bound, 0) for bound in masked_range(alpha, tier))
-    if _sync.reads_are_cheap(alpha):
-        groups = int(((high - low) / width).max()) + 1
-    else:  # α spans at most ALPHA_SPAN (see quadrature_nodes)
-        groups = math.ceil(ALPHA_SPAN / width) + 1
-    bucket = ((alpha - low) / width).floor().clamp(0, groups - 1).long()
-    centre = low + (torch.arange(groups, dtype=alpha.dtype, device=alpha.device) + 0.5) * width  # [P, G]
-    delta = torch.where(tier, alpha - centre.gather(1, bucket), 0)
-    # j! on the device itself: a tensor built from host values would be a blocking copy there.
-    factorial = torch.arange(order + 1, dtype=alpha.dtype, device=alpha.device).clamp_min(1).cumprod(0)
-    chunk = EXPANSION_CHUNK if chunk is None else chunk
-    slots = slot_blocks(p, p.shape[1], size * (order + 1), chunk)
+    return problems.draft_mass * expansion.clock_sums(t, n * quad * survive.pow(n - 1))
 
-    def scaled_powers(block: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """δ^j / j! [P, ·, J+1] on the slots ``block``, and the slots' buckets repeated to that shape."""
-        powers = torch.stack([delta[:, block] ** j for j in range(order + 1)], dim=-1) / factorial
-        return powers, bucket[:, block, None].expand(-1, -1, order + 1)
 
-    moments = p.new_zeros(size, groups, order + 1)
-    for block in slots:
-        powers, index = scaled_powers(block)
-        moments.scatter_add_(1, index, p[:, block, None] * powers)
-    survive = problems.background[:, None].expand(size, nodes).clone()  # M_k
-    blocks = slot_blocks(p, groups, size * nodes * (order + 2), chunk)
-    for block in blocks:
-        derivs = clock_derivatives(t[:, None, :] * torch.exp(centre[:, block, None]), order)  # [P, g, K, J+1]
-        survive += torch.einsum("pgkj,pgj->pk", derivs, moments[:, block])
-    weight = n * quad * survive.pow(n - 1)  # n ω M^{n−1}, [P, K]
-    level = p.new_empty(size, groups, order + 1)  # H_gj
-    for block in blocks:
-        derivs = clock_derivatives(t[:, None, :] * torch.exp(centre[:, block, None]), order + 1)
-        level[:, block] = -torch.einsum("pgkj,pk->pgj", derivs[..., 1:], weight)
-    law = []
-    for block in slots:
-        powers, index = scaled_powers(block)
-        law.append(p[:, block] * (level.gather(1, index) * powers).sum(-1))
-    return _join(law)
+def expanded_race_law_by_count(
+    problems: RaceProblems, alpha: torch.Tensor, t: torch.Tensor, quad: torch.Tensor, classes: int
+) -> torch.Tensor:
+    """:func:`race_law_by_count` [P, S, N] for wide tiers, through :class:`SlotExpansion`.
+
+    Expanding ``(M − A)^{n−m}`` binomially,
+
+        B_{y,m} = C(n, m) m Σ_{i=m}^{n} C(n − m, i − m) (−1)^{i−m} p_y^i G_{y,i},
+        G_{y,i} = Σ_k ω_k M_k^{n−i} x_yk e^{−i x_yk} = (1/i) Σ_k ω_k M_k^{n−i} (i x_yk) e^{−i x_yk},
+
+    the last a clock sum (:meth:`SlotExpansion.clock_sums`) at the nodes ``i t``. The terms alternate, and their
+    magnitudes sum to ``C(n, m) m Σ_k ω_k x A^m (M + A)^{n−m} ≤ 2^{n−m}`` times the
+    largest ``B``-sized term, so the rounding error stays ~``2^n ε b_y``.
+    """
+    expansion = SlotExpansion.of(problems, alpha)
+    survive = expansion.survival(problems, t)
+    p, n = problems.draft_mass, problems.num_draws
+    most = max(classes, 1)
+    powers = []  # p_y^i G_{y,i}, i = 1..N, each [P, S]
+    for i in range(1, most + 1):
+        weight = torch.where(n[:, None] >= i, quad * survive.pow((n[:, None] - i).clamp_min(0)), 0)
+        powers.append(p.pow(i) * expansion.clock_sums(i * t, weight) / i)
+    law = p.new_zeros(*p.shape, most)
+    for m in range(1, most + 1):
+        for i in range(m, most + 1):
+            sign = (-1) ** (i - m)
+            ways = _binomial(n, m) * m * _binomial(n - m, torch.full_like(n, i - m))  # [P]
+            law[..., m - 1] += (sign * ways)[:, None] * powers[i - 1]
+    return law.clamp_min(0)
+
+
+def _binomial(n: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+    """C(n, k) for float ``n`` ≥ 0 [P] and ``k``, 0 where k > n or k < 0."""
+    k = torch.as_tensor(k, dtype=n.dtype, device=n.device).expand_as(n)
+    valid = (k >= 0) & (k <= n)
+    k, rest = k.clamp_min(0), (n - k).clamp_min(0)
+    return torch.where(valid, torch.exp(torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(rest + 1)), 0)
 
 
 def race_terms(problems: RaceProblems, alpha: torch.Tensor, step: float, chunk: int | None = None) -> RaceTerms:

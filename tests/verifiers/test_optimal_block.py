@@ -20,6 +20,7 @@ import torch
 
 from hf_globalres import reference, verifiers
 from hf_globalres.reference import draft_tuples
+from hf_globalres.verifiers import _race
 from hf_globalres.verifiers._race import RaceProblems, race_law, race_law_by_count
 from hf_globalres.verifiers.base import heaviest_child
 from hf_globalres.verifiers.optimal_block import OptimalBlock, count_acceptance, leader_shares
@@ -61,6 +62,44 @@ def test_race_law_by_count_matches_enumeration_and_sums_to_the_race_law() -> Non
         assert not split[row, :, n:].any()  # no class above the row's draws
     chunked = race_law_by_count(problems, alpha, step=0.3, classes=4, chunk=3 * 40 * 4)
     assert torch.allclose(chunked, split, rtol=0, atol=1e-16)
+
+
+@pytest.mark.parametrize(("n", "span", "background"), [(2, 5.0, 0.1), (4, 20.0, 0.0), (8, 39.0, 0.3)])
+def test_wide_tiers_split_the_race_law_through_the_expansion(
+    monkeypatch: pytest.MonkeyPatch, n: int, span: float, background: float
+) -> None:
+    """Tiers of ≥ EXPANSION_MIN_WIDTH slots (full-support rows) take the expansion in α: same B_{y,m} to 1e-13.
+
+    (The binomial sum of `expanded_race_law_by_count` alternates: its rounding grows like 2^n ε.)
+    """
+    g = torch.Generator().manual_seed(n)
+    width = _race.EXPANSION_MIN_WIDTH + 1000
+    p = torch.rand(2, width, generator=g, dtype=torch.float64) ** 3
+    p[:, ::7] = 0  # padding slots
+    p[1, 3] = 50 * p[1].sum()  # one token holds most of the second row
+    p = (1 - background) * p / p.sum(-1, keepdim=True)
+    alpha = torch.where(p > 0, span * (torch.rand(2, width, generator=g, dtype=torch.float64) - 0.5), 0)
+    full = {"dtype": torch.float64}
+    problems = RaceProblems(p, p, torch.full((2,), background, **full), torch.full((2,), float(n), **full))
+    expanded = race_law_by_count(problems, alpha, step=0.3, classes=n)
+    monkeypatch.setattr(_race, "EXPANSION_MIN_WIDTH", 10**9)
+    direct = race_law_by_count(problems, alpha, step=0.3, classes=n)
+    assert float((expanded - direct).abs().max()) <= 1e-13
+    assert float((expanded - direct).abs().sum((-1, -2)).max()) <= 1e-12
+
+
+def test_expanded_split_keeps_the_rule_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every race evaluation and split through the expansion: law q (1e-10), `optimal`'s acceptance per token."""
+    monkeypatch.setattr(_race, "EXPANSION_MIN_WIDTH", 1)
+    for vocab, n, seed in ((9, 3, 6), (6, 4, 7)):
+        q, p = make_case("random", vocab, seed)
+        for shape in ("tree", "spine"):
+            marginal, acceptance, _ = reference.enumerate_law(
+                verifiers.get("optimal_block", draft_shape=shape), q, p, n
+            )
+            assert float((marginal - q).abs().max()) <= EXACT, (vocab, n, shape)
+            optimal = float(reference.enumerate_law(verifiers.get("optimal"), q, p, n)[1])
+            assert float(acceptance) == pytest.approx(optimal, abs=1e-9)
 
 
 def test_count_acceptance_fills_the_largest_multiplicity_first() -> None:
