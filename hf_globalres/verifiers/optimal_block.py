@@ -114,6 +114,12 @@ def leader_shares(
     return torch.where(present, won / per_draft, 0)
 
 
+def _checked_shape(draft_shape: object) -> DraftShape:
+    if draft_shape not in DRAFT_SHAPES:
+        raise ValueError(f"draft_shape must be one of {DRAFT_SHAPES}, got {draft_shape!r}")
+    return draft_shape  # type: ignore[return-value]
+
+
 @register
 class OptimalBlock(Optimal):
     """``optimal`` with each winner's acceptance spent on its most-drawn events first (module docstring).
@@ -127,13 +133,11 @@ class OptimalBlock(Optimal):
 
     def __init__(self, *, draft_shape: DraftShape = "tree", **options: Any) -> None:
         super().__init__(**options)
-        if draft_shape not in DRAFT_SHAPES:
-            raise ValueError(f"draft_shape must be one of {DRAFT_SHAPES}, got {draft_shape!r}")
-        self.draft_shape = draft_shape
+        self.draft_shape = _checked_shape(draft_shape)
 
     def for_shape(self, draft_shape: DraftShape) -> OptimalBlock:
         rule = copy.copy(self)
-        rule.draft_shape = draft_shape
+        rule.draft_shape = _checked_shape(draft_shape)
         return rule
 
     def __repr__(self) -> str:

@@ -218,8 +218,9 @@ def test_for_shape_picks_the_spine_rule_and_keeps_the_options() -> None:
     assert (spine.draft_shape, spine.tol, rule.draft_shape) == ("spine", 1e-9, "tree")
     assert spine.for_shape("tree").draft_shape == "tree"
     assert "spine" in repr(spine)
-    with pytest.raises(ValueError, match="draft_shape must be one of"):
-        verifiers.get("optimal_block", draft_shape="chain")
+    for bad in (lambda: verifiers.get("optimal_block", draft_shape="chain"), lambda: rule.for_shape("chain")):
+        with pytest.raises(ValueError, match="draft_shape must be one of"):
+            bad()
 
 
 @pytest.mark.parametrize(("vocab", "n"), [(3, 3), (4, 3)])
