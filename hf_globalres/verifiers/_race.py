@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import torch
@@ -265,30 +265,41 @@ def race_law(problems: RaceProblems, alpha: torch.Tensor, step: float, chunk: in
 
 
 def race_law_by_count(
-    problems: RaceProblems, alpha: torch.Tensor, step: float, classes: int, chunk: int | None = None
+    problems: RaceProblems,
+    alpha: torch.Tensor,
+    step: float,
+    classes: int,
+    slots: torch.Tensor | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
-    """``B_{y,m}`` [P, S, N]: the chance that y wins the race at ``alpha`` while exactly m draws show y.
+    """``B_{y,m}`` [P, R, N]: the chance that y wins the race at ``alpha`` while exactly m draws show y.
 
-    ``N`` = ``classes``, at least the most draws of any problem (from shapes: no host read);
-    entry ``m − 1`` holds m. With
-    ``A_yk = p_y e^{−x_yk}`` (``x_yk = t_k w_y``) the draws that show y and the
-    others' survival ``M_k − A_yk`` (docs/design.md §4.7),
+    For the slots ``slots`` [P, R] (None: every slot, R = S). ``N`` = ``classes``, at
+    least the most draws of any problem (from shapes: no host read); entry
+    ``m − 1`` holds m. With ``A_yk = p_y e^{−x_yk}`` (``x_yk = t_k w_y``) the draws
+    that show y and the others' survival ``M_k − A_yk`` (docs/design.md §4.7),
 
         B_{y,m} = C(n, m) m Σ_k ω_k x_yk A_yk^m (M_k − A_yk)^{n−m},
 
     which sums over m to :func:`race_law`'s ``b_y = n p_y Σ_k ω_k x_yk e^{−x_yk} M_k^{n−1}``.
-    Slots are taken in blocks of at most ``chunk`` [P, ·, K, N] elements (``LAW_CHUNK``); tiers of
-    ``EXPANSION_MIN_WIDTH`` slots or more take :func:`expanded_race_law_by_count`.
+    ``M`` sums over every slot (through :class:`SlotExpansion` on tiers of
+    ``EXPANSION_MIN_WIDTH`` slots or more); the terms are evaluated at the
+    requested slots only, in blocks of at most ``chunk`` [P, ·, K, N] elements
+    (``LAW_CHUNK``), so splitting the drafts' few tokens costs one survival pass.
     """
     tier = problems.tier
     alpha = torch.where(tier, alpha, 0)
     t, quad = quadrature_nodes(problems, alpha, step)
-    if alpha.shape[1] >= EXPANSION_MIN_WIDTH:
-        return expanded_race_law_by_count(problems, alpha, t, quad, classes)
     rate = torch.exp(alpha)
     p = problems.draft_mass
     n = problems.num_draws
     size, width, nodes = p.shape[0], p.shape[1], t.shape[1]
+    if width >= EXPANSION_MIN_WIDTH:
+        survive = SlotExpansion.of(problems, alpha).survival(problems, t)
+    else:
+        survive = survival(problems, t, rate, slot_blocks(p, width, size * nodes, LAW_CHUNK))
+    if slots is not None:
+        p, rate = p.gather(1, slots), rate.gather(1, slots)
     most = max(classes, 1)
     count = torch.arange(1, most + 1, dtype=p.dtype, device=p.device)  # m, [N]
     rest = n[:, None] - count  # n − m, [P, N]
@@ -297,9 +308,8 @@ def race_law_by_count(
         count * torch.exp(torch.lgamma(n[:, None] + 1) - torch.lgamma(count + 1) - torch.lgamma(rest.clamp_min(0) + 1)),
         0,
     )  # C(n, m) m, [P, N]
-    blocks = slot_blocks(p, width, size * nodes * most, LAW_CHUNK if chunk is None else chunk)
-    survive = survival(problems, t, rate, blocks)
-    law = p.new_empty(size, width, most)
+    blocks = slot_blocks(p, p.shape[1], size * nodes * most, LAW_CHUNK if chunk is None else chunk)
+    law = p.new_empty(size, p.shape[1], most)
     for block in blocks:
         x, clock = _clocks(t, rate, block)
         shows = (clock * p[:, block, None])[..., None]  # A, [P, ·, K, 1]
@@ -344,6 +354,7 @@ class SlotExpansion:
     Attributes:
         bucket: [P, S] each slot's bucket; centre: [P, G] ``a_g``; delta: [P, S] ``δ_y`` (0 off the tier).
         factorial: [J + 1] j!; order: J; chunk: elements per block.
+        kept: the scaled powers of a block of every slot, once computed.
     """
 
     bucket: torch.Tensor
@@ -352,6 +363,7 @@ class SlotExpansion:
     factorial: torch.Tensor
     order: int
     chunk: int
+    kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -384,9 +396,19 @@ class SlotExpansion:
         return slot_blocks(self.delta, groups, size * nodes * (self.order + 2), self.chunk)
 
     def scaled_powers(self, block: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """δ^j / j! [P, ·, J+1] on the slots ``block``, and the slots' buckets repeated to that shape."""
-        powers = torch.stack([self.delta[:, block] ** j for j in range(self.order + 1)], dim=-1) / self.factorial
-        return powers, self.bucket[:, block, None].expand(-1, -1, self.order + 1)
+        """δ^j / j! [P, ·, J+1] on the slots ``block``, and the slots' buckets repeated to that shape.
+
+        Kept when the block is every slot (one chunk holds them), for the next pass.
+        """
+        key = (block.start, block.stop)
+        if key in self.kept:
+            return self.kept[key]
+        step = self.delta[:, block, None].expand(-1, -1, self.order)
+        powers = torch.cat([torch.ones_like(step[..., :1]), step.cumprod(-1)], -1) / self.factorial
+        pair = powers, self.bucket[:, block, None].expand(-1, -1, self.order + 1)
+        if key == (0, self.delta.shape[1]):
+            self.kept[key] = pair
+        return pair
 
     def survival(self, problems: RaceProblems, t: torch.Tensor) -> torch.Tensor:
         """``M_k = r + Σ_g Σ_j D^j e^{−s_gk} m_gj / j!`` [P, K] at the nodes ``t`` [P, K]."""
@@ -437,45 +459,6 @@ def expanded_race_law(
     survive = expansion.survival(problems, t)
     n = problems.num_draws[:, None]
     return problems.draft_mass * expansion.clock_sums(t, n * quad * survive.pow(n - 1))
-
-
-def expanded_race_law_by_count(
-    problems: RaceProblems, alpha: torch.Tensor, t: torch.Tensor, quad: torch.Tensor, classes: int
-) -> torch.Tensor:
-    """:func:`race_law_by_count` [P, S, N] for wide tiers, through :class:`SlotExpansion`.
-
-    Expanding ``(M − A)^{n−m}`` binomially,
-
-        B_{y,m} = C(n, m) m Σ_{i=m}^{n} C(n − m, i − m) (−1)^{i−m} p_y^i G_{y,i},
-        G_{y,i} = Σ_k ω_k M_k^{n−i} x_yk e^{−i x_yk} = (1/i) Σ_k ω_k M_k^{n−i} (i x_yk) e^{−i x_yk},
-
-    the last a clock sum (:meth:`SlotExpansion.clock_sums`) at the nodes ``i t``. The terms alternate, and their
-    magnitudes sum to ``C(n, m) m Σ_k ω_k x A^m (M + A)^{n−m} ≤ 2^{n−m}`` times the
-    largest ``B``-sized term, so the rounding error stays ~``2^n ε b_y``.
-    """
-    expansion = SlotExpansion.of(problems, alpha)
-    survive = expansion.survival(problems, t)
-    p, n = problems.draft_mass, problems.num_draws
-    most = max(classes, 1)
-    powers = []  # p_y^i G_{y,i}, i = 1..N, each [P, S]
-    for i in range(1, most + 1):
-        weight = torch.where(n[:, None] >= i, quad * survive.pow((n[:, None] - i).clamp_min(0)), 0)
-        powers.append(p.pow(i) * expansion.clock_sums(i * t, weight) / i)
-    law = p.new_zeros(*p.shape, most)
-    for m in range(1, most + 1):
-        for i in range(m, most + 1):
-            sign = (-1) ** (i - m)
-            ways = _binomial(n, m) * m * _binomial(n - m, torch.full_like(n, i - m))  # [P]
-            law[..., m - 1] += (sign * ways)[:, None] * powers[i - 1]
-    return law.clamp_min(0)
-
-
-def _binomial(n: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
-    """C(n, k) for float ``n`` ≥ 0 [P] and ``k``, 0 where k > n or k < 0."""
-    k = torch.as_tensor(k, dtype=n.dtype, device=n.device).expand_as(n)
-    valid = (k >= 0) & (k <= n)
-    k, rest = k.clamp_min(0), (n - k).clamp_min(0)
-    return torch.where(valid, torch.exp(torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(rest + 1)), 0)
 
 
 def race_terms(problems: RaceProblems, alpha: torch.Tensor, step: float, chunk: int | None = None) -> RaceTerms:

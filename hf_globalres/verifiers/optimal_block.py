@@ -43,29 +43,29 @@ from .optimal import Optimal, RacingDrafts, TierProblems
 
 @dataclass
 class CountAcceptance:
-    """Acceptance of a tier's race winner by its multiplicity ([B, S] slots, N classes).
+    """Acceptance of a tier's race winner by its multiplicity ([B, X]: the slots asked for, N classes).
 
     Attributes:
-        top: ``γ_{y,k}`` [B, S], when all k drafts show the winner (needs no weights).
-        lower: ``γ_{y,m}`` [B, S, N] for m < k (entry m − 1), None before the tier is solved.
-        mass: ``ā`` [B, S] in the tier's units, the mass these accept (None before the solve).
+        top: ``γ_{y,k}`` [B, X], when all k drafts show the winner (needs no weights).
+        lower: ``γ_{y,m}`` [B, X, N] for m < k (entry m − 1), None before the tier is solved.
     """
 
     top: torch.Tensor
     lower: torch.Tensor | None = None
-    mass: torch.Tensor | None = None
 
 
 def count_acceptance(
     cap: torch.Tensor, every: torch.Tensor, draws: torch.Tensor, by_count: torch.Tensor | None
 ) -> CountAcceptance:
-    """The greedy fill of the module docstring for one tier.
+    """The greedy fill of the module docstring for one tier, on any [B, X] set of slots.
+
+    It accepts ``min(κ_y, b_y)`` in all (``b_y = Σ_m B_{y,m}``), largest m first.
 
     Args:
-        cap: κ [B, S], the most a slot may be accepted with in the tier's units.
-        every: ``B_{y,k}`` [B, S], the chance that all k drafts show y.
+        cap: κ [B, X], the most a slot may be accepted with in the tier's units.
+        every: ``B_{y,k}`` [B, X], the chance that all k drafts show y.
         draws: k [B].
-        by_count: ``B_{y,m}`` [B, S, N] at the solved weights, or None (only ``top`` then).
+        by_count: ``B_{y,m}`` [B, X, N] at the solved weights, or None (only ``top`` then).
     """
     top = torch.where(cap > 0, (cap / torch.where(every > 0, every, 1)).clamp_max(1), 0)
     top = torch.where(every > 0, top, 0)
@@ -76,8 +76,7 @@ def count_acceptance(
     fill = (torch.minimum(cap, by_count.sum(-1)) - every * top).clamp_min(0)
     above = lower.flip(-1).cumsum(-1).flip(-1) - lower  # Σ_{k > m' > m} B_{y,m'}
     accept = ((fill[..., None] - above) / torch.where(lower > 0, lower, 1)).clamp(0, 1)
-    accept = torch.where(lower > 0, accept, 0)
-    return CountAcceptance(top, accept, every * top + (lower * accept).sum(-1))
+    return CountAcceptance(top, torch.where(lower > 0, accept, 0))
 
 
 def leader_shares(
@@ -143,22 +142,36 @@ class OptimalBlock(Optimal):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, draft_shape={self.draft_shape!r})"
 
-    def _tier_acceptance(
-        self, tiers: TierProblems, in_l: torch.Tensor, race: RaceProblems, alpha: torch.Tensor | None, classes: int
-    ) -> CountAcceptance:
-        """:func:`count_acceptance` of each row's tier (L where ``in_l`` [B]) at the weights ``alpha`` (None: unsolved).
-
-        ``classes``: the draft columns n, the most drafts any row has.
-        """
-        k = tiers.drafts
-        share = tiers.p / tiers.p_h.clamp_min(1e-300)[:, None]
+    def _tier_caps(self, tiers: TierProblems, in_l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """κ and ``B_{y,k}`` [B, S] of each row's tier (L where ``in_l`` [B]): see :func:`count_acceptance`."""
+        k = tiers.drafts.double()[:, None]
         pick = in_l[:, None]
         cap = torch.where(pick, torch.where(tiers.in_l, tiers.q, 0), tiers.h_target)
-        every_l = torch.where(tiers.in_l, tiers.p.pow(k.double()[:, None]), 0)
-        every_h = torch.where(tiers.h_solved, share.pow(k.double()[:, None]), 0)
-        every = torch.where(pick, every_l, every_h)
-        by_count = None if alpha is None else race_law_by_count(race, alpha, self.step, classes)
-        return count_acceptance(cap, every, k, by_count)
+        every_l = torch.where(tiers.in_l, tiers.p.pow(k), 0)
+        every_h = torch.where(tiers.h_solved, (tiers.p / tiers.p_h.clamp_min(1e-300)[:, None]).pow(k), 0)
+        return cap, torch.where(pick, every_l, every_h)
+
+    def _tier_acceptance(
+        self,
+        tiers: TierProblems,
+        in_l: torch.Tensor,
+        race: RaceProblems,
+        alpha: torch.Tensor | None,
+        slots: torch.Tensor,
+    ) -> CountAcceptance:
+        """:func:`count_acceptance` on ``slots`` [B, X] of each row's tier (L where ``in_l`` [B]) at ``alpha``.
+
+        ``alpha`` None: the tier is unsolved (only the top class). X is the draft columns n, the
+        most drafts any row has, and so the most classes.
+        """
+        cap, every = (value.gather(1, slots) for value in self._tier_caps(tiers, in_l))
+        by_count = None if alpha is None else race_law_by_count(race, alpha, self.step, slots.shape[1], slots)
+        return count_acceptance(cap, every, tiers.drafts, by_count)
+
+    def _tier_mass(self, tiers: TierProblems, in_l: torch.Tensor, law: torch.Tensor) -> torch.Tensor:
+        """``ā = min(κ, b)`` [B, S] of each row's tier at race law ``law``: what the fill accepts, in any order."""
+        cap, _ = self._tier_caps(tiers, in_l)
+        return torch.minimum(cap, law)
 
     def _race_plan(
         self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor
@@ -172,28 +185,22 @@ class OptimalBlock(Optimal):
         all_same = (count == tiers.drafts[:, None]) | ~present  # [B, n]: the draft's token is every draft's
         race = tiers.races(drafts.in_l_race)
         agreed = _sync.reads_are_cheap(all_same) and bool(all_same.all())
-        alpha = None if agreed else self._solve_tiers(race)[0]
-        rule = self._tier_acceptance(tiers, drafts.in_l_race, race, alpha, draft_tokens.shape[1])
-        accept = rule.top.gather(1, drafts.slot)
+        alpha, law = (None, None) if agreed else self._solve_tiers(race)
+        rule = self._tier_acceptance(tiers, drafts.in_l_race, race, alpha, drafts.slot)
+        accept = rule.top
         if rule.lower is not None:
             cls = (count - 1).clamp(0, rule.lower.shape[-1] - 1)
-            lower = rule.lower.gather(1, drafts.slot[..., None].expand(-1, -1, rule.lower.shape[-1]))
-            accept = torch.where(all_same, accept, lower.gather(2, cls[..., None])[..., 0])
+            accept = torch.where(all_same, accept, rule.lower.gather(2, cls[..., None])[..., 0])
         accept = torch.where(present & drafts.racing, accept, 0)
 
         def recover() -> torch.Tensor:
             """Residual ``q − ā`` over both tiers (each solved now if it was not)."""
-            race_rule = rule
-            if rule.mass is None:
-                race_rule = self._tier_acceptance(
-                    tiers, drafts.in_l_race, race, self._solve_tiers(race)[0], draft_tokens.shape[1]
-                )
-            other = tiers.races(~drafts.in_l_race)
-            other_alpha = self._solve_tiers(other)[0]
-            other_rule = self._tier_acceptance(tiers, ~drafts.in_l_race, other, other_alpha, draft_tokens.shape[1])
+            race_mass = self._tier_mass(tiers, drafts.in_l_race, law if law is not None else self._solve_tiers(race)[1])
+            other_law = self._solve_tiers(tiers.races(~drafts.in_l_race))[1]
+            other_mass = self._tier_mass(tiers, ~drafts.in_l_race, other_law)
             pick = drafts.in_l_race[:, None]
-            low = torch.where(pick, race_rule.mass, other_rule.mass)
-            high = torch.where(pick, other_rule.mass, race_rule.mass)
+            low = torch.where(pick, race_mass, other_mass)
+            high = torch.where(pick, other_mass, race_mass)
             mass = torch.where(tiers.in_l, low, high * tiers.all_h[:, None])
             return tiers.residual(target_probs, torch.where((tiers.drafts > 0)[:, None] & tiers.on, mass, 0))
 
