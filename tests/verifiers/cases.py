@@ -6,8 +6,30 @@ import torch
 from scipy.stats import chisquare
 
 from hf_globalres import verifiers
+from hf_globalres.verifiers import _race
+from hf_globalres.verifiers._race import RaceProblems
 
 CASE_KINDS = ("random", "sparse", "equal", "disjoint", "one_hot_p", "one_hot_q", "q_zero_where_p")
+
+
+#: (n, α span, background) of :func:`wide_race_problems`.
+WIDE_RACES = [(2, 5.0, 0.1), (4, 20.0, 0.0), (8, 39.0, 0.3)]
+
+
+def wide_race_problems(n: int, span: float, background: float) -> tuple[RaceProblems, torch.Tensor]:
+    """Two race problems a little wider than ``EXPANSION_MIN_WIDTH`` (padding on every 7th slot), and weights α.
+
+    The second row's slot 3 holds most of its mass (a peaked row).
+    """
+    g = torch.Generator().manual_seed(n)
+    width = _race.EXPANSION_MIN_WIDTH + 1000
+    p = torch.rand(2, width, generator=g, dtype=torch.float64) ** 3
+    p[:, ::7] = 0
+    p[1, 3] = 50 * p[1].sum()
+    p = (1 - background) * p / p.sum(-1, keepdim=True)
+    alpha = torch.where(p > 0, span * (torch.rand(2, width, generator=g, dtype=torch.float64) - 0.5), 0)
+    full = {"dtype": torch.float64}
+    return RaceProblems(p, p, torch.full((2,), background, **full), torch.full((2,), float(n), **full)), alpha
 
 
 def rule_ids() -> list[str]:

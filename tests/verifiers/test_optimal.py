@@ -22,7 +22,7 @@ from hf_globalres.verifiers import _race
 from hf_globalres.verifiers._race import RaceProblems, expanded_race_law, quadrature_nodes, race_law, race_terms
 from hf_globalres.verifiers.optimal import Optimal, floor_level, water_level
 
-from .cases import CASE_KINDS, chi_square_pvalue, make_case
+from .cases import CASE_KINDS, WIDE_RACES, chi_square_pvalue, make_case, wide_race_problems
 
 EXACT = 1e-10
 LP_MATCH = 1e-7
@@ -291,23 +291,12 @@ def test_race_quadrature_matches_the_enumerated_race(n: int, spread: float, back
     assert float((expanded - exact).abs().max()) <= 1e-13
 
 
-@pytest.mark.parametrize(("n", "span", "background"), [(2, 5.0, 0.1), (4, 20.0, 0.0), (8, 39.0, 0.3)])
+@pytest.mark.parametrize(("n", "span", "background"), WIDE_RACES)
 def test_expanded_race_law_matches_the_direct_law_on_wide_tiers(
     monkeypatch: pytest.MonkeyPatch, n: int, span: float, background: float
 ) -> None:
     """Tiers of ≥ EXPANSION_MIN_WIDTH slots take the bucketed Taylor expansion: same law to 1e-13 per slot."""
-    g = torch.Generator().manual_seed(n)
-    width = _race.EXPANSION_MIN_WIDTH + 1000
-    p = torch.rand(2, width, generator=g, dtype=torch.float64) ** 3
-    p[:, ::7] = 0  # padding slots
-    p = (1 - background) * p / p.sum(-1, keepdim=True)
-    alpha = torch.where(p > 0, span * (torch.rand(2, width, generator=g, dtype=torch.float64) - 0.5), 0)
-    problems = RaceProblems(
-        draft_mass=p,
-        target=p,
-        background=torch.full((2,), background, dtype=torch.float64),
-        num_draws=torch.full((2,), float(n), dtype=torch.float64),
-    )
+    problems, alpha = wide_race_problems(n, span, background)
     expanded = race_law(problems, alpha, step=0.3)
     monkeypatch.setattr(_race, "EXPANSION_MIN_WIDTH", 10**9)
     direct = race_law(problems, alpha, step=0.3)

@@ -25,7 +25,7 @@ from hf_globalres.verifiers._race import RaceProblems, race_law, race_law_by_cou
 from hf_globalres.verifiers.base import heaviest_child
 from hf_globalres.verifiers.optimal_block import OptimalBlock, count_acceptance, leader_shares
 
-from .cases import CASE_KINDS, make_case
+from .cases import CASE_KINDS, WIDE_RACES, make_case, wide_race_problems
 
 EXACT = 1e-10
 
@@ -64,20 +64,12 @@ def test_race_law_by_count_matches_enumeration_and_sums_to_the_race_law() -> Non
     assert torch.allclose(chunked, split, rtol=0, atol=1e-16)
 
 
-@pytest.mark.parametrize(("n", "span", "background"), [(2, 5.0, 0.1), (4, 20.0, 0.0), (8, 39.0, 0.3)])
+@pytest.mark.parametrize(("n", "span", "background"), WIDE_RACES)
 def test_wide_tiers_split_the_race_law_through_the_expansion(
     monkeypatch: pytest.MonkeyPatch, n: int, span: float, background: float
 ) -> None:
     """Tiers of ≥ EXPANSION_MIN_WIDTH slots (full-support rows) sum their survival through the expansion in α."""
-    g = torch.Generator().manual_seed(n)
-    width = _race.EXPANSION_MIN_WIDTH + 1000
-    p = torch.rand(2, width, generator=g, dtype=torch.float64) ** 3
-    p[:, ::7] = 0  # padding slots
-    p[1, 3] = 50 * p[1].sum()  # one token holds most of the second row
-    p = (1 - background) * p / p.sum(-1, keepdim=True)
-    alpha = torch.where(p > 0, span * (torch.rand(2, width, generator=g, dtype=torch.float64) - 0.5), 0)
-    full = {"dtype": torch.float64}
-    problems = RaceProblems(p, p, torch.full((2,), background, **full), torch.full((2,), float(n), **full))
+    problems, alpha = wide_race_problems(n, span, background)
     expanded = race_law_by_count(problems, alpha, step=0.3, classes=n)
     monkeypatch.setattr(_race, "EXPANSION_MIN_WIDTH", 10**9)
     direct = race_law_by_count(problems, alpha, step=0.3, classes=n)
