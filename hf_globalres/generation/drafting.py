@@ -68,7 +68,14 @@ from dataclasses import dataclass
 import torch
 
 from .. import _sync
-from ..verifiers.base import DRAFT_SHAPES, DraftScheme, DraftShape, heaviest_child, sample_categorical
+from ..verifiers.base import (
+    DRAFT_SHAPES,
+    DraftScheme,
+    DraftShape,
+    check_draft_shape,
+    heaviest_child,
+    sample_categorical,
+)
 from .processors import BatchView, DraftLaw, SpeculativeLogitsProcessor
 from .timing import PhaseTimer
 from .tree import KVState, PendingTokens, canonical_branches, forward_tokens, mask_to_front, true_rows
@@ -159,8 +166,7 @@ def check_drafting_options(confidence_threshold: object, draft_shape: object, to
         raise ValueError(
             f"assistant_confidence_threshold must be a number in [0, 1] or None, got {confidence_threshold!r}"
         )
-    if draft_shape not in DRAFT_SHAPES:
-        raise ValueError(f"draft_shape must be one of {DRAFT_SHAPES}, got {draft_shape!r}")
+    check_draft_shape(draft_shape)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"assistant_top_k must be an integer ≥ 1 or None (the whole draft law), got {top_k!r}")
 

@@ -38,6 +38,13 @@ DraftShape = Literal["tree", "spine"]
 DRAFT_SHAPES: tuple[DraftShape, ...] = ("tree", "spine")
 
 
+def check_draft_shape(draft_shape: object) -> DraftShape:
+    """``draft_shape`` itself if it is one of ``DRAFT_SHAPES``; else ValueError naming them."""
+    if draft_shape not in DRAFT_SHAPES:
+        raise ValueError(f"draft_shape must be one of {DRAFT_SHAPES}, got {draft_shape!r}")
+    return draft_shape  # type: ignore[return-value]
+
+
 @dataclass
 class VerificationResult:
     """Outcome of one batched verification step.
@@ -636,6 +643,7 @@ __all__ = [
     "SupportRows",
     "VerificationResult",
     "Verifier",
+    "check_draft_shape",
     "check_inputs",
     "check_probs",
     "distinct_rows",

@@ -37,7 +37,7 @@ import torch
 from .. import _sync
 from . import register
 from ._race import RaceProblems, race_law_by_count
-from .base import DRAFT_SHAPES, DraftShape, EmissionPlan, heaviest_child
+from .base import DraftShape, EmissionPlan, check_draft_shape, heaviest_child
 from .optimal import Optimal, RacingDrafts, TierProblems
 
 
@@ -113,12 +113,6 @@ def leader_shares(
     return torch.where(present, won / per_draft, 0)
 
 
-def _checked_shape(draft_shape: object) -> DraftShape:
-    if draft_shape not in DRAFT_SHAPES:
-        raise ValueError(f"draft_shape must be one of {DRAFT_SHAPES}, got {draft_shape!r}")
-    return draft_shape  # type: ignore[return-value]
-
-
 @register
 class OptimalBlock(Optimal):
     """``optimal`` with each winner's acceptance spent on its most-drawn events first (module docstring).
@@ -132,11 +126,11 @@ class OptimalBlock(Optimal):
 
     def __init__(self, *, draft_shape: DraftShape = "tree", **options: Any) -> None:
         super().__init__(**options)
-        self.draft_shape = _checked_shape(draft_shape)
+        self.draft_shape = check_draft_shape(draft_shape)
 
     def for_shape(self, draft_shape: DraftShape) -> OptimalBlock:
         rule = copy.copy(self)
-        rule.draft_shape = _checked_shape(draft_shape)
+        rule.draft_shape = check_draft_shape(draft_shape)
         return rule
 
     def __repr__(self) -> str:
