@@ -80,14 +80,14 @@ def count_acceptance(
 
 
 def leader_shares(
-    shares: torch.Tensor, draft_tokens: torch.Tensor, present: torch.Tensor, count: torch.Tensor
+    shares: torch.Tensor, draft_tokens: torch.Tensor, present: torch.Tensor, same: torch.Tensor
 ) -> torch.Tensor:
     """[B, n]: each draft's chance to win, moved towards the spine's leader within the drafts' multiset.
 
     Args:
         shares: [B, n] each draft's chance to win the race (0 for drafts that do not race);
         draft_tokens: [B, n], −1 where absent; present: [B, n] ``draft_tokens ≥ 0``;
-        count: [B, n] m, how many drafts show each draft's token.
+        same: [B, n, n] draft j is present and shows draft i's token (its row sums: m per draft).
 
     Given the multiset, the race's chance ``r_y`` that token y wins does not
     depend on the drafts' order, and the leader ℓ (:func:`~.base.heaviest_child`)
@@ -99,7 +99,7 @@ def leader_shares(
     they leave): the multiset's law of the winner is the race's. A token's
     chance is split evenly over its m drafts.
     """
-    same = (draft_tokens[:, :, None] == draft_tokens[:, None, :]) & present[:, None, :]
+    count = same.sum(-1)
     chance = (same.double() * shares[:, None, :]).sum(-1)  # r of each draft's token
     most = torch.where(present, count, 0).amax(-1, keepdim=True)
     tied = present & (count == most)
@@ -200,5 +200,5 @@ class OptimalBlock(Optimal):
 
         shares = drafts.shares(alpha)
         if self.draft_shape == "spine":
-            shares = leader_shares(shares, draft_tokens, present, count)
+            shares = leader_shares(shares, draft_tokens, present, same)
         return EmissionPlan((shares * accept).to(target_probs.dtype), recover=recover)

@@ -186,10 +186,10 @@ def test_leader_shares_keep_each_multisets_race_law() -> None:
     for multiset in ((0, 1, 2, 3), (0, 0, 1, 1), (1, 1, 3, 3), (0, 1, 2), (2, 2, 2, 0), (0, 1, 1, 3)):
         orders = torch.tensor(sorted(set(itertools.permutations(multiset))))
         present = orders >= 0
-        count = ((orders[:, :, None] == orders[:, None, :]) & present[:, None, :]).sum(-1)
+        same = (orders[:, :, None] == orders[:, None, :]) & present[:, None, :]
         raw = torch.tensor([[weight[int(t)] for t in row] for row in orders], dtype=torch.float64)
         shares = raw / raw.sum(-1, keepdim=True)
-        moved = leader_shares(shares, orders, present, count)
+        moved = leader_shares(shares, orders, present, same)
         assert torch.allclose(moved.sum(-1), torch.ones(len(orders), dtype=torch.float64), atol=1e-12), multiset
         for token in set(multiset):
             race = (shares * (orders == token)).sum(-1).mean()
@@ -199,7 +199,7 @@ def test_leader_shares_keep_each_multisets_race_law() -> None:
     # All distinct, equal weights: the first draft (the leader) always wins.
     orders = torch.tensor([[3, 1, 2, 0]])
     flat = leader_shares(
-        torch.full((1, 4), 0.25, dtype=torch.float64), orders, orders >= 0, torch.ones(1, 4, dtype=torch.long)
+        torch.full((1, 4), 0.25, dtype=torch.float64), orders, orders >= 0, torch.eye(4, dtype=torch.bool)[None]
     )
     assert flat[0].tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0])
 
