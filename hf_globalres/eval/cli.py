@@ -32,7 +32,7 @@ def _ints(text: str) -> list[int]:
 
 
 def _words(text: str) -> list[str]:
-    return [v for v in text.split(",") if v]
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def find_config(spec: str) -> Path:
@@ -175,9 +175,14 @@ def _add_grid_arguments(grid: argparse._ArgumentGroup) -> None:
     grid.add_argument("--no-acceptance", action="store_true", help="skip acceptance-per-depth measurement")
     grid.add_argument(
         "--same-trees",
-        action="store_true",
-        help="runs of optimal (n ≥ 2) also score every rule of their draft scheme on their own draft trees "
-        "(exact expected tokens per block, paired differences)",
+        nargs="?",
+        const=True,
+        default=None,
+        type=_words,
+        metavar="RULES",
+        help="runs of optimal (n ≥ 2) also score every rule of their draft scheme that takes their n on their own "
+        "draft trees (exact expected tokens per block, paired differences); RULES (e.g. optimal_block,spectr) "
+        "scores only those",
     )
 
 
@@ -245,8 +250,10 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         settings["tree_attention"] = {"auto": "auto", "on": True, "off": False}[args.tree_attention]
     if args.no_acceptance:
         settings["measure_acceptance"] = False
-    if args.same_trees:
+    if args.same_trees is not None:
         settings["same_trees"] = True
+        if isinstance(args.same_trees, list):
+            settings["same_tree_rules"] = args.same_trees
     if args.assistant_top_k is not None:
         settings["assistant_top_k"] = args.assistant_top_k or None
     config = EvalConfig.from_dict(settings)

@@ -120,6 +120,8 @@ class EvalConfig:
     measure_acceptance: bool = True
     #: Runs of ``optimal`` (n ≥ 2) also score every rule of their draft scheme on their own trees.
     same_trees: bool = False
+    #: The rules ``same_trees`` scores besides the run's own (None: every rule of the run's draft scheme).
+    same_tree_rules: list[str] | None = None
 
     #: Fields that change results: a run directory refuses to resume under different values.
     RESULT_FIELDS = (
@@ -186,6 +188,24 @@ class EvalConfig:
             raise ValueError(f"draft_vocab must be auto, off or a number of token ids ≥ 1, got {self.draft_vocab!r}")
         if "multidraft" in self.methods:
             self.verifier_grid()
+        if self.same_tree_rules is not None:
+            self._check_same_tree_rules()
+
+    def _check_same_tree_rules(self) -> None:
+        if not self.same_trees:
+            raise ValueError("same_tree_rules chooses the rules same_trees scores; set same_trees too")
+        # The runs that score trees are optimal's: a rule must read its i.i.d. drafts (or be single, on a branch).
+        scheme = verifiers.get(REFERENCE_VERIFIER).draft_scheme
+        fits = [
+            name
+            for name in verifiers.available()
+            if name == BASELINE_VERIFIER or verifiers.get(name).draft_scheme == scheme
+        ]
+        if not self.same_tree_rules or any(name not in fits for name in self.same_tree_rules):
+            raise ValueError(
+                f"same_tree_rules must name rules that read {scheme} drafts, got {self.same_tree_rules!r}; "
+                f"choose from: {', '.join(fits)}"
+            )
 
     def draft_vocab_size(self) -> int | None:
         """How many ranked ids the multi-draft draft keeps (None: the whole vocabulary)."""
@@ -503,17 +523,20 @@ class SameTreeScores:
     scheme that takes n drafts (each for the run's draft shape,
     :meth:`~hf_globalres.verifiers.base.Verifier.for_shape`), and, for ``draft_shape="tree"``, ``single``
     on each tree's first branch (drafted exactly as an n = 1 chain).
+    ``names`` keeps only those rules (``single`` on the first branch only if named).
     """
 
-    def __init__(self, scheme: str, num_drafts: int, draft_shape: str) -> None:
+    def __init__(self, scheme: str, num_drafts: int, draft_shape: str, names: list[str] | None = None) -> None:
         self.rules: dict[str, verifiers.Verifier] = {}
-        for name in verifiers.available():
+        for name in verifiers.available() if names is None else dict.fromkeys(names):
             rule = verifiers.get(name).for_shape(draft_shape)
             if rule.draft_scheme == scheme and (rule.max_drafts is None or rule.max_drafts >= num_drafts):
                 self.rules[name] = rule
         self.first_branch = (
             verifiers.get(BASELINE_VERIFIER)
-            if draft_shape == "tree" and BASELINE_VERIFIER in verifiers.available()
+            if draft_shape == "tree"
+            and BASELINE_VERIFIER in verifiers.available()
+            and (names is None or BASELINE_VERIFIER in names)
             else None
         )
         self.blocks = 0
@@ -583,7 +606,8 @@ class _Measurements:
             out.verification_callback = _Timed(out.depth.callback)
         if config.same_trees and method.scores_same_trees:
             scheme = verifiers.get(method.verifier).draft_scheme
-            out.scores = SameTreeScores(scheme, method.num_drafts, config.draft_shape)
+            rules = None if config.same_tree_rules is None else [method.verifier, *config.same_tree_rules]
+            out.scores = SameTreeScores(scheme, method.num_drafts, config.draft_shape, rules)
             out.block_callback = _Timed(out.scores)
         return out
 

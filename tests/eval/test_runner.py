@@ -242,6 +242,10 @@ def test_grid_and_config_errors():
         ({"draft_shape": "bush"}, "draft_shape"),
         ({"draft_vocab": 0}, "draft_vocab must be auto, off or a number"),
         ({"draft_vocab": "some"}, "draft_vocab must be auto, off or a number"),
+        ({"same_tree_rules": ["spectr"]}, "set same_trees too"),
+        ({"same_trees": True, "same_tree_rules": ["nope"]}, "choose from: .*optimal_block"),
+        ({"same_trees": True, "same_tree_rules": ["optimal_without_replacement"]}, "read iid drafts"),
+        ({"same_trees": True, "same_tree_rules": []}, "same_tree_rules must name"),
     ):
         with pytest.raises(ValueError, match=message):
             runner.EvalConfig(**settings).validate()
@@ -337,6 +341,24 @@ def test_same_tree_scores_take_each_rule_in_the_form_for_the_runs_draft_shape():
         scores = runner.SameTreeScores("iid", 4, shape)
         assert scores.rules["optimal_block"].draft_shape == shape
         assert (scores.first_branch is None) == (shape == "spine")
+
+
+def test_same_tree_scores_keep_the_named_rules_only():
+    scores = runner.SameTreeScores("iid", 4, "tree", ["optimal", "optimal_block", "optimal"])
+    assert list(scores.rules) == ["optimal", "optimal_block"] and scores.first_branch is None
+    assert set(scores.counts().tokens) == {"optimal", "optimal_block"}
+    with_single = runner.SameTreeScores("iid", 4, "tree", ["optimal", "single"])
+    assert list(with_single.rules) == ["optimal"] and with_single.first_branch is not None
+
+
+def test_same_trees_takes_a_list_of_rules_on_the_command_line(tmp_path):
+    def dump(*extra: str) -> runner.EvalConfig:
+        return cli.config_from_args(cli.build_parser().parse_args(["--output-dir", str(tmp_path), *extra]))
+
+    assert dump("--same-trees").same_tree_rules is None and dump("--same-trees").same_trees
+    chosen = dump("--same-trees", "optimal_block, spectr")
+    assert chosen.same_trees and chosen.same_tree_rules == ["optimal_block", "spectr"]
+    assert not dump().same_trees and dump().same_tree_rules is None
 
 
 def test_same_tree_scores(tiny_pair_dirs, tmp_path):
