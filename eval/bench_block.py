@@ -8,7 +8,9 @@ root, one draft per branch below (L = 2, docs/design.md §4.7), drafted in both
 shapes: every branch goes on ("tree"), or only the branches of the token most
 root drafts show ("spine", ties to the first). Per rule (in the rule's form for
 the shape, ``Verifier.for_shape``), the exact expected tokens per block
-(``reference.enumerate_block_tokens``; ``single`` drafts one branch). Limits:
+(``reference.enumerate_block_tokens``; ``single`` drafts one branch), and
+``tilted race``: ``optimal_block`` with the clocks of the most-drawn tokens sped
+up ``--tilt`` times (``reference.TiltedRace``, docs/design.md §4.8). Limits:
 ``node limit``, the best root coupling when every child then runs ``optimal``
 and the value of each acceptance is known to the root
 (``reference.node_limit_lp``; no rule at the root may know it, so this bounds
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--trees", type=int, default=6, help="random trees per (V, n)")
     parser.add_argument("--spread", type=float, default=1.5, help="logit scale of the random laws")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tilt", type=float, default=1000.0, help="θ of the tilted race (1: optimal_block)")
     parser.add_argument("--out", default="bench_block.json")
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(args.seed)
@@ -60,15 +63,17 @@ def main() -> None:
     records = []
     for shape in SHAPES:
         rules = {name: verifiers.get(name).for_shape(shape) for name in RULES}
+        rules["tilted race"] = reference.TiltedRace(args.tilt, shape)
         limits = ["node limit", "tree limit"] if shape == "tree" else ["node limit"]
-        print(f"{shape}:\n{'V':>2} {'n':>2} " + " ".join(f"{name:>13s}" for name in [*RULES, *limits]))
+        print(f"{shape}:\n{'V':>2} {'n':>2} " + " ".join(f"{name:>13s}" for name in [*rules, *limits]))
         for (vocab, drafts), settings_trees in trees.items():
             rows = [block_tokens(rules, tree, drafts, shape) for tree in settings_trees]
             records += [{"shape": shape, "vocab": vocab, "num_drafts": drafts, "tokens_per_block": r} for r in rows]
             means = {name: statistics.fmean(row[name] for row in rows) for name in rows[0]}
             print(f"{vocab:>2} {drafts:>2} " + " ".join(f"{means[name]:13.5f}" for name in means))
     with open(args.out, "w") as handle:
-        json.dump({"description": __doc__.splitlines()[0], "spread": args.spread, "trees": records}, handle, indent=1)
+        summary = {"description": __doc__.splitlines()[0], "spread": args.spread, "tilt": args.tilt, "trees": records}
+        json.dump(summary, handle, indent=1)
     print(f"wrote {args.out}")
 
 

@@ -1,8 +1,9 @@
 """Reference computations for small vocabularies: exact enumeration and the transport LP.
 
 These enumerate all ``V^n`` draft tuples, so they are for tests and
-benchmarks at ``V^n`` up to a few thousand. ``transport_lp`` needs scipy
-(a ``dev`` extra), imported on call; ``transport_maxflow`` is plain Python.
+benchmarks at ``V^n`` up to a few thousand. ``transport_lp``, the other LPs
+and :class:`TiltedRace` need scipy (a ``dev`` extra), imported on call;
+``transport_maxflow`` is plain Python.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .rates import DraftScheme
-from .verifiers.base import DraftShape, heaviest_child
+from .verifiers.base import DraftShape, EmissionPlan, Verifier, check_draft_shape, heaviest_child
 
 
 def draft_tuples(
@@ -340,3 +341,146 @@ class _FlowGraph:
                     return pushed
             cursor[node] += 1
         return 0.0
+
+
+class TiltedRace(Verifier):
+    """``optimal_block`` with the clocks of the most-drawn tokens sped up by ``tilt`` (docs/design.md §4.8).
+
+    A reference for tiny rows: it enumerates the ``V^n`` draft tuples of each
+    distinct row and solves the race by scipy on them, so ``V^n`` must stay
+    small. The race is ``optimal``'s two-tier race (docs/design.md §4.2) with each racing draft's
+    clock at rate ``w_{x_i} θ^{[x_i most drawn]}`` (θ = ``tilt``; "most drawn":
+    no token shows more of the n drafts). The weights solve the same problems
+    as ``optimal``'s (``b = a`` in the L tier, ``b ≥ c`` in the H tier) through the
+    convex potential ``E[log Σ_i rate_i]``, whose gradient is still the race's law
+    ``b``; acceptance then follows docs/design.md §4.7 (classes by multiplicity from the top,
+    ``ā = min(q, b)``, wins moved to the spine's leader in the spine shape). The
+    output law is q for any θ and any weights (``Σ_m B_{y,m} γ_{y,m} = ā_y ≤ q_y``);
+    θ = 1 is ``optimal_block``.
+    """
+
+    name = "tilted_race"
+
+    def __init__(self, tilt: float, draft_shape: DraftShape = "tree") -> None:
+        if not tilt >= 1:
+            raise ValueError(f"tilt must be ≥ 1 (1: optimal_block's race), got {tilt!r}")
+        super().__init__()
+        self.tilt = float(tilt)
+        self.draft_shape = check_draft_shape(draft_shape)
+        self._rows: dict[tuple[bytes, bytes, int], _TiltedRow] = {}
+
+    def for_shape(self, draft_shape: DraftShape) -> TiltedRace:
+        return TiltedRace(self.tilt, draft_shape)
+
+    def plan(self, target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor) -> EmissionPlan:
+        if bool((draft_tokens < 0).any()):
+            raise ValueError("TiltedRace enumerates full draft tuples; every row needs its n drafts")
+        emit, residual = [], []
+        for q, p, drafts in zip(target_probs.double(), draft_probs.double(), draft_tokens, strict=True):
+            key = (q.cpu().numpy().tobytes(), p.cpu().numpy().tobytes(), drafts.shape[0])
+            if key not in self._rows:
+                self._rows[key] = _TiltedRow.solve(q, p, drafts.shape[0], self.tilt, self.draft_shape)
+            row = self._rows[key]
+            emit.append(row.emit[row.index[tuple(drafts.tolist())]])
+            residual.append(row.residual)
+        return EmissionPlan(torch.stack(emit).to(target_probs), torch.stack(residual).to(target_probs))
+
+
+@dataclass
+class _TiltedRow:
+    """One row's :class:`TiltedRace`: each tuple's per-draft emission and the residual law."""
+
+    index: dict[tuple[int, ...], int]
+    emit: torch.Tensor  # [T, n]
+    residual: torch.Tensor  # [V]
+
+    @classmethod
+    def solve(cls, q: torch.Tensor, p: torch.Tensor, n: int, tilt: float, shape: DraftShape) -> _TiltedRow:
+        from .rates import optimal_subset
+        from .verifiers.optimal_block import leader_shares
+
+        tuples, probs = draft_tuples(p, n)
+        vocab = q.shape[0]
+        counts = torch.nn.functional.one_hot(tuples, vocab).sum(1)  # [T, V]
+        mult = counts.gather(1, tuples)  # [T, n]: m of each draft's token
+        _, in_h = optimal_subset(q[None], p[None], n)
+        in_l = ~in_h[0][tuples]  # [T, n]
+        l_race = in_l.any(1)
+        racing = torch.where(l_race[:, None], in_l, True)
+        speed = torch.where(mult == mult.amax(1, keepdim=True), tilt, 1.0) * racing
+        target = torch.where(in_h[0], q, _water_fill(q, p, ~in_h[0], 1 - float(p[in_h[0]].sum()) ** n))
+        shares = torch.zeros(tuples.shape, dtype=torch.float64)
+        for tier, box, tokens in ((l_race, False, ~in_h[0]), (~l_race, True, in_h[0])):
+            if bool(tier.any()):
+                weights = _solve_potential(tuples[tier], probs[tier], speed[tier], torch.where(tokens, target, 0), box)
+                rate = weights[tuples[tier]] * speed[tier]
+                shares[tier] = rate / rate.sum(1, keepdim=True)
+        win = torch.zeros(tuples.shape[0], vocab, dtype=torch.float64).scatter_add(1, tuples, shares)
+        gamma = _fill_by_count(torch.minimum(q, probs @ win), probs[:, None] * win, counts, n)
+        same = tuples[:, :, None] == tuples[:, None, :]
+        if shape == "spine":
+            shares = leader_shares(shares, tuples, torch.ones_like(same[:, 0]), same)
+        emit = shares * gamma[tuples, mult]
+        accepted = (probs[:, None] * emit).flatten()
+        mass = torch.zeros(vocab, dtype=torch.float64).scatter_add(0, tuples.flatten(), accepted)
+        left = (q - mass).clamp_min(0)
+        residual = left / left.sum() if float(left.sum()) > 0 else q
+        return cls({tuple(t): i for i, t in enumerate(tuples.tolist())}, emit, residual)
+
+
+def _water_fill(q: torch.Tensor, p: torch.Tensor, tier: torch.Tensor, total: float) -> torch.Tensor:
+    """``min(q, λ p)`` on ``tier`` with ``Σ = total`` (docs/design.md §4.1).
+
+    λ lies on the first piece of the tier's q/p order whose right end reaches ``total``.
+    """
+    tokens = sorted((int(y) for y in torch.nonzero(tier & (p > 0)).flatten()), key=lambda y: float(q[y] / p[y]))
+    level = math.inf
+    for j, token in enumerate(tokens):
+        capped = float(q[tokens[:j]].sum())
+        candidate = (total - capped) / float(p[tokens[j:]].sum())
+        if candidate <= float(q[token] / p[token]):
+            level = candidate
+            break
+    return torch.where(tier & (p > 0), torch.minimum(q, level * p), 0)
+
+
+def _solve_potential(
+    tuples: torch.Tensor, probs: torch.Tensor, speed: torch.Tensor, target: torch.Tensor, box: bool
+) -> torch.Tensor:
+    """Weights [V] minimising ``Σ_x P(x) log Σ_i speed_i w_{x_i} − target · log w`` (``w ≥ 1`` if ``box``).
+
+    Its gradient in ``log w_y`` is ``b_y − target_y``: the minimiser has ``b = target``
+    (``b ≥ target``, equal where ``w > 1``, for the box), docs/design.md §4.4.
+    """
+    import numpy as np
+    from scipy.optimize import minimize
+
+    vocab = target.shape[0]
+    index, weight, spd = tuples.numpy(), probs.numpy(), speed.numpy()
+    goal = target.numpy()
+
+    def potential(alpha: np.ndarray) -> tuple[float, np.ndarray]:
+        rate = np.exp(alpha)[index] * spd
+        total = rate.sum(1)
+        law = np.zeros(vocab)
+        np.add.at(law, index.ravel(), (weight[:, None] * rate / total[:, None]).ravel())
+        return float(weight @ np.log(total) - goal @ alpha), law - goal
+
+    bounds = [(0.0, 40.0) if box else (-40.0, 40.0)] * vocab
+    found = minimize(potential, np.zeros(vocab), jac=True, method="L-BFGS-B", bounds=bounds,
+                     options={"ftol": 1e-16, "gtol": 1e-13, "maxiter": 10_000})  # fmt: skip
+    return torch.from_numpy(np.exp(found.x))
+
+
+def _fill_by_count(mass: torch.Tensor, wins: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """``γ_{y,m}`` [V, n + 1]: ``mass`` [V] spent on the events "y wins while m drafts show it", largest m first.
+
+    ``wins`` [T, V]: ``P(x) r_y(x)``; ``counts`` [T, V]: m of each token in each tuple (docs/design.md §4.7).
+    """
+    gamma = torch.zeros(mass.shape[0], n + 1, dtype=torch.float64)
+    left = mass.clone()
+    for m in range(n, 0, -1):
+        chance = torch.where(counts == m, wins, 0).sum(0)  # B_{y,m}
+        gamma[:, m] = torch.where(chance > 0, (left / chance.clamp_min(1e-300)).clamp(0, 1), 0)
+        left = left - gamma[:, m] * chance
+    return gamma
