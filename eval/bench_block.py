@@ -36,15 +36,22 @@ SHAPES = ["tree", "spine"]
 
 
 def block_tokens(
-    rules: dict[str, verifiers.Verifier], tree: reference.TwoLevelTree, drafts: int, shape: str
+    rules: dict[str, verifiers.Verifier],
+    tree: reference.TwoLevelTree,
+    drafts: int,
+    shape: str,
+    tree_limit: bool = True,
 ) -> dict[str, float]:
-    """Each rule's exact tokens per block on ``tree`` drafted in ``shape``, then the limits."""
+    """Each rule's exact tokens per block on ``tree`` drafted in ``shape``, then the limits.
+
+    ``tree_limit=False`` leaves out the whole-tree LP (its size grows as ``V^{2n}``).
+    """
     tokens = {
         name: reference.enumerate_block_tokens(rule, tree, 1 if name == "single" else drafts, shape)
         for name, rule in rules.items()
     }
     tokens["node limit"] = reference.node_limit_lp(tree, drafts, shape)
-    if shape == "tree":
+    if shape == "tree" and tree_limit:
         tokens["tree limit"] = reference.block_limit_lp(tree, drafts)
     return tokens
 
