@@ -396,29 +396,31 @@ class _TiltedRow:
 
     @classmethod
     def solve(cls, q: torch.Tensor, p: torch.Tensor, n: int, tilt: float, shape: DraftShape) -> _TiltedRow:
-        from .rates import optimal_subset
-        from .verifiers.optimal_block import leader_shares
+        from .verifiers.optimal_block import count_acceptance, leader_shares
 
         tuples, probs = draft_tuples(p, n)
         vocab = q.shape[0]
         counts = torch.nn.functional.one_hot(tuples, vocab).sum(1)  # [T, V]
         mult = counts.gather(1, tuples)  # [T, n]: m of each draft's token
-        _, in_h = optimal_subset(q[None], p[None], n)
-        in_l = ~in_h[0][tuples]  # [T, n]
+        in_h, target = _tier_targets(q, p, n)
+        in_l = ~in_h[tuples]  # [T, n]
         l_race = in_l.any(1)
         racing = torch.where(l_race[:, None], in_l, True)
         speed = torch.where(mult == mult.amax(1, keepdim=True), tilt, 1.0) * racing
-        target = torch.where(in_h[0], q, _water_fill(q, p, ~in_h[0], 1 - float(p[in_h[0]].sum()) ** n))
         shares = torch.zeros(tuples.shape, dtype=torch.float64)
-        for tier, box, tokens in ((l_race, False, ~in_h[0]), (~l_race, True, in_h[0])):
+        for tier, box, tokens in ((l_race, False, ~in_h), (~l_race, True, in_h)):
             if bool(tier.any()):
                 weights = _solve_potential(tuples[tier], probs[tier], speed[tier], torch.where(tokens, target, 0), box)
                 rate = weights[tuples[tier]] * speed[tier]
                 shares[tier] = rate / rate.sum(1, keepdim=True)
         win = torch.zeros(tuples.shape[0], vocab, dtype=torch.float64).scatter_add(1, tuples, shares)
-        gamma = _fill_by_count(torch.minimum(q, probs @ win), probs[:, None] * win, counts, n)
-        same = tuples[:, :, None] == tuples[:, None, :]
+        classes = torch.arange(1, n + 1)
+        by_count = (torch.where(counts[..., None] == classes, win[..., None], 0) * probs[:, None, None]).sum(0)
+        # κ = q in both tiers here: the race's chances are absolute, not conditional on the tier.
+        fill = count_acceptance(q[None], by_count[None, :, -1], torch.tensor([n]), by_count[None])
+        gamma = torch.cat([torch.zeros(vocab, 1, dtype=torch.float64), fill.lower[0, :, :-1], fill.top[0, :, None]], 1)
         if shape == "spine":
+            same = tuples[:, :, None] == tuples[:, None, :]
             shares = leader_shares(shares, tuples, torch.ones_like(same[:, 0]), same)
         emit = shares * gamma[tuples, mult]
         accepted = (probs[:, None] * emit).flatten()
@@ -428,20 +430,22 @@ class _TiltedRow:
         return cls({tuple(t): i for i, t in enumerate(tuples.tolist())}, emit, residual)
 
 
-def _water_fill(q: torch.Tensor, p: torch.Tensor, tier: torch.Tensor, total: float) -> torch.Tensor:
-    """``min(q, λ p)`` on ``tier`` with ``Σ = total`` (docs/design.md §4.1).
+def _tier_targets(q: torch.Tensor, p: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``H*`` [V] and each token's target mass [V]: ``a`` on L (water-filled), ``q`` on ``H*``.
 
-    λ lies on the first piece of the tier's q/p order whose right end reaches ``total``.
+    The same prefix and level as ``optimal``'s L race (docs/design.md §4.1–4.2).
     """
-    tokens = sorted((int(y) for y in torch.nonzero(tier & (p > 0)).flatten()), key=lambda y: float(q[y] / p[y]))
-    level = math.inf
-    for j, token in enumerate(tokens):
-        capped = float(q[tokens[:j]].sum())
-        candidate = (total - capped) / float(p[tokens[j:]].sum())
-        if candidate <= float(q[token] / p[token]):
-            level = candidate
-            break
-    return torch.where(tier & (p > 0), torch.minimum(q, level * p), 0)
+    from .rates import optimal_prefix, prefix_members
+    from .verifiers.optimal import water_level
+
+    prefix = optimal_prefix(q[None], p[None], n)
+    in_h = prefix_members(prefix.order, prefix.size)[0]
+    positions = torch.arange(q.shape[0])
+    in_l_sorted = (positions >= prefix.size[:, None]) & (prefix.p > 0)
+    masses = torch.where(in_l_sorted, prefix.q, 0), torch.where(in_l_sorted, prefix.p, 0)
+    level = water_level(prefix.ratio, *masses, 1 - p[in_h].sum(0, keepdim=True) ** n)
+    low = torch.where(~in_h & (p > 0), torch.minimum(q, level * p), 0)
+    return in_h, torch.where(in_h, q, low)
 
 
 def _solve_potential(
@@ -470,17 +474,3 @@ def _solve_potential(
     found = minimize(potential, np.zeros(vocab), jac=True, method="L-BFGS-B", bounds=bounds,
                      options={"ftol": 1e-16, "gtol": 1e-13, "maxiter": 10_000})  # fmt: skip
     return torch.from_numpy(np.exp(found.x))
-
-
-def _fill_by_count(mass: torch.Tensor, wins: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
-    """``γ_{y,m}`` [V, n + 1]: ``mass`` [V] spent on the events "y wins while m drafts show it", largest m first.
-
-    ``wins`` [T, V]: ``P(x) r_y(x)``; ``counts`` [T, V]: m of each token in each tuple (docs/design.md §4.7).
-    """
-    gamma = torch.zeros(mass.shape[0], n + 1, dtype=torch.float64)
-    left = mass.clone()
-    for m in range(n, 0, -1):
-        chance = torch.where(counts == m, wins, 0).sum(0)  # B_{y,m}
-        gamma[:, m] = torch.where(chance > 0, (left / chance.clamp_min(1e-300)).clamp(0, 1), 0)
-        left = left - gamma[:, m] * chance
-    return gamma
