@@ -200,7 +200,9 @@ class RaceTerms:
         return clock.mul_(x).mul_(self.draft_mass[:, block, None]).mul_(self.scale[:, None, :])
 
 
-def quadrature_nodes(problems: RaceProblems, alpha: torch.Tensor, step: float) -> tuple[torch.Tensor, torch.Tensor]:
+def quadrature_nodes(
+    problems: RaceProblems, alpha: torch.Tensor, step: float, lift: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Nodes ``t`` [P, K] and weights ``ω`` [P, K] with ``∫_0^∞ g(t) d log t ≈ Σ_k ω_k g(t_k)``.
 
     ``d log t = (1 + e^{−u}) du`` with ``log t = c + u − e^{−u}`` (see
@@ -210,13 +212,15 @@ def quadrature_nodes(problems: RaceProblems, alpha: torch.Tensor, step: float) -
     window and step; the batch shares one number of nodes ``K``: on a CPU from
     the widest window (a host read), elsewhere from ``WINDOW_BOUND``, which
     needs α to span at most ``ALPHA_SPAN`` on each tier (as :func:`_normalise`
-    leaves it).
+    leaves it). ``lift`` widens the window by that much at the fast end, for
+    clocks up to ``e^lift`` times faster than the fastest weight (the tilted race).
     """
     tier = problems.tier
     empty = ~tier.any(-1)
     bottom, top = (bound[:, 0].masked_fill(empty, 0) for bound in masked_range(alpha, tier))
+    top = top + lift
     span = (top - bottom + SHIFT + UPPER_MARGIN) - U_START  # u window length, [P]
-    widest = float(span.max()) if _sync.reads_are_cheap(span) else WINDOW_BOUND
+    widest = float(span.max()) if _sync.reads_are_cheap(span) else WINDOW_BOUND + lift
     nodes = math.ceil(widest / step) + 1
     grid = torch.linspace(0, 1, nodes, dtype=alpha.dtype, device=alpha.device)
     u = U_START + span[:, None] * grid

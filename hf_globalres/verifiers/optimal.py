@@ -313,14 +313,19 @@ class RacingDrafts:
         first = slot.gather(1, racing.int().argmax(-1, keepdim=True))  # the first racing draft's slot
         return cls(slot, racing, in_l_race, ~(racing & (slot != first)).any(-1))
 
-    def shares(self, alpha: torch.Tensor | None) -> torch.Tensor:
-        """[B, n] float64: each racing draft's chance to win at the weights ``alpha`` [B, S] (None: equal weights)."""
+    def shares(self, alpha: torch.Tensor | None, speed: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, n] float64: each racing draft's chance to win at the weights ``alpha`` [B, S] (None: equal weights).
+
+        ``speed`` [B, n]: each draft's clock runs that many times faster (the tilted race; None: 1).
+        """
         if alpha is None:
             weight = self.racing.double()
         else:
             draft_alpha = torch.where(self.racing, alpha.gather(1, self.slot), -math.inf)
             top = torch.where(self.racing.any(-1, keepdim=True), draft_alpha.amax(-1, keepdim=True), 0)
             weight = torch.where(self.racing, torch.exp(draft_alpha - top), 0)
+        if speed is not None:
+            weight = weight * speed
         return weight / weight.sum(-1, keepdim=True).clamp_min(1e-300)
 
 

@@ -32,23 +32,32 @@ def wide_race_problems(n: int, span: float, background: float) -> tuple[RaceProb
     return RaceProblems(p, p, torch.full((2,), background, **full), torch.full((2,), float(n), **full)), alpha
 
 
+#: Options that change a rule enough to run the whole suite on that form too (id ``name+key=value``).
+VARIANTS = {"optimal_block": ["tilt=30"]}
+
+
 def rule_ids() -> list[str]:
-    """Every registered rule, and as ``name[spine]`` each one that verifies spine trees its own way.
+    """Every registered rule, each of its :data:`VARIANTS`, and as ``…[spine]`` each one that verifies
+    spine trees its own way.
 
     (A rule whose :meth:`~hf_globalres.verifiers.base.Verifier.for_shape` returns another rule for
     ``draft_shape="spine"``, which must be exact too.)
     """
     ids = []
     for name in verifiers.available():
-        rule = verifiers.get(name)
-        ids += [name] if rule.for_shape("spine") is rule else [name, f"{name}[spine]"]
+        for form in [name] + [f"{name}+{option}" for option in VARIANTS.get(name, [])]:
+            verifier = rule(form)
+            ids += [form] if verifier.for_shape("spine") is verifier else [form, f"{form}[spine]"]
     return ids
 
 
 def rule(rule_id: str) -> verifiers.Verifier:
     """The rule of one :func:`rule_ids` entry."""
-    name, _, shape = rule_id.partition("[")
-    return verifiers.get(name).for_shape(shape.rstrip("]")) if shape else verifiers.get(name)
+    form, _, shape = rule_id.partition("[")
+    name, *options = form.split("+")
+    chosen = {key: float(value) for key, value in (option.split("=") for option in options)}
+    verifier = verifiers.get(name, **chosen)
+    return verifier.for_shape(shape.rstrip("]")) if shape else verifier
 
 
 def make_case(kind: str, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
