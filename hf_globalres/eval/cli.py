@@ -174,6 +174,14 @@ def _add_grid_arguments(grid: argparse._ArgumentGroup) -> None:
     grid.add_argument("--draft-vocab-ranking", help="ranking file for --draft-vocab (eval/calibrate_draft_vocab.py)")
     grid.add_argument("--no-acceptance", action="store_true", help="skip acceptance-per-depth measurement")
     grid.add_argument(
+        "--verifier-option",
+        action="append",
+        type=_verifier_option,
+        metavar="NAME.KEY=VALUE",
+        help="an option of a verifier wherever the eval builds it, runs and same-tree scores alike "
+        "(e.g. optimal_block.tilt=30); repeatable",
+    )
+    grid.add_argument(
         "--same-trees",
         nargs="?",
         const=True,
@@ -184,6 +192,19 @@ def _add_grid_arguments(grid: argparse._ArgumentGroup) -> None:
         "draft trees (exact expected tokens per block, paired differences); RULES (e.g. optimal_block,spectr) "
         "scores only those",
     )
+
+
+def _verifier_option(text: str) -> tuple[str, str, Any]:
+    """``NAME.KEY=VALUE`` → (name, key, value); the value is read as JSON (a number, true/false), else kept as text."""
+    target, equals, raw = text.partition("=")
+    name, dot, key = target.partition(".")
+    if not (equals and dot and name.strip() and key.strip()):
+        raise argparse.ArgumentTypeError(f"expected NAME.KEY=VALUE (e.g. optimal_block.tilt=30), got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return name.strip(), key.strip(), value
 
 
 def _add_output_arguments(out: argparse._ArgumentGroup) -> None:
@@ -256,6 +277,10 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
             settings["same_tree_rules"] = args.same_trees
     if args.assistant_top_k is not None:
         settings["assistant_top_k"] = args.assistant_top_k or None
+    for name, key, value in args.verifier_option or []:
+        chosen = {**settings.get("verifier_options", {})}
+        chosen[name] = {**chosen.get(name, {}), key: value}
+        settings["verifier_options"] = chosen
     config = EvalConfig.from_dict(settings)
     config.validate()
     return config

@@ -122,6 +122,9 @@ class EvalConfig:
     same_trees: bool = False
     #: The rules ``same_trees`` scores besides the run's own (None: every rule of the run's draft scheme).
     same_tree_rules: list[str] | None = None
+    #: Options of named verifiers wherever the eval builds them (runs and same-tree scores), e.g.
+    #: ``{"optimal_block": {"tilt": 30}}``.
+    verifier_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     #: Fields that change results: a run directory refuses to resume under different values.
     RESULT_FIELDS = (
@@ -140,6 +143,7 @@ class EvalConfig:
         "draft_vocab",
         "draft_vocab_ranking",
         "onednn_linear",
+        "verifier_options",
     )
 
     @classmethod
@@ -190,6 +194,26 @@ class EvalConfig:
             self.verifier_grid()
         if self.same_tree_rules is not None:
             self._check_same_tree_rules()
+        self._check_verifier_options()
+
+    def _check_verifier_options(self) -> None:
+        if not isinstance(self.verifier_options, dict):
+            raise ValueError(f"verifier_options must map verifier names to options, got {self.verifier_options!r}")
+        for name, options in self.verifier_options.items():
+            if name not in verifiers.available():
+                raise ValueError(
+                    f"verifier_options names unknown verifier {name!r}; available: {', '.join(verifiers.available())}"
+                )
+            if not isinstance(options, dict):
+                raise ValueError(f"verifier_options[{name!r}] must be a mapping of options, got {options!r}")
+            try:
+                self.rule(name)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"verifier_options[{name!r}] = {options!r}: {error}") from None
+
+    def rule(self, name: str) -> verifiers.Verifier:
+        """The verifier ``name`` with its ``verifier_options``."""
+        return verifiers.get(name, **self.verifier_options.get(name, {}))
 
     def _check_same_tree_rules(self) -> None:
         if not self.same_trees:
@@ -523,13 +547,21 @@ class SameTreeScores:
     scheme that takes n drafts (each for the run's draft shape,
     :meth:`~hf_globalres.verifiers.base.Verifier.for_shape`), and, for ``draft_shape="tree"``, ``single``
     on each tree's first branch (drafted exactly as an n = 1 chain).
-    ``names`` keeps only those rules (``single`` on the first branch only if named).
+    ``names`` keeps only those rules (``single`` on the first branch only if named); ``options``
+    gives named rules their constructor options (:attr:`EvalConfig.verifier_options`).
     """
 
-    def __init__(self, scheme: str, num_drafts: int, draft_shape: str, names: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        scheme: str,
+        num_drafts: int,
+        draft_shape: str,
+        names: list[str] | None = None,
+        options: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.rules: dict[str, verifiers.Verifier] = {}
         for name in verifiers.available() if names is None else dict.fromkeys(names):
-            rule = verifiers.get(name).for_shape(draft_shape)
+            rule = verifiers.get(name, **(options or {}).get(name, {})).for_shape(draft_shape)
             if rule.draft_scheme == scheme and (rule.max_drafts is None or rule.max_drafts >= num_drafts):
                 self.rules[name] = rule
         self.first_branch = (
@@ -607,7 +639,7 @@ class _Measurements:
         if config.same_trees and method.scores_same_trees:
             scheme = verifiers.get(method.verifier).draft_scheme
             rules = None if config.same_tree_rules is None else [method.verifier, *config.same_tree_rules]
-            out.scores = SameTreeScores(scheme, method.num_drafts, config.draft_shape, rules)
+            out.scores = SameTreeScores(scheme, method.num_drafts, config.draft_shape, rules, config.verifier_options)
             out.block_callback = _Timed(out.scores)
         return out
 
@@ -706,7 +738,7 @@ def _decode_multidraft(
         assistant_confidence_threshold=config.assistant_confidence_threshold,
         draft_shape=config.draft_shape,
         assistant_top_k=config.assistant_top_k,
-        verifier=method.verifier,
+        verifier=config.rule(method.verifier),
         tree_attention=config.tree_attention,
         verification_callback=measure.verification_callback,
         block_callback=measure.block_callback,
@@ -959,7 +991,7 @@ def _warm_up(models: Models, config: EvalConfig) -> None:
 _NAMED_BY_PATH = ("target", "draft", "gsm8k_path", "mtbench_path")
 
 #: What runs did before a setting existed: a run directory whose config lacks it ran that way.
-_BEFORE_THE_SETTING = {"draft_int8": "off", "draft_vocab": "off", "draft_vocab_ranking": None}
+_BEFORE_THE_SETTING = {"draft_int8": "off", "draft_vocab": "off", "draft_vocab_ranking": None, "verifier_options": {}}
 
 
 def _check_resumable(run_dir: Path, config: EvalConfig, prompts: dict[str, list[prompt_sets.Prompt]]) -> None:

@@ -240,15 +240,17 @@ def _shifted(total: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return picked.reshape(*total.shape[:-1], *index.shape[1:])
 
 
-def _monomials(plain: torch.Tensor, fast: torch.Tensor, a: torch.Tensor, b: torch.Tensor, most: int) -> torch.Tensor:
-    """``A^a Ã^b`` [P, S, K, X] for clocks ``A``, ``Ã`` [P, S, K] and exponents ``a``, ``b`` [X] up to ``most``."""
-
-    def powers(value: torch.Tensor) -> torch.Tensor:
-        """``value^0..value^most`` along a new last axis."""
-        repeated = value[..., None].expand(*value.shape, most)
-        return torch.cat([torch.ones_like(value[..., None]), repeated.cumprod(-1)], -1)
-
-    return powers(plain).index_select(-1, a) * powers(fast).index_select(-1, b)
+def _monomials(plain: torch.Tensor, fast: torch.Tensor, basis: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """``A^a Ã^b`` [P, S, X, K] for the clocks ``A``, ``Ã`` [P, S, K] and the monomials ``basis`` (a, b)."""
+    most = max(max(monomial) for monomial in basis)
+    plain_powers, fast_powers = [None, plain], [None, fast]
+    for _ in range(2, most + 1):
+        plain_powers.append(plain_powers[-1] * plain)
+        fast_powers.append(fast_powers[-1] * fast)
+    terms = [
+        plain_powers[a] if b == 0 else fast_powers[b] if a == 0 else plain_powers[a] * fast_powers[b] for a, b in basis
+    ]
+    return torch.stack(terms, 2)
 
 
 def tilted_terms(
@@ -269,13 +271,12 @@ def tilted_terms(
     t, quad = quadrature_nodes(problems.race, alpha, step, lift=math.log(problems.most_tilt))
     x = t[:, None, :] * torch.where(racing, alpha.exp(), 0)[:, :, None]  # [P, S, K]
     table = _coefficients(classes)
-    slow, fast = (torch.tensor(side, device=alpha.device) for side in zip(*table.basis, strict=True))
     theta = problems.tilt
     powers = theta[:, None] ** torch.arange(3, dtype=alpha.dtype, device=alpha.device)  # θ^c, [P, C]
     sign = torch.tensor([1.0, -1.0], dtype=alpha.dtype, device=alpha.device)  # F part minus G part
     mass = problems.mass[:, :, None]
-    clocks = _monomials(mass * torch.exp(-x), mass * torch.exp(-theta[:, None, None] * x), slow, fast, classes)
-    total = _series_exp(torch.einsum("pkx,fmjx->fpkmj", clocks.sum(1), table.log.to(alpha)))  # Π_y, [2, P, K, M, J]
+    clocks = _monomials(mass * torch.exp(-x), mass * torch.exp(-theta[:, None, None] * x), table.basis)  # [P, S, X, K]
+    total = _series_exp(torch.einsum("pxk,fmjx->fpkmj", clocks.sum(1), table.log.to(alpha)))  # Π_y, [2, P, K, M, J]
     n = problems.num_draws.long()
     degree = torch.arange(classes + 1, device=alpha.device)
     weight = (quad * torch.exp(torch.lgamma(problems.num_draws + 1))[:, None])[None, :, :, None]  # n! ω
@@ -283,9 +284,9 @@ def tilted_terms(
     # B_{y,m} = Σ_k n! ω_k Σ_μ Σ_d (Π F)_{n−m−d} ((1/F)_d F'_m)_y − (G part), F' = x · polynomial.
     share = torch.einsum("fmdnxc,pc->fpmdnx", table.share.to(alpha), powers)
     ahead = _shifted(signed, n[:, None, None] - degree[:, None] - degree[1:])  # (Π)_{n−m−d}, [2, P, K, M, J, N]
-    per_node = torch.einsum("fpkmdn,fpmdnx->pknx", ahead, share)
-    terms = x[..., None] * clocks  # [P, S, K, X]
-    by_count = torch.bmm(terms.flatten(2), per_node.transpose(2, 3).flatten(1, 2))  # [P, S, N]
+    per_node = torch.einsum("fpkmdn,fpmdnx->pxkn", ahead, share).flatten(1, 2)  # [P, X K, N]
+    terms = x[:, :, None, :] * clocks  # [P, S, X, K]
+    by_count = torch.bmm(terms.flatten(2), per_node)  # [P, S, N]
     rest = n[:, None] - degree[1:]
     by_count = torch.where(racing[..., None] & (rest >= 0)[:, None, :], by_count.clamp_min(0), 0)
     law = by_count.sum(-1)
@@ -296,11 +297,14 @@ def tilted_terms(
     hankel = _shifted(signed, n[:, None, None] - degree[:, None] - degree)  # [2, P, K, M, J, J]
     inner = torch.einsum("fpkmij,fpmjy->fpkmiy", hankel, spread)
     coupling = torch.einsum("fpmix,fpkmiy->pkxy", spread, inner)  # [P, K, X, X]
-    lifted = torch.einsum("pkxy,psky->pskx", coupling, terms)
+    size, width, monomials, nodes = terms.shape
+    by_node = terms.permute(0, 3, 1, 2).reshape(size * nodes, width, monomials)  # [P K, S, X]
+    lifted = torch.bmm(by_node, coupling.flatten(0, 1).transpose(1, 2))  # Σ_y C_{xy} U_y per node
+    lifted = lifted.view(size, nodes, width, monomials).permute(0, 2, 3, 1)  # [P, S, X, K]
     pairs = torch.bmm(terms.flatten(2), lifted.flatten(2).transpose(1, 2))
     own_coef = torch.einsum("fmdxc,pc->fpmdx", table.own.to(alpha), powers)
-    own_node = torch.einsum("fpkmd,fpmdx->pkx", _shifted(signed, n[:, None] - degree), own_coef)
-    own = (x[..., None] * terms * own_node[:, None]).sum((2, 3)) - (terms * lifted).sum((2, 3))
+    own_node = torch.einsum("fpkmd,fpmdx->pxk", _shifted(signed, n[:, None] - degree), own_coef)
+    own = (x[:, :, None, :] * terms * own_node[:, None]).sum((2, 3)) - (terms * lifted).sum((2, 3))
     matrix = torch.diag_embed(law - own) - pairs
     return TiltedTerms(law, by_count, torch.where(racing[:, :, None] & racing[:, None, :], matrix, 0))
 

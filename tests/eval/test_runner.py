@@ -246,6 +246,11 @@ def test_grid_and_config_errors():
         ({"same_trees": True, "same_tree_rules": ["nope"]}, "choose from: .*optimal_block"),
         ({"same_trees": True, "same_tree_rules": ["optimal_without_replacement"]}, "read iid drafts"),
         ({"same_trees": True, "same_tree_rules": []}, "same_tree_rules must name"),
+        ({"verifier_options": {"nope": {}}}, "verifier_options names unknown verifier 'nope'"),
+        ({"verifier_options": {"optimal_block": {"tilt": 0.5}}}, r"verifier_options\['optimal_block'\].*tilt must"),
+        ({"verifier_options": {"optimal_block": {"colour": 1}}}, r"verifier_options\['optimal_block'\].*colour"),
+        ({"verifier_options": {"optimal_block": 30}}, "must be a mapping of options"),
+        ({"verifier_options": ["optimal_block"]}, "verifier_options must map verifier names"),
     ):
         with pytest.raises(ValueError, match=message):
             runner.EvalConfig(**settings).validate()
@@ -359,6 +364,23 @@ def test_same_trees_takes_a_list_of_rules_on_the_command_line(tmp_path):
     chosen = dump("--same-trees", "optimal_block, spectr")
     assert chosen.same_trees and chosen.same_tree_rules == ["optimal_block", "spectr"]
     assert not dump().same_trees and dump().same_tree_rules is None
+
+
+def test_verifier_options_reach_every_rule_the_eval_builds(tmp_path, capsys):
+    def dump(*extra: str) -> runner.EvalConfig:
+        return cli.config_from_args(cli.build_parser().parse_args(["--output-dir", str(tmp_path), *extra]))
+
+    config = dump("--verifier-option", "optimal_block.tilt=30", "--verifier-option", "optimal_block.tol=1e-9")
+    assert config.verifier_options == {"optimal_block": {"tilt": 30, "tol": 1e-9}}
+    assert config.rule("optimal_block").tilt == 30.0 and config.rule("optimal").name == "optimal"
+    scores = runner.SameTreeScores("iid", 4, "spine", ["optimal", "optimal_block"], config.verifier_options)
+    assert scores.rules["optimal_block"].tilt == 30.0 and scores.rules["optimal_block"].draft_shape == "spine"
+    assert "verifier_options" in runner.EvalConfig.RESULT_FIELDS  # a run directory refuses other options
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--output-dir", str(tmp_path), "--verifier-option", "optimal_block.tilt", "--dump-config"])
+    assert exit_info.value.code == 2 and "expected NAME.KEY=VALUE" in capsys.readouterr().err
+    assert cli.main(["--output-dir", str(tmp_path), "--verifier-option", "nope.tilt=3", "--dump-config"]) == 2
+    assert "unknown verifier 'nope'" in capsys.readouterr().err
 
 
 def test_same_tree_scores(tiny_pair_dirs, tmp_path):
