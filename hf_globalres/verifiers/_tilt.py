@@ -40,7 +40,7 @@ from fractions import Fraction
 import torch
 
 from .. import _sync
-from ._race import RaceProblems, _normalise, quadrature_nodes
+from ._race import TRIAL_STEPS, RaceProblems, _normalise, quadrature_nodes
 
 #: Widest tier the tilted race is solved on: its Newton step holds a dense [P, S, S] Hessian.
 TILT_MAX_WIDTH = 256
@@ -412,7 +412,8 @@ def _line_search(
     size = torch.ones_like(residual)
     searching = active.clone()
     fresh = True
-    for halving in range(max_halvings):
+    # On an accelerator every problem tries every size (no read to stop early): a few sizes only.
+    for halving in range(max_halvings if _sync.reads_are_cheap(residual) else min(max_halvings, TRIAL_STEPS)):
         trial_alpha = _normalise(problems.race, alpha - size[:, None] * direction)
         trial = tilted_terms(problems, trial_alpha, step, classes, hessian=halving == 0)
         trial_residual = _residual(problems, trial.law)

@@ -30,6 +30,16 @@ def test_verify_and_conditional_create_tensors_on_the_inputs_device(name, vocab)
     assert result.token.device.type == law.device.type == "cpu"
 
 
+def test_the_tilted_race_creates_tensors_on_the_inputs_device():
+    rule = verifiers.get("optimal_block", tilt=30.0)
+    q, p = random_batch(3, 12, 1)
+    drafts = torch.multinomial(p, 4, replacement=True, generator=torch.Generator().manual_seed(0))
+    with torch.device("meta"):
+        plan = rule.plan(q, p, drafts)
+        residual = plan.residual
+    assert plan.draft_emit.device.type == residual.device.type == "cpu"
+
+
 @pytest.mark.parametrize("name", verifiers.available())
 def test_enumeration_reference_follows_the_row(name):
     rule = verifiers.get(name)

@@ -101,6 +101,22 @@ def test_verify_reads_within_budget(name: str) -> None:
     assert max(counts.values()) <= BUDGET[name], counts
 
 
+def test_tilted_optimal_block_reads_as_few_as_untilted() -> None:
+    """``tilt`` > 1 on top-64 rows (the tilted solve runs masked over every row, at the fixed iteration
+    count its convergence is never read): optimal_block's budget, and the law is still q."""
+    rule = verifiers.get("optimal_block", tilt=30.0, **OPTIONS["optimal_block"])
+    for batch in BATCHES:
+        q, p, _ = rows("optimal_block", 50, batch)
+        p = torch.where(p >= p.topk(20, -1).values[:, -1:], p, 0)
+        p = p / p.sum(-1, keepdim=True)
+        drafts = torch.multinomial(p, 4, replacement=True, generator=torch.Generator().manual_seed(1))
+        assert reads(rule, q, p, drafts) <= BUDGET["optimal_block"]
+    q, p = make_case("random", 4, 5)
+    with accelerator_path():
+        marginal, _, _ = enumerate_law(verifiers.get("optimal_block", tilt=30.0), q, p, 3)
+    assert torch.allclose(marginal, q, rtol=0, atol=1e-10)
+
+
 def test_optimal_reads_depend_on_neither_vocabulary_nor_batch_nor_rejection() -> None:
     """At a fixed iteration count: the same reads at V = 50 (Newton) and 5000 (wide path), B = 1 and 8,
     and when every row rejects its drafts (q = 0 on them), so that the other tier is solved too."""
