@@ -383,6 +383,25 @@ def test_verifier_options_reach_every_rule_the_eval_builds(tmp_path, capsys):
     assert "unknown verifier 'nope'" in capsys.readouterr().err
 
 
+def test_verifier_options_reach_the_runs_and_the_same_tree_scores(tiny_pair_dirs, tmp_path, monkeypatch):
+    """A tiny run of optimal_block with ``--verifier-option optimal_block.tilt=30``: the run's rule and the
+    same-tree scorer both solve with θ = 30, and the run directory refuses to resume without it."""
+    from hf_globalres.verifiers.optimal_block import OptimalBlock
+
+    seen = []
+    original = OptimalBlock._solve_block
+    monkeypatch.setattr(OptimalBlock, "_solve_block", lambda self, *a: seen.append(self.tilt) or original(self, *a))
+    files = {"gsm8k": tmp_path / "gsm8k.jsonl", "mtbench": tmp_path / "mt.jsonl"}
+    files["gsm8k"].write_text('{"question": "what is 2 + 3?", "answer": "#### 5"}\n')
+    files["mtbench"].write_text('{"question_id": 1, "category": "x", "turns": ["say hi."]}\n')
+    args = _args(tiny_pair_dirs, files, tmp_path / "out", "--datasets", "gsm8k", "--temperatures", "1")
+    args += ["--methods", "multidraft", "--verifiers", "optimal_block:4", "optimal:4", "--lengths", "3"]
+    tilted = [*args, "--same-trees", "optimal_block", "--verifier-option", "optimal_block.tilt=30"]
+    assert cli.main(tilted) == 0
+    assert seen and set(seen) == {30.0}
+    assert cli.main([*args, "--same-trees", "optimal_block"]) == 2  # other options, same run directory
+
+
 def test_same_tree_scores(tiny_pair_dirs, tmp_path):
     """optimal's runs score every i.i.d. rule and the first-branch chain on their own trees; the report pairs them."""
     files = {"gsm8k": tmp_path / "gsm8k.jsonl", "mtbench": tmp_path / "mt.jsonl"}
