@@ -75,6 +75,18 @@ def test_tilted_law_matches_the_race_enumerated_draw_by_draw(theta: float) -> No
     assert torch.allclose(terms.law, terms.by_count.sum(-1), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("n", "width"), [(6, 4), (8, 3)])
+def test_tilted_law_holds_for_many_draws(n: int, width: int) -> None:
+    """The series' polynomial coefficients (exact fractions, up to n = 8) keep the law to 1e-13."""
+    mass = [0.5, 0.3, 0.15, 0.05][:width]
+    mass = [m / sum(mass) for m in mass]
+    racing, alpha = [True, True, False, True][:width], [0.5, -2.0, 0.0, 3.0][:width]
+    problems = problems_for([(mass, racing, n)], 1000.0)
+    terms = tilted_terms(problems, torch.tensor([alpha], dtype=torch.float64), 0.3, n)
+    exact = by_count_enumerated(mass, racing, alpha, n, 1000.0)
+    assert torch.allclose(terms.by_count[0], exact, rtol=0, atol=1e-13)
+
+
 def test_without_tilt_the_law_is_optimals_race() -> None:
     """θ = 1: the race of `_race.race_law`, whose background is the mass that does not race."""
     problems = problems_for(ROWS, 1.0)
