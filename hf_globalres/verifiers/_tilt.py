@@ -299,7 +299,7 @@ def tilted_terms(
     coupling = torch.einsum("fpmix,fpkmiy->pkxy", spread, inner)  # [P, K, X, X]
     size, width, monomials, nodes = terms.shape
     by_node = terms.permute(0, 3, 1, 2).reshape(size * nodes, width, monomials)  # [P K, S, X]
-    lifted = torch.bmm(by_node, coupling.flatten(0, 1).transpose(1, 2))  # Σ_y C_{xy} U_y per node
+    lifted = torch.bmm(by_node, coupling.flatten(0, 1))  # Σ_y C_{xy} U_y per node (C is symmetric)
     lifted = lifted.view(size, nodes, width, monomials).permute(0, 2, 3, 1)  # [P, S, X, K]
     pairs = torch.bmm(terms.flatten(2), lifted.flatten(2).transpose(1, 2))
     own_coef = torch.einsum("fmdxc,pc->fpmdx", table.own.to(alpha), powers)
