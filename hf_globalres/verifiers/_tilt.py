@@ -6,7 +6,7 @@ mass ``p_y > 0`` — every token a draw may show, whether it races or not — an
 A draw on a racing slot y starts an exponential clock of rate
 ``w_y θ^{[c_y = μ]}`` (``w = e^α``); the other draws start none; the first clock
 to ring wins. ``optimal_block`` with ``tilt`` runs this race in place of
-``optimal``'s, with the same targets (docs/design.md §4.2, §4.4): the law ``b``
+``optimal``'s, with the same targets (docs/design.md §4.2 and docs/design.md §4.4): the law ``b``
 is the gradient of the convex ``Φ(α) = E[log Σ_i rate_i]``, so the weights
 with ``b = c`` minimise ``Φ − c·α``.
 
