@@ -40,7 +40,7 @@ from fractions import Fraction
 import torch
 
 from .. import _sync
-from ._race import TRIAL_STEPS, RaceProblems, _normalise, quadrature_nodes
+from ._race import TRIAL_STEPS, RaceProblems, _normalise, law_residual, quadrature_nodes
 
 #: Widest tier the tilted race is solved on: its Newton step holds a dense [P, S, S] Hessian.
 TILT_MAX_WIDTH = 256
@@ -69,9 +69,10 @@ class TiltedProblems:
     tilt: torch.Tensor
     most_tilt: float
 
-    @property
+    @functools.cached_property
     def race(self) -> RaceProblems:
-        """The racing slots as a :class:`~._race.RaceProblems` (for the quadrature window and the gauge)."""
+        """The racing slots as a :class:`~._race.RaceProblems` (the quadrature window, the gauge, the
+        residual), built once: every law evaluation and step of a solve uses it."""
         mass = torch.where(self.racing, self.mass, 0)
         return RaceProblems(mass, self.target, 1 - mass.sum(-1), self.num_draws)
 
@@ -325,10 +326,6 @@ def _direction(problems: TiltedProblems, terms: TiltedTerms) -> torch.Tensor:
     return torch.where(racing, torch.linalg.solve_ex(matrix, grad[:, :, None]).result[..., 0], 0)
 
 
-def _residual(problems: TiltedProblems, law: torch.Tensor) -> torch.Tensor:
-    return torch.where(problems.racing, (law - problems.target).abs(), 0).sum(-1)
-
-
 def solve_tilted(
     problems: TiltedProblems,
     alpha: torch.Tensor,
@@ -348,7 +345,7 @@ def solve_tilted(
     """
     alpha = _normalise(problems.race, torch.where(problems.racing, alpha, 0))
     terms = tilted_terms(problems, alpha, step, classes, hessian=True)
-    residual = _residual(problems, terms.law)
+    residual = law_residual(problems.race, terms.law)
     active = residual > tol
     settings = (step, classes, max_halvings)
     for iteration in range(max_iters):
@@ -416,7 +413,7 @@ def _line_search(
     for halving in range(max_halvings if _sync.reads_are_cheap(residual) else min(max_halvings, TRIAL_STEPS)):
         trial_alpha = _normalise(problems.race, alpha - size[:, None] * direction)
         trial = tilted_terms(problems, trial_alpha, step, classes, hessian=halving == 0)
-        trial_residual = _residual(problems, trial.law)
+        trial_residual = law_residual(problems.race, trial.law)
         better = searching & (trial_residual < residual)
         keep = better[:, None]
         alpha = torch.where(keep, trial_alpha, alpha)
